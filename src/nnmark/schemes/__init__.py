@@ -1,0 +1,6 @@
+"""Watermark and fingerprint schemes, one module each, on the protocol of
+:mod:`nnmark.schemes.base`."""
+
+from nnmark.schemes.base import SCHEMES, Scheme, load_scheme, register_scheme
+
+__all__ = ["SCHEMES", "Scheme", "load_scheme", "register_scheme"]

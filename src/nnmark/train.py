@@ -1,0 +1,220 @@
+"""One training loop for plain training, embedding and fine-tuning attacks.
+
+:func:`train` runs mini-batch training with a progress bar, a fixed seed, and
+optional early stopping on validation accuracy. Schemes plug in through
+:class:`TrainingHook` objects: extra samples mixed into each batch (trigger sets),
+an extra loss term (weight regularisers), and callbacks after each step / epoch
+(for schemes that train secret networks of their own). The same hooks can be
+called from a user's own PyTorch loop; see :class:`TrainingHook`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnmark.data.dataset import ImageDataset
+from nnmark.models import build_model
+
+
+class TrainingHook:
+    """Base class of scheme hooks; every method is optional (default: no effect).
+
+    In your own loop, for each step::
+
+        x, y = hook.augment_batch(x, y, step)        # e.g. adds trigger samples
+        loss = F.cross_entropy(model(x), y)
+        reg = hook.loss(model)                      # e.g. a weight regulariser
+        if reg is not None: loss = loss + reg
+        loss.backward(); optimizer.step(); hook.after_step(model, step)
+        ...; hook.on_epoch_end(model, epoch)       # once per epoch
+    """
+
+    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the batch to train on (default: unchanged)."""
+        return x, y
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term added to the task loss, or ``None``."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer step."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Called after each epoch."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train`.
+
+    ``epochs``: passes over the training data (default 8). ``batch_size``: clean
+    samples per step (default 64). ``optimizer``: ``"adam"`` or ``"sgd"``
+    (momentum 0.9). ``lr``: learning rate (default 1e-3). ``max_steps``: stop
+    after this many steps in total (an attacker's budget in batches).
+    ``patience``: stop after this many epochs without a better validation
+    accuracy and restore the best weights (``None``: no early stopping).
+    """
+
+    epochs: int = 8
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    patience: int | None = None
+    seed: int = 0
+    progress: bool | None = None  # None: show when stderr is a terminal
+
+
+@dataclass
+class TrainRecord:
+    """What happened during :func:`train` (JSON-able via :meth:`to_dict`)."""
+
+    epochs_run: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+
+
+def _progress_enabled(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def train(
+    model: nn.Module,
+    data: ImageDataset,
+    config: TrainConfig | None = None,
+    *,
+    val: ImageDataset | None = None,
+    hooks: Sequence[TrainingHook] = (),
+    params: Iterable[torch.nn.Parameter] | None = None,
+    description: str = "training",
+) -> TrainRecord:
+    """Train ``model`` in place on ``data``; return a :class:`TrainRecord`.
+
+    ``params``: the parameters to optimise (default: all of the model's).
+    ``hooks``: scheme hooks, applied in order. Shuffling is seeded by
+    ``config.seed``, so the same inputs give the same model.
+    """
+    cfg = config or TrainConfig()
+    record = TrainRecord(config=asdict(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = make_optimizer(model.parameters() if params is None else params, cfg)
+    steps_per_epoch = -(-len(data) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    best_acc, best_state, stale = -1.0, None, 0
+    start = time.perf_counter()
+    show = _progress_enabled(cfg.progress)
+    progress = None
+    if show:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total} steps"),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            transient=True)
+        progress.start()
+        task = progress.add_task(description, total=total, info="")
+    step = 0
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            losses = []
+            for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+                if step >= total:
+                    break
+                for h in hooks:
+                    x, y = h.augment_batch(x, y, step)
+                loss = F.cross_entropy(model(x), y)
+                for h in hooks:
+                    extra = h.loss(model)
+                    if extra is not None:
+                        loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for h in hooks:
+                    h.after_step(model, step)
+                losses.append(float(loss.detach()))
+                step += 1
+                if progress is not None:
+                    progress.update(task, advance=1, info=f"epoch {epoch + 1} loss {losses[-1]:.3f}")
+            record.train_loss.append(sum(losses) / max(1, len(losses)))
+            record.epochs_run = epoch + 1
+            for h in hooks:
+                h.on_epoch_end(model, epoch)
+            if val is not None:
+                acc = accuracy(model, val)
+                record.val_accuracy.append(acc)
+                if acc > best_acc:
+                    best_acc, stale, record.best_epoch = acc, 0, epoch + 1
+                    if cfg.patience is not None:
+                        best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                if cfg.patience is not None and stale >= cfg.patience:
+                    break
+            if step >= total:
+                break
+    finally:
+        if progress is not None:
+            progress.stop()
+    if best_state is not None and cfg.patience is not None:
+        model.load_state_dict(best_state)
+    record.steps = step
+    record.seconds = time.perf_counter() - start
+    model.eval()
+    return record
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels ``(N,)`` for images ``x`` ``(N, C, H, W)`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, data: ImageDataset) -> float:
+    """Fraction of ``data`` classified correctly."""
+    return float((predict(model, data.x) == data.y).float().mean())
+
+
+def seeded_model(spec: dict[str, Any], seed: int) -> nn.Module:
+    """``build_model(spec)`` with weights initialised from ``seed``."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build_model(spec)
+    finally:
+        torch.random.set_rng_state(state)
