@@ -54,6 +54,14 @@ class Scheme(ABC):
         # so that a key used on another architecture is reported clearly.
         self.model_spec: dict[str, Any] | None = None
 
+    @classmethod
+    def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> Scheme:
+        """Build the scheme for host ``model`` (and the owner's ``data``, a
+        :class:`~nnmark.data.Splits`, for schemes that cut triggers from it).
+        ``params`` are the scheme's plain parameters (as given on the command line).
+        Default: ``cls(key, **params)``."""
+        return cls(key, **params)
+
     # -- training -------------------------------------------------------------
     @abstractmethod
     def training_hook(self) -> TrainingHook:
