@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -118,7 +118,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     _check_container(raw, path)
     try:
         tensors = st_load(raw)
-    except (SafetensorsError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path} is corrupt: {str(exc).splitlines()[0]}") from None
     (hlen,) = struct.unpack("<Q", raw[:8])
     header_meta = json.loads(raw[8 : 8 + hlen]).get("__metadata__") or {}
