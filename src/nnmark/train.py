@@ -30,16 +30,17 @@ class TrainingHook:
 
     In your own loop, for each step::
 
-        x, y = hook.augment_batch(x, y, step)        # e.g. adds trigger samples
-        loss = F.cross_entropy(model(x), y)
+        x, y, *w = hook.augment_batch(x, y, step)    # e.g. adds trigger samples
+        loss = weighted_cross_entropy(model(x), y, w[0] if w else None)
         reg = hook.loss(model)                      # e.g. a weight regulariser
         if reg is not None: loss = loss + reg
         loss.backward(); optimizer.step(); hook.after_step(model, step)
         ...; hook.on_epoch_end(model, epoch)       # once per epoch
     """
 
-    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the batch to train on (default: unchanged)."""
+    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        """Return the batch to train on: ``(x, y)`` or ``(x, y, w)`` with per-sample
+        loss weights ``w`` ``(N,)`` (default: the batch unchanged, all weights 1)."""
         return x, y
 
     def loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -91,6 +92,32 @@ class TrainRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy; with per-sample weights ``w`` ``(N,)`` it is ``sum(w * ce) / N``
+    (so weights of 1 give the usual mean)."""
+    if w is None:
+        return F.cross_entropy(logits, y)
+    return (F.cross_entropy(logits, y, reduction="none") * w).sum() / len(y)
+
+
+def _augment(hook: TrainingHook, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
+             step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    n = len(y)
+    out = hook.augment_batch(x, y, step)
+    x2, y2 = out[0], out[1]
+    w2 = out[2] if len(out) > 2 else None
+    if w is None and w2 is None:
+        return x2, y2, None
+    if w is None:
+        w = torch.ones(n)
+    if w2 is None:
+        w2 = torch.ones(len(y2))
+    # a hook appends samples after the first n; keep the weights set so far for those
+    w2 = w2.clone()
+    w2[:n] = w2[:n] * w
+    return x2, y2, w2
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -151,9 +178,10 @@ def train(
             for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
                 if step >= total:
                     break
+                w = None
                 for h in hooks:
-                    x, y = h.augment_batch(x, y, step)
-                loss = F.cross_entropy(model(x), y)
+                    x, y, w = _augment(h, x, y, w, step)
+                loss = weighted_cross_entropy(model(x), y, w)
                 for h in hooks:
                     extra = h.loss(model)
                     if extra is not None:

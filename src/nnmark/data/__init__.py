@@ -13,12 +13,14 @@ with a restricted unpickler that only rebuilds plain containers and arrays).
 from nnmark.data.bundled import DATASETS, load_splits, out_of_domain_images
 from nnmark.data.dataset import ImageDataset, Splits
 from nnmark.data.ondisk import load_cifar, load_mnist_idx
+from nnmark.data.resolve import load_data
 
 __all__ = [
     "DATASETS",
     "ImageDataset",
     "Splits",
     "load_cifar",
+    "load_data",
     "load_mnist_idx",
     "load_splits",
     "out_of_domain_images",

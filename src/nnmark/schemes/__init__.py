@@ -4,3 +4,7 @@
 from nnmark.schemes.base import SCHEMES, Scheme, load_scheme, register_scheme
 
 __all__ = ["SCHEMES", "Scheme", "load_scheme", "register_scheme"]
+
+from nnmark.schemes.trigger_set import TriggerSetWatermark  # noqa: E402  (registers "trigger")
+
+__all__ += ["TriggerSetWatermark"]

@@ -1,0 +1,302 @@
+"""The ``nnmark`` command line.
+
+Exit codes: 0 success (``verify``: the model is owned), 1 ``verify`` ran but the
+model is not owned, 2 bad input (one-line ``error: ...`` on stderr, no
+traceback), 3 an unexpected internal error (set ``NNMARK_DEBUG=1`` for the
+traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nnmark.errors import NNMarkError
+
+DEFAULT_EPOCHS = 15
+
+
+def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """``("n=100", "generator=noise")`` -> ``{"n": 100, "generator": "noise"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nnmark")
+def cli() -> None:
+    """nnmark: watermark, fingerprint and verify ownership of PyTorch models."""
+
+
+# --------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--data", default="mnist5k", show_default=True,
+              help="digits | digits28 | mnist5k | mnist-idx:DIR | cifar10:DIR | cifar100:DIR")
+@click.option("--arch", default="cnn", show_default=True,
+              help="cnn | cnn-200 | cnn-cifar | mlp | lenet5 | vgg-small")
+@click.option("--epochs", default=DEFAULT_EPOCHS, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="model file to write")
+def train(data: str, arch: str, epochs: int, lr: float, optimizer: str, batch_size: int, seed: int,
+          out: str) -> None:
+    """Train a plain (unmarked) model on a dataset and save it."""
+    from nnmark.data import load_data
+    from nnmark.io import save_model
+    from nnmark.train import TrainConfig, accuracy, seeded_model
+    from nnmark.train import train as run_train
+
+    splits = load_data(data)
+    model = seeded_model(_spec(arch, splits), seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed)
+    rec = run_train(model, splits.train, cfg, val=splits.val, description=f"train {arch}")
+    acc = accuracy(model, splits.test)
+    save_model(out, model, {"data": data, "training": rec.to_dict(), "test_accuracy": acc})
+    click.echo(f"saved {out}: test accuracy {acc:.4f} after {rec.epochs_run} epochs ({rec.seconds:.1f} s)")
+
+
+def _spec(arch: str, splits: Any) -> dict[str, Any]:
+    from nnmark.models import model_spec
+
+    try:
+        return model_spec(arch, splits.image_shape, splits.num_classes)
+    except ValueError as exc:
+        raise NNMarkError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- embed
+@cli.command()
+@click.option("--scheme", default="trigger", show_default=True, help="scheme name (see `nnmark schemes`)")
+@click.option("--model", "base", type=click.Path(dir_okay=False),
+              help="finished model to fine-tune the mark into (fine-tune-to-embed); "
+                   "omit to train a new model with the mark (train-to-embed)")
+@click.option("--data", default=None, help="dataset (default: the base model's, else mnist5k)")
+@click.option("--arch", default="cnn", show_default=True, help="architecture when training from scratch")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="scheme parameter, repeatable (e.g. generator=noise, n=100, labels=keyed)")
+@click.option("--epochs", default=None, type=int,
+              help=f"epochs (default {DEFAULT_EPOCHS} from scratch, 3 when fine-tuning)")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--references", default=3, show_default=True,
+              help="clean reference models to train for an empirical null (fixed-label trigger sets)")
+@click.option("--key-out", type=click.Path(dir_okay=False), required=True,
+              help="key file to write (mode 0600; keep it secret)")
+@click.option("--key-seed", default=None, help="derive the key from this public seed (demos/tests only)")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="marked model file to write")
+def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tuple[str, ...],
+          epochs: int | None, lr: float, seed: int, references: int, key_out: str, key_seed: str | None,
+          out: str) -> None:
+    """Embed a watermark: train a marked model, or fine-tune one into a finished model."""
+    from nnmark.data import load_data
+    from nnmark.io import load_model, save_model
+    from nnmark.keys import Key
+    from nnmark.schemes import SCHEMES
+    from nnmark.train import TrainConfig, accuracy, seeded_model
+    from nnmark.train import train as run_train
+
+    if scheme not in SCHEMES:
+        raise NNMarkError(f"unknown scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
+    if Path(key_out).exists():
+        raise NNMarkError(f"{key_out} exists; refusing to overwrite a key file")
+    meta: dict[str, Any] = {}
+    if base:
+        model, meta = load_model(base)
+        data = data or meta.get("data") or "mnist5k"
+    splits = load_data(data or "mnist5k")
+    if not base:
+        model = seeded_model(_spec(arch, splits), seed)
+    key = Key.from_seed(key_seed) if key_seed is not None else Key.generate()
+    sch = SCHEMES[scheme].create(key, model, splits, **_parse_params(params))
+    n_epochs = epochs if epochs is not None else (3 if base else DEFAULT_EPOCHS)
+    cfg = TrainConfig(epochs=n_epochs, lr=lr, seed=seed)
+    rec = sch.embed(model, splits.train, cfg, val=splits.val,
+                    description="fine-tune-to-embed" if base else "train-to-embed")
+    if getattr(sch, "label_mode", None) == "fixed":
+        refs = []
+        for i in range(references):
+            ref = seeded_model(model.spec, 1000 + i)
+            run_train(ref, splits.train, TrainConfig(epochs=n_epochs if not base else DEFAULT_EPOCHS,
+                                                      lr=lr, seed=1000 + i), description=f"reference {i + 1}")
+            refs.append(ref)
+        if not refs:
+            raise NNMarkError("a fixed-label trigger set needs --references >= 1 for its null")
+        rate = sch.calibrate(refs)
+        click.echo(f"null hit rate measured on {len(refs)} reference models: {rate:.4f}")
+    sch.save(key_out)
+    acc = accuracy(model, splits.test)
+    save_model(out, model, {"data": data or "mnist5k", "training": rec.to_dict(), "test_accuracy": acc,
+                            "parent": meta.get("sha256") if base else None})
+    click.echo(f"saved {out}: test accuracy {acc:.4f}; key {key.key_id} written to {key_out} (mode 0600)")
+
+
+# --------------------------------------------------------------------------- verify
+@cli.command()
+@click.argument("suspect", required=False, type=click.Path(dir_okay=False))
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), required=True, help="the owner's key file")
+@click.option("--url", default=None, help="verify a remote model through its prediction API instead")
+@click.option("--queries", default=20, show_default=True, help="trigger queries (black-box schemes)")
+@click.option("--alpha", default=1e-6, show_default=True, help="significance level")
+@click.option("--budget", default=None, type=int, help="hard cap on images sent to the API")
+@click.option("--timeout", default=10.0, show_default=True, help="seconds per HTTP request")
+@click.option("--retries", default=2, show_default=True, help="retries on connection errors / 5xx")
+@click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
+def verify(suspect: str | None, key_path: str, url: str | None, queries: int, alpha: float,
+           budget: int | None, timeout: float, retries: int, as_json: bool) -> int:
+    """Test a suspect model (a file, or --url of its API) for the owner's mark.
+
+    Exit code 0 when owned, 1 when not.
+    """
+    from nnmark.io import load_model
+    from nnmark.schemes import load_scheme
+
+    if (suspect is None) == (url is None):
+        raise NNMarkError("give exactly one of a SUSPECT model file or --url")
+    sch = load_scheme(key_path)
+    kwargs: dict[str, Any] = {"alpha": alpha}
+    if sch.access == "black-box":
+        kwargs["queries"] = queries
+    if url is not None:
+        if sch.access != "black-box":
+            raise NNMarkError(f"scheme {sch.name!r} needs the model's weights; --url only works for "
+                              "black-box (trigger-set) schemes")
+        from nnmark.serving.client import HTTPOracle
+
+        target: Any = HTTPOracle(url, budget=budget, timeout=timeout, retries=retries)
+    else:
+        target, _ = load_model(suspect, expect_spec=None)
+    verdict = sch.verify(target, **kwargs)
+    if as_json:
+        click.echo(verdict.to_json(indent=2))
+    else:
+        click.echo(verdict.summary())
+        click.echo(f"  H0: {verdict.null_hypothesis}")
+    return 0 if verdict.owned else 1
+
+
+# --------------------------------------------------------------------------- attack
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=False))
+@click.option("--attack", "name", required=True, help="ftll | ftal | rtll | rtal | prune")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="attack parameter, repeatable (e.g. epochs=20, fraction=0.7, order=random)")
+@click.option("--data", default=None, help="dataset the attacker draws from (default: the model's)")
+@click.option("--data-fraction", default=0.1, show_default=True,
+              help="attacker data, as a fraction of the owner's training-set size")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+def attack(model_path: str, name: str, params: tuple[str, ...], data: str | None, data_fraction: float,
+           out: str) -> None:
+    """Attack a model (fine-tuning, pruning) and save the result."""
+    from nnmark.attacks import build_attack
+    from nnmark.data import load_data
+    from nnmark.io import load_model, save_model
+    from nnmark.train import accuracy
+
+    model, meta = load_model(model_path)
+    splits = load_data(data or meta.get("data") or "mnist5k")
+    att_data = splits.attacker.take_fraction(min(1.0, data_fraction * len(splits.train) / len(splits.attacker)))
+    try:
+        atk = build_attack(name, **_parse_params(params))
+    except (ValueError, TypeError) as exc:
+        raise NNMarkError(str(exc)) from None
+    stolen = atk.attack(model, att_data)
+    acc = accuracy(stolen, splits.test)
+    save_model(out, stolen, {"data": meta.get("data"), "attack": atk.describe(), "test_accuracy": acc})
+    click.echo(f"saved {out}: {name} with {len(att_data)} attacker images; test accuracy {acc:.4f}")
+
+
+# --------------------------------------------------------------------------- serve
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, help="0 picks a free port")
+@click.option("--max-batch", default=256, show_default=True, help="most images per request")
+@click.option("--verbose", is_flag=True, help="log every request")
+def serve(model_path: str, host: str, port: int, max_batch: int, verbose: bool) -> None:
+    """Serve a model's predictions over HTTP (JSON POST /predict)."""
+    from nnmark.serving.server import serve_model_file
+
+    serve_model_file(model_path, host=host, port=port, max_batch=max_batch, verbose=verbose)
+
+
+# --------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("--dataset", default="mnist5k", show_default=True, help="digits | digits28 | mnist5k")
+@click.option("--epochs", default=None, type=int, help="training epochs (default: per dataset)")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="keep the demo's files here (default: a temporary folder)")
+@click.option("--json", "as_json", is_flag=True, help="print the results as one JSON object")
+def demo(dataset: str, epochs: int | None, workdir: str | None, as_json: bool) -> None:
+    """Embed a trigger-set watermark, attack the model, and verify over HTTP."""
+    from nnmark.demo import run_demo
+
+    result = run_demo(dataset=dataset, epochs=epochs, workdir=workdir, quiet=as_json)
+    if as_json:
+        _echo_json(result)
+
+
+@cli.command()
+def schemes() -> None:
+    """List the available schemes and attacks."""
+    from nnmark.attacks import ATTACKS
+    from nnmark.schemes import SCHEMES
+
+    for name, cls in sorted(SCHEMES.items()):
+        click.echo(f"scheme  {name:12s} {cls.access:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for name in sorted(ATTACKS):
+        click.echo(f"attack  {name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns errors into one-line messages."""
+    debug = bool(os.environ.get("NNMARK_DEBUG"))
+    try:
+        rv = cli.main(args=argv, prog_name="nnmark", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except NNMarkError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except (OSError, ValueError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - last resort: never a raw traceback
+        if debug:
+            raise
+        click.echo(f"error: internal {type(exc).__name__}: {exc} (set NNMARK_DEBUG=1 for a traceback)", err=True)
+        sys.exit(3)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Shared helpers of the white-box (weight-space) schemes.
+
+A white-box mark is carried by one named layer of the host. Its *carrier* is a
+1-D view of that layer's weight (biases are never used):
+
+- ``"mean"`` -- the filter mean of Uchida et al. 2017 / SecureMark-DL: a conv
+  weight ``(out, in, kh, kw)`` is averaged over the ``out`` filters and flattened
+  to ``in * kh * kw`` values (a linear weight ``(out, in)``: ``in`` values). The
+  mean is invariant to permuting the filters.
+- ``"flat"`` -- every weight, flattened (``out * in * kh * kw`` values), as Wang
+  et al. use for the MLP's 640 hidden-to-output weights.
+- ``"auto"`` (default) -- ``"mean"`` for conv layers, ``"flat"`` for linear layers.
+
+Capacity: a linear read-out ``X @ c`` of a carrier ``c`` with ``w`` values can
+realise every one of the ``2**l`` sign patterns only when ``l <= w`` (``X`` has rank
+at most ``w``), so :func:`check_capacity` refuses ``bits > w``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnmark.data.dataset import ImageDataset
+from nnmark.errors import KeyFileError, SchemeError
+from nnmark.io import spec_difference
+from nnmark.keys import Key
+from nnmark.schemes.base import Scheme
+from nnmark.stats import Verdict, bit_match_verdict
+from nnmark.train import TrainConfig, TrainRecord, train
+
+REDUCTIONS = ("auto", "mean", "flat")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside wrappers such as ``DistributedDataParallel`` (``.module``)."""
+    while isinstance(getattr(model, "module", None), nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
+        model = model.module
+    return model
+
+
+def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv / linear layers of ``model`` by module name (those a mark can use)."""
+    return {n: m for n, m in unwrap(model).named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and n}
+
+
+def default_layer(model: nn.Module) -> str:
+    """The last conv layer of ``model`` if it has one, otherwise ``"head"`` (or the
+    last linear layer)."""
+    layers = weighted_layers(model)
+    convs = [n for n, m in layers.items() if not isinstance(m, nn.Linear)]
+    if convs:
+        return convs[-1]
+    if "head" in layers:
+        return "head"
+    if not layers:
+        raise SchemeError("the model has no conv or linear layer to carry a mark")
+    return list(layers)[-1]
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The conv / linear module called ``name``; :class:`SchemeError` naming the
+    available layers if there is none."""
+    layers = weighted_layers(model)
+    if name not in layers:
+        raise SchemeError(f"the model has no conv/linear layer named {name!r} "
+                          f"(available: {', '.join(layers) or 'none'})")
+    return layers[name]
+
+
+def resolve_reduce(module: nn.Module, reduce: str) -> str:
+    if reduce not in REDUCTIONS:
+        raise SchemeError(f"carrier reduction must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
+    if reduce == "auto":
+        return "flat" if isinstance(module, nn.Linear) else "mean"
+    return reduce
+
+
+def carrier(model: nn.Module, layer: str, reduce: str = "auto") -> torch.Tensor:
+    """The layer's carrier vector ``(w,)`` (differentiable; see the module docs)."""
+    mod = get_layer(model, layer)
+    weight = mod.weight
+    how = resolve_reduce(mod, reduce)
+    if how == "mean":
+        return weight.mean(dim=0).flatten()
+    return weight.flatten()
+
+
+def carrier_width(model: nn.Module, layer: str, reduce: str = "auto") -> int:
+    """Number of values in the carrier of ``layer``."""
+    mod = get_layer(model, layer)
+    how = resolve_reduce(mod, reduce)
+    shape = tuple(mod.weight.shape)
+    n = 1
+    for s in shape[1:] if how == "mean" else shape:
+        n *= int(s)
+    return n
+
+
+def check_capacity(bits: int, width: int, layer: str, reduce: str) -> None:
+    """Refuse messages longer than the carrier (see the module docs)."""
+    if bits < 1:
+        raise SchemeError("the message needs at least one bit")
+    if bits > width:
+        raise SchemeError(
+            f"layer {layer!r} is too small for {bits} bits: its {reduce} carrier has only {width} values, and a "
+            f"linear read-out of w weights cannot carry more than w independent bits "
+            f"(choose a larger layer, reduce='flat', or at most {width} bits)")
+
+
+def _as_bool(value: Any) -> bool:
+    """Parse a boolean given as a bool or a command-line string."""
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SchemeError(f"expected a boolean, got {value!r}")
+    return bool(value)
+
+
+def check_spec(scheme_name: str, expected: dict[str, Any] | None, model: nn.Module) -> None:
+    """:class:`KeyFileError` when ``model``'s architecture differs from the one the key
+    was made for (``expected``: the scheme's ``model_spec``; ``None``: no check)."""
+    spec = getattr(unwrap(model), "spec", None)
+    if expected is None or spec is None:
+        return
+    diff = spec_difference(dict(spec), dict(expected))
+    if diff:
+        raise KeyFileError(f"this {scheme_name} key was made for another architecture ({diff})")
+
+
+
+class WhiteBoxScheme(Scheme):
+    """Common part of the weight-space schemes: a message of ``bits`` bits carried by
+    layer ``layer`` (carrier ``reduce``, ``width`` values), extracted as bits by
+    :meth:`extract` and tested with the binomial bit-match test."""
+
+    access = "white-box"
+
+    def __init__(self, key: Key, *, layer: str, bits: int, width: int, reduce: str = "auto",
+                 strict_capacity: bool = True) -> None:
+        super().__init__(key)
+        self.layer = str(layer)
+        self.bits = int(bits)
+        self.width = int(width)
+        self.reduce = str(reduce)
+        self.strict_capacity = bool(strict_capacity)
+        if self.reduce not in REDUCTIONS:
+            raise SchemeError(f"carrier reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}")
+        if self.strict_capacity or self.bits < 1:
+            check_capacity(self.bits, self.width, self.layer, self.reduce)
+
+    @property
+    def message(self) -> np.ndarray:
+        """The owner's message: ``bits`` keyed uniform random bits (0/1, int64)."""
+        return self.key.numpy_rng(f"{self.name}/message").integers(0, 2, size=self.bits).astype(np.int64)
+
+    def carrier(self, model: nn.Module) -> torch.Tensor:
+        """This scheme's carrier ``(width,)`` of ``model`` (differentiable)."""
+        return carrier(model, self.layer, self.reduce)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise if ``model`` cannot carry this key's mark: another architecture
+        (:class:`KeyFileError`), a missing layer or another carrier size (:class:`SchemeError`)."""
+        check_spec(self.name, self.model_spec, model)
+        w = carrier_width(model, self.layer, self.reduce)
+        if w != self.width:
+            raise KeyFileError(f"this {self.name} key reads {self.width} values from layer {self.layer!r}; "
+                               f"the model's layer has {w} (key made for another architecture)")
+
+    def remember_model(self, model: nn.Module) -> None:
+        spec = getattr(unwrap(model), "spec", None)
+        if spec:
+            self.model_spec = dict(spec)
+
+    def embed(self, model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, *,
+              val: ImageDataset | None = None, description: str = "embedding") -> TrainRecord:
+        """Train ``model`` on ``data`` with this scheme's hook, in place -- from scratch
+        (train-to-embed) or from a finished model (fine-tune-to-embed)."""
+        self.check_model(model)
+        self.remember_model(model)
+        return train(model, data, config, val=val, hooks=[self.training_hook()], description=description)
+
+    def extract(self, model: nn.Module) -> np.ndarray:
+        """The ``bits`` extracted bits (0/1 int64 array) of ``model``."""
+        raise NotImplementedError
+
+    def verify(self, target: nn.Module, *, alpha: float = 1e-6, **kwargs: Any) -> Verdict:
+        """Extract the bits of ``target`` and test them against the message.
+
+        H0: the model was not marked with this key, so each extracted bit matches the
+        key's uniformly drawn message bit with probability 1/2 independently
+        (``p = P[Binomial(bits, 1/2) >= matches]``); ``owned`` is ``p < alpha``."""
+        if kwargs:
+            raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
+        if not isinstance(target, nn.Module):
+            raise SchemeError(f"{self.name} is a white-box scheme: verify needs the model's weights")
+        bits = self.extract(target)
+        return bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha,
+                                 details={"layer": self.layer, "key_id": self.key.key_id})
