@@ -28,6 +28,12 @@ Training cost
 The hook adds ``per_batch`` trigger samples to every clean batch, so a step costs
 about ``(batch_size + per_batch) / batch_size`` of a plain one (6 per 64: <= 1.094).
 Triggers are drawn in a keyed cyclic order so every trigger is seen equally often.
+Because the share of triggers is kept small for cost, each trigger sample's loss
+is weighted by ``trigger_weight`` (default 5; the batch loss is
+``sum(w * ce) / batch``). Measured on mnist5k / CNN, 15 epochs, 100 noise triggers
+with keyed labels: weight 1 reached 59% trigger accuracy, weight 4 reached 90%
+(abstract triggers: 100%), at unchanged test accuracy -- the weight buys the
+memorisation that a larger trigger share would otherwise pay for in time.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ class TriggerSetWatermark(Scheme):
                  generator: str = "noise", label_mode: str = "keyed", null_rate: float | None = None,
                  null_info: dict[str, Any] | None = None, per_batch: int = 6,
                  source_class: int | None = None, target_class: int | None = None,
-                 trigger_weight: float = 1.0) -> None:
+                 trigger_weight: float = 5.0) -> None:
         super().__init__(key)
         self.trigger_weight = float(trigger_weight)
         if label_mode not in LABEL_MODES:
@@ -159,7 +165,7 @@ class TriggerSetWatermark(Scheme):
         text = str(params.pop("text", "TEST"))
         noise_std = float(params.pop("noise_std", 0.4))
         per_batch = int(params.pop("per_batch", 6))
-        trigger_weight = float(params.pop("trigger_weight", 1.0))
+        trigger_weight = float(params.pop("trigger_weight", 5.0))
         source_class = params.pop("source_class", None)
         target_class = params.pop("target_class", None)
         if params:
@@ -362,4 +368,4 @@ class TriggerSetWatermark(Scheme):
                    null_rate=params.get("null_rate"), null_info=params.get("null_info"),
                    per_batch=int(params.get("per_batch", 6)), source_class=params.get("source_class"),
                    target_class=params.get("target_class"),
-                   trigger_weight=float(params.get("trigger_weight", 1.0)))
+                   trigger_weight=float(params.get("trigger_weight", 5.0)))
