@@ -1,0 +1,47 @@
+"""Fingerprint codes: finite fields, BIBDs, AND anti-collusion codes and community codes.
+
+- :mod:`nnmark.codes.galois` -- GF(q) for q a prime or prime power.
+- :mod:`nnmark.codes.bibd` -- (v, k, 1)-BIBDs from AG(2, q) and PG(2, q).
+- :mod:`nnmark.codes.andacc` -- AND-ACC codebooks, modulation on a keyed orthonormal
+  basis, the exact guarded colluder decoder, two codebooks side by side.
+- :mod:`nnmark.codes.community` -- community relationship codes (NMF + LLE hashing).
+"""
+
+from nnmark.codes.andacc import (
+    DEFAULT_TAU,
+    NULL_HYPOTHESIS,
+    AndAccCode,
+    AndAccDecoding,
+    ProductAndAccCode,
+    ProductDecoding,
+    haar_basis,
+)
+from nnmark.codes.bibd import Design, affine_plane, design, projective_plane
+from nnmark.codes.community import (
+    CommunityCodes,
+    community_codes,
+    hamming_matrix,
+    neighbourhood_accuracy,
+    pair_accuracy,
+)
+from nnmark.codes.galois import GF
+
+__all__ = [
+    "DEFAULT_TAU",
+    "GF",
+    "NULL_HYPOTHESIS",
+    "AndAccCode",
+    "AndAccDecoding",
+    "CommunityCodes",
+    "Design",
+    "ProductAndAccCode",
+    "ProductDecoding",
+    "affine_plane",
+    "community_codes",
+    "design",
+    "hamming_matrix",
+    "haar_basis",
+    "neighbourhood_accuracy",
+    "pair_accuracy",
+    "projective_plane",
+]

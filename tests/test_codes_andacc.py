@@ -1,0 +1,167 @@
+"""AND-ACC codes: exact tracing of random coalitions, no accusation without this key's fingerprint."""
+
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from nnmark.codes.andacc import AndAccCode, ProductAndAccCode, haar_basis, sidon_shifts
+from nnmark.keys import Key
+
+KEY = Key.from_seed("andacc-test")
+
+
+def test_basis_is_orthonormal_and_keyed():
+    b = haar_basis(KEY, "p", 60, 49)
+    assert b.shape == (60, 49)
+    assert np.allclose(b.T @ b, np.eye(49), atol=1e-10)
+    assert np.array_equal(b, haar_basis(KEY, "p", 60, 49))
+    assert not np.allclose(b, haar_basis(Key.from_seed("other"), "p", 60, 49))
+    with pytest.raises(ValueError):
+        haar_basis(KEY, "p", 10, 49)
+
+
+def test_codewords_are_complements_of_blocks():
+    c = AndAccCode.from_key(KEY, "ag", 7)
+    assert (c.v, c.k, c.n_codewords) == (49, 7, 56)
+    for j in (0, 13, 55):
+        assert (c.codeword(j) == 1 - c.incidence[:, j]).all()
+        assert c.codeword(j).sum() == 49 - 7
+        w = c.fingerprint(j)
+        assert np.isclose(np.linalg.norm(w), 7.0)
+        assert np.allclose(c.demodulate(w), c.signs(j))
+    with pytest.raises(IndexError):
+        c.fingerprint(56)
+
+
+@pytest.mark.parametrize("q,sigma", [(7, 0.03), (11, 0.01)])
+def test_random_coalitions_are_traced_exactly(q, sigma):
+    """Coalitions of 1..k-1 average their fingerprints (plus Gaussian noise of std sigma per coordinate):
+    every colluder is named and no innocent, for every trial."""
+    c = AndAccCode.from_key(KEY, "ag", q, dim=c_dim(q))
+    rng = np.random.default_rng(q)
+    for size in range(1, c.k):
+        for _ in range(40):
+            coalition = rng.choice(c.n_codewords, size, replace=False)
+            y = c.fingerprints(coalition).mean(axis=0) + rng.normal(0, sigma, c.dim)
+            d = c.decode(y)
+            assert d.status == "accused", (size, d.status)
+            assert set(d.accused) == set(coalition.tolist())
+            assert all(p < 1e-6 for p in d.p_values.values())
+
+
+def c_dim(q):
+    return q * q + 5  # fingerprint longer than v: a basis of orthonormal columns
+
+
+def test_batch_decoder_agrees_with_single():
+    c = AndAccCode.from_key(KEY, "ag", 7)
+    rng = np.random.default_rng(1)
+    coal = [rng.choice(56, rng.integers(1, 9), replace=False) for _ in range(50)]
+    ys = np.stack([c.fingerprints(s).mean(0) + rng.normal(0, 0.05, c.dim) for s in coal])
+    out = c.decode_coefficients_batch(c.demodulate(ys))
+    for i, y in enumerate(ys):
+        d = c.decode(y)
+        assert d.accepted == bool(out["accepted"][i])
+        assert set(d.candidates) == set(np.flatnonzero(out["candidates"][i]).tolist())
+
+
+@pytest.mark.parametrize("q", [7, 11])
+def test_no_fingerprint_names_nobody(q):
+    c = AndAccCode.from_key(KEY, "ag", q)
+    rng = np.random.default_rng(100 + q)
+    other = AndAccCode.from_key(Key.from_seed("someone else"), "ag", q)
+    cases = [np.zeros(c.dim)]
+    cases += [rng.normal(0, s, c.dim) for s in (0.01, 0.1, 1.0, 10.0) for _ in range(50)]
+    cases += [other.fingerprint(j) for j in range(other.n_codewords)]
+    cases += [other.fingerprints(rng.choice(other.n_codewords, 3, replace=False)).mean(0) for _ in range(50)]
+    for y in cases:
+        d = c.decode(y)
+        assert d.accused == (), d.status
+
+
+def test_coalitions_larger_than_k_minus_1_are_not_mistraced():
+    """With k or more colluders the named set would exceed k-1: the guard refuses rather than accuse."""
+    c = AndAccCode.from_key(KEY, "ag", 7)
+    rng = np.random.default_rng(7)
+    for size in (7, 8, 10, 13):
+        for _ in range(30):
+            coalition = rng.choice(c.n_codewords, size, replace=False)
+            d = c.decode(c.fingerprints(coalition).mean(0))
+            assert set(d.accused) <= set(coalition.tolist())
+            assert d.accused == ()
+
+
+def test_p_value_is_uniform_under_h0():
+    """Under H0 (model independent of the key) the cosine p-value is exactly Uniform(0, 1) over keys,
+    whatever the model's vector (here a fixed, very non-Gaussian one)."""
+    from scipy import stats as sps
+
+    d = AndAccCode.from_key(KEY, "ag", 7).design
+    y = np.r_[np.full(30, 3.0), np.zeros(19)]  # one fixed 'model'
+    ps = []
+    for s in range(600):
+        c = AndAccCode(d, haar_basis(Key.from_seed(s), "b", 49, 49))
+        ps.append(c.p_value(c.demodulate(y), 0))
+    ps = np.array(ps)
+    assert np.mean(ps <= 0.05) <= 0.08 and np.mean(ps <= 0.5) <= 0.58
+    assert sps.kstest(ps, "uniform").pvalue > 1e-3
+    assert c.p_value(np.zeros(49), 0) == 1.0
+
+
+def test_projective_plane_codes_trace_too():
+    c = AndAccCode.from_key(KEY, "pg", 5)  # (31, 6, 1): up to 5 colluders
+    rng = np.random.default_rng(5)
+    for size in range(1, 6):
+        s = rng.choice(c.n_codewords, size, replace=False)
+        assert set(c.decode(c.fingerprints(s).mean(0)).accused) == set(s.tolist())
+
+
+def test_product_code_capacity_and_tracing_speed():
+    p = ProductAndAccCode.from_key(KEY, "ag", 11)
+    assert p.n_customers == 132 * 132 == 17424 and p.dim == 242
+    rng = np.random.default_rng(11)
+    single = int(rng.integers(p.n_customers))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    d = p.decode(p.fingerprint(single) + rng.normal(0, 0.01, p.dim))
+    elapsed = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert d.accused == (single,) and d.ambiguous == ()
+    assert d.p_values[single] < 1e-30
+    assert elapsed < 1.0 and peak < 500e6
+
+
+def test_product_code_never_accuses_innocents():
+    """Averaging loses how A- and B-codewords are paired; the decoder accuses only provable colluders."""
+    p = ProductAndAccCode.from_key(KEY, "ag", 7)
+    rng = np.random.default_rng(12)
+    order = p.issue_order()
+    assert sorted(order.tolist()) == list(range(p.n_customers))
+    for issued in (order[: 56 * 4], order):  # Sidon diagonals only, then every pair issued
+        found = 0
+        for _ in range(60):
+            size = int(rng.integers(1, 7))
+            s = rng.choice(issued, size, replace=False)
+            d = p.decode(p.fingerprints(s).mean(0) + rng.normal(0, 0.01, p.dim), issued=issued)
+            assert set(d.accused) <= set(s.tolist())
+            assert set(d.accused) | set(d.ambiguous) >= set(s.tolist())
+            found += len(d.accused)
+        assert found > 0
+    # two colluders on a rectangle-free issue order are always both accused
+    issued = order[:56]
+    for _ in range(30):
+        s = rng.choice(issued, 2, replace=False)
+        assert set(p.decode(p.fingerprints(s).mean(0), issued=issued).accused) == set(s.tolist())
+    # unmarked and foreign vectors: nobody
+    assert p.decode(np.zeros(p.dim)).accused == ()
+    other = ProductAndAccCode.from_key(Key.from_seed("x"), "ag", 7)
+    assert p.decode(other.fingerprint(5)).accused == ()
+
+
+def test_sidon_shifts_have_distinct_differences():
+    s = sidon_shifts(132)
+    diffs = [(a - b) % 132 for a in s for b in s if a != b]
+    assert len(diffs) == len(set(diffs)) and len(s) >= 8
