@@ -67,16 +67,18 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _check_container(raw: bytes, path: Path) -> None:
-    if raw[:1] == b"\x80" or raw[:2] in (b"(d", b"(l", b"}q", b"]q"):
-        raise ModelFileError(
-            f"{path} looks like a Python pickle; nnmark never unpickles model files "
-            "(convert it to safetensors in a trusted environment)"
-        )
-    if raw[:4] == b"PK\x03\x04":
-        raise ModelFileError(
-            f"{path} is a zip archive (torch.save format, which contains a pickle); "
-            "nnmark only loads safetensors files"
-        )
+    looks_safetensors = len(raw) >= 9 and raw[8:9] == b"{"
+    if not looks_safetensors:
+        if raw[:1] == b"\x80" or raw[:2] in (b"(d", b"(l", b"}q", b"]q"):
+            raise ModelFileError(
+                f"{path} looks like a Python pickle; nnmark never unpickles model files "
+                "(convert it to safetensors in a trusted environment)"
+            )
+        if raw[:4] == b"PK\x03\x04":
+            raise ModelFileError(
+                f"{path} is a zip archive (torch.save format, which contains a pickle); "
+                "nnmark only loads safetensors files"
+            )
     if len(raw) < 8:
         raise ModelFileError(f"{path} is truncated or empty ({len(raw)} bytes)")
     (hlen,) = struct.unpack("<Q", raw[:8])

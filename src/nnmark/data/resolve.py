@@ -25,8 +25,15 @@ from nnmark.errors import DataError
 def _split_train(full: ImageDataset, test: ImageDataset, seed: int = 0) -> Splits:
     idx = np.arange(len(full))
     y = full.y.numpy()
-    train, rest = train_test_split(idx, test_size=0.25, stratify=y, random_state=seed)
-    val, att = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=seed + 1)
+
+    def split(ix: np.ndarray, size: float, rs: int) -> list[np.ndarray]:
+        try:
+            return train_test_split(ix, test_size=size, stratify=y[ix], random_state=rs)
+        except ValueError:  # too few samples of some class to stratify
+            return train_test_split(ix, test_size=size, random_state=rs)
+
+    train, rest = split(idx, 0.25, seed)
+    val, att = split(rest, 0.5, seed + 1)
     name = full.name.split("/")[0]
 
     def part(ix: np.ndarray, tag: str) -> ImageDataset:

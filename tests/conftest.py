@@ -1,0 +1,46 @@
+"""Shared, session-scoped fixtures: small models on bundled digits, trained once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnmark import Key
+from nnmark.data import load_splits
+from nnmark.models import model_spec
+from nnmark.train import TrainConfig, seeded_model, train
+
+torch.set_num_threads(2)
+
+CLEAN_EPOCHS = 10
+MARK_EPOCHS = 40
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_splits("digits")
+
+
+@pytest.fixture(scope="session")
+def clean_models(digits):
+    """Clean (unmarked) models: 5 seeds x 2 architectures, {(arch, seed): model}."""
+    models = {}
+    for arch in ("cnn", "lenet5"):
+        spec = model_spec(arch, digits.image_shape, 10)
+        for seed in range(5):
+            m = seeded_model(spec, seed)
+            train(m, digits.train, TrainConfig(epochs=CLEAN_EPOCHS, seed=seed, progress=False))
+            models[(arch, seed)] = m
+    return models
+
+
+@pytest.fixture(scope="session")
+def noise_marked(digits):
+    """A CNN on digits marked with 100 keyed-label noise triggers: (scheme, model)."""
+    from nnmark.schemes import TriggerSetWatermark
+
+    spec = model_spec("cnn", digits.image_shape, 10)
+    model = seeded_model(spec, 0)
+    scheme = TriggerSetWatermark.create(Key.from_seed("tests-owner"), model, digits, generator="noise", n=100)
+    scheme.embed(model, digits.train, TrainConfig(epochs=MARK_EPOCHS, seed=0, progress=False))
+    return scheme, model

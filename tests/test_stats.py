@@ -1,0 +1,62 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from nnmark.stats import (
+    Verdict,
+    binomial_tail,
+    bit_match_verdict,
+    clopper_pearson_upper,
+    hit_rate_verdict,
+    queries_to_significance,
+)
+
+
+@pytest.mark.parametrize("k,n,p", [(0, 10, 0.1), (3, 10, 0.1), (10, 10, 0.5), (40, 100, 0.1), (7, 5, 0.3)])
+def test_binomial_tail_matches_direct_sum(k, n, p):
+    direct = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(max(k, 0), n + 1))
+    assert binomial_tail(k, n, p) == pytest.approx(direct, rel=1e-9, abs=1e-300)
+
+
+def test_binomial_tail_tiny_values_are_positive():
+    p = binomial_tail(1000, 1000, 0.5)
+    assert 0 < p < 1e-300
+
+
+def test_clopper_pearson_covers():
+    # the bound must be above the observed rate and contain the true rate with high confidence
+    rng = np.random.default_rng(0)
+    true = 0.05
+    covered = sum(clopper_pearson_upper(int(rng.binomial(200, true)), 200, 0.99) >= true for _ in range(500))
+    assert covered / 500 >= 0.98
+    assert clopper_pearson_upper(0, 1000, 0.999) == pytest.approx(1 - 0.001 ** (1 / 1000), rel=1e-6)
+
+
+def test_bit_verdict_and_json_roundtrip():
+    m = np.random.default_rng(1).integers(0, 2, 256)
+    v = bit_match_verdict(m, m, scheme="x")
+    assert v.owned and v.statistic == 256 and v.p_value < 1e-70 and v.details["ber"] == 0
+    d = json.loads(v.to_json())
+    assert {"scheme", "owned", "p_value", "alpha", "statistic", "n", "null_hypothesis"} <= set(d)
+    assert Verdict.from_dict(d) == v
+    flipped = bit_match_verdict(1 - m, m, scheme="x")
+    assert not flipped.owned and flipped.p_value == 1.0
+
+
+def test_hit_rate_verdict_uniform_null_is_calibrated():
+    # under H0 the false-positive rate at alpha must not exceed alpha (binomial test is conservative)
+    rng = np.random.default_rng(2)
+    alpha, n, p0 = 0.05, 30, 0.1
+    fp = sum(hit_rate_verdict(int(rng.binomial(n, p0)), n, p0, scheme="t", null_hypothesis="h",
+                              alpha=alpha).owned for _ in range(4000))
+    assert fp / 4000 <= alpha
+    exact = sps.binom.sf(np.arange(n + 1) - 1, n, p0)
+    assert exact[exact < alpha].max() <= alpha
+
+
+def test_queries_to_significance():
+    assert queries_to_significance(np.ones(20), 0.1, 1e-6) == 7
+    assert queries_to_significance(np.zeros(20), 0.1, 1e-6) is None
