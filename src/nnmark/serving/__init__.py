@@ -1,0 +1,13 @@
+"""Serving a model over HTTP and querying one: black-box verification through an API.
+
+- :func:`~nnmark.serving.server.serve_model_file` / :func:`~nnmark.serving.server.make_server`:
+  a bounded, threaded JSON prediction server (``GET /health``, ``POST /predict``);
+- :class:`~nnmark.serving.client.HTTPOracle`: an oracle with a query budget, timeouts and retries.
+
+Run a server with ``nnmark serve MODEL --port P`` or ``python -m nnmark.serving MODEL --port P``.
+"""
+
+from nnmark.serving.client import HTTPOracle
+from nnmark.serving.server import PredictionServer, ServeError, make_server, serve_model_file
+
+__all__ = ["HTTPOracle", "PredictionServer", "ServeError", "make_server", "serve_model_file"]

@@ -1,0 +1,36 @@
+"""``python -m nnmark.serving MODEL [--host H] [--port P] [--max-batch B] [--verbose]``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from nnmark.errors import NNMarkError
+from nnmark.serving.server import DEFAULT_MAX_BATCH, serve_model_file
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: pick a free one; the ready line shows it).")
+@click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=click.IntRange(1, 100_000),
+              help="Most images per request (larger batches get HTTP 413).")
+@click.option("--max-body", default=None, type=click.IntRange(1), help="Most request body bytes "
+              "[default: about max-batch x C*H*W x 32].")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="Torch threads [default: min(4, cores)].")
+@click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
+def main(model: str, host: str, port: int, max_batch: int, max_body: int | None, threads: int | None,
+         verbose: bool) -> None:
+    """Serve MODEL (an nnmark .safetensors file) over HTTP: GET /health, POST /predict."""
+    try:
+        serve_model_file(model, host=host, port=port, max_batch=max_batch, verbose=verbose,
+                         max_body=max_body, threads=threads)
+    except NNMarkError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m nnmark.serving")

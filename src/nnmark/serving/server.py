@@ -1,0 +1,420 @@
+"""A small, bounded HTTP prediction server for one classifier.
+
+Endpoints (all bodies are JSON, every error is ``{"error": "<one line>"}``):
+
+- ``GET /health`` -> ``{"status": "ok", "arch", "in_shape": [C, H, W], "num_classes",
+  "limits": {"max_batch", "max_body_bytes"}}``;
+- ``POST /predict`` with ``{"images": [...]}``, a batch of images as nested lists of
+  shape ``(N, C, H, W)`` matching the model's ``in_shape`` (``(N, H, W)`` is accepted
+  when ``C == 1``), finite numbers (pixel values in [0, 1] for nnmark's datasets) ->
+  ``{"labels": [int, ...]}`` (``N`` labels).
+
+Bounds: a request declaring more than ``max_body_bytes`` (``Content-Length``) is
+answered 413 before its body is read; a request without ``Content-Length`` gets
+411; more than ``max_batch`` images gets 413; malformed JSON, a wrong shape,
+non-numeric or non-finite values get 400; an unknown path 404; a wrong method 405.
+Connections are served by threads (at most ``max_connections`` at a time; further
+ones wait in the accept queue); model forwards run one at a time under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import socket
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnmark.errors import NNMarkError
+
+DEFAULT_MAX_BATCH = 256
+# Bytes budgeted per pixel value in the JSON body: a float32 value written as a
+# Python float takes at most ~24 characters plus a separator.
+BYTES_PER_VALUE = 32
+BODY_OVERHEAD = 64 << 10
+DEFAULT_MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 15.0
+
+
+class ServeError(NNMarkError):
+    """The server could not start (e.g. the port is taken or the host is invalid)."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reject_constant(name: str) -> float:
+    raise _BadRequest(400, f"non-finite value {name} in images")
+
+
+class PredictionServer(ThreadingHTTPServer):
+    """A :class:`ThreadingHTTPServer` answering ``/health`` and ``/predict`` for one model.
+
+    Build it with :func:`make_server`; run it with ``serve_forever()``; stop it with
+    ``shutdown()`` (from another thread) and ``server_close()``.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], model: nn.Module, *, max_batch: int, max_body: int,
+                 max_connections: int, verbose: bool) -> None:
+        spec = getattr(model, "spec", None) or {}
+        in_shape = spec.get("in_shape")
+        if not (isinstance(in_shape, (list, tuple)) and len(in_shape) == 3):
+            raise ServeError("model has no spec with in_shape [C, H, W]; build it with nnmark.models")
+        self.model = model.eval()
+        self.in_shape = tuple(int(v) for v in in_shape)
+        self.num_classes = int(spec.get("num_classes", 0))
+        self.arch = str(spec.get("arch", type(model).__name__))
+        self.max_batch = int(max_batch)
+        self.max_body = int(max_body)
+        self.verbose = verbose
+        self.model_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8000`` (IPv6 hosts in brackets)."""
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "arch": self.arch,
+            "in_shape": list(self.in_shape),
+            "num_classes": self.num_classes,
+            "limits": {"max_batch": self.max_batch, "max_body_bytes": self.max_body},
+        }
+
+    def predict(self, images: np.ndarray) -> list[int]:
+        """Labels for a validated float32 batch ``(N, C, H, W)``."""
+        if len(images) == 0:
+            return []
+        x = torch.from_numpy(images)
+        with self.model_lock, torch.no_grad():
+            labels = self.model(x).argmax(1)
+        return [int(v) for v in labels.tolist()]
+
+    # socketserver hooks: bound concurrent connections, quiet errors.
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+        exc = sys.exc_info()[1]
+        if self.verbose:
+            print(f"nnmark serve: connection from {client_address[0]} failed: {_one_line(repr(exc))}",
+                  file=sys.stderr, flush=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
+    server_version = "nnmark-serve"
+    timeout = IDLE_TIMEOUT_S  # socket timeout: idle keep-alive and slow bodies
+    server: PredictionServer
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    # -- responses -------------------------------------------------------------------
+    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """JSON errors also for what BaseHTTPRequestHandler rejects itself (bad request line, 501...)."""
+        if code >= 400:
+            self.close_connection = True
+        try:
+            default = HTTPStatus(code).phrase
+        except ValueError:
+            default = "error"
+        self._send_json(code, {"error": _one_line(message or default)})
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if self.server.verbose:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+    # -- routing ---------------------------------------------------------------------
+    _ROUTES = {"/health": "GET", "/predict": "POST"}
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        allowed = self._ROUTES.get(path)
+        if allowed is None:
+            self._discard_and_close()
+            self._send_json(404, {"error": f"unknown path {_one_line(path, 80)}; use GET /health or POST /predict"})
+            return
+        if method != allowed:
+            self._discard_and_close()
+            self._send_json(405, {"error": f"{method} not allowed on {path}; use {allowed}"}, {"Allow": allowed})
+            return
+        if path == "/health":
+            self._send_json(200, self.server.health())
+            return
+        started = time.perf_counter()
+        try:
+            labels = self._predict()
+        except _BadRequest as exc:
+            self._send_json(exc.status, {"error": _one_line(exc.message)})
+            return
+        except Exception as exc:  # a bug, not the client's fault: answer 500, keep serving
+            print(f"nnmark serve: internal error: {_one_line(repr(exc))}", file=sys.stderr, flush=True)
+            self.close_connection = True
+            self._send_json(500, {"error": "internal server error"})
+            return
+        if self.server.verbose:
+            self.log_message("predicted %d images in %.1f ms", len(labels), 1e3 * (time.perf_counter() - started))
+        self._send_json(200, {"labels": labels})
+
+    def _discard_and_close(self) -> None:
+        """For requests we answer without reading their body: close the connection afterwards."""
+        if self.headers.get("Content-Length") not in (None, "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._linger = True
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._route("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._route("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route("DELETE")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._route("PATCH")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._route("HEAD")
+
+    def do_OPTIONS(self) -> None:  # noqa: N802
+        self._route("OPTIONS")
+
+    # -- /predict --------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise _BadRequest(411, "Content-Length required (chunked bodies are not supported)")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            self.close_connection = True
+            raise _BadRequest(411, "Content-Length required")
+        try:
+            length = int(length_text)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise _BadRequest(400, f"invalid Content-Length {_one_line(length_text, 40)!r}") from None
+        if length > self.server.max_body:
+            self.close_connection = True
+            self._linger = True
+            raise _BadRequest(413, f"body of {length} bytes exceeds the limit of {self.server.max_body} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise _BadRequest(400, f"body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _predict(self) -> list[int]:
+        body = self._read_body()
+        try:
+            payload = json.loads(body, parse_constant=_reject_constant)
+        except _BadRequest:
+            raise
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise _BadRequest(400, f"body is not valid JSON: {_one_line(exc, 120)}") from None
+        if not isinstance(payload, dict) or "images" not in payload:
+            raise _BadRequest(400, 'body must be a JSON object {"images": [...]}')
+        images = payload["images"]
+        if not isinstance(images, list):
+            raise _BadRequest(400, '"images" must be a list of images')
+        if len(images) > self.server.max_batch:
+            raise _BadRequest(413, f"batch of {len(images)} images exceeds the limit of {self.server.max_batch}")
+        return self.server.predict(self._to_array(images))
+
+    def _to_array(self, images: list) -> np.ndarray:
+        c, h, w = self.server.in_shape
+        if not images:
+            return np.zeros((0, c, h, w), dtype=np.float32)
+        try:
+            arr = np.asarray(images)
+        except (ValueError, TypeError):  # ragged nesting
+            raise _BadRequest(400, f"images must be a rectangular array of shape (N, {c}, {h}, {w})") from None
+        if arr.dtype.kind not in "iuf":  # strings, booleans, null, objects, huge ints
+            raise _BadRequest(400, "image values must be numbers")
+        if arr.ndim == 3 and c == 1:
+            arr = arr[:, None]
+        if arr.shape[1:] != (c, h, w):
+            raise _BadRequest(400, f"images have shape {tuple(arr.shape)}; expected (N, {c}, {h}, {w})"
+                                   + (f" or (N, {h}, {w})" if c == 1 else ""))
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():  # includes float64 values beyond float32's range
+            raise _BadRequest(400, "image values must be finite")
+        return np.ascontiguousarray(arr)
+
+    def handle_one_request(self) -> None:
+        self._linger = False
+        super().handle_one_request()
+        if self._linger:
+            self._lingering_close()
+
+    def _lingering_close(self, max_bytes: int = 16 << 20, max_seconds: float = 2.0) -> None:
+        """After refusing a large body unread: stop sending, then discard (never store) what the
+        client still sends, briefly, so it can read our 413 instead of a connection reset."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + max_seconds
+            seen = 0
+            while seen < max_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                seen += len(chunk)
+        except OSError:
+            pass
+
+
+def default_max_body(in_shape: tuple[int, int, int] | list[int], max_batch: int) -> int:
+    """Body limit (bytes) for ``max_batch`` images of ``in_shape`` written as JSON floats."""
+    return int(max_batch) * math.prod(int(v) for v in in_shape) * BYTES_PER_VALUE + BODY_OVERHEAD
+
+
+def make_server(
+    model: nn.Module,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_body: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    verbose: bool = False,
+) -> PredictionServer:
+    """Bind a :class:`PredictionServer` for ``model`` (built by nnmark, so it has ``.spec``).
+
+    ``port=0`` picks a free port (read it from ``server.server_address[1]`` or
+    ``server.url``). ``max_batch``: most images per request (default 256).
+    ``max_body``: most body bytes (default :func:`default_max_body`, about
+    ``max_batch * C*H*W * 32`` bytes). ``max_connections``: connections served at
+    once (default 64). The server is bound but not running: call
+    ``serve_forever()`` (e.g. in a thread), then ``shutdown()`` and ``server_close()``.
+    Raises :class:`ServeError` if the address cannot be bound.
+    """
+    if max_batch < 1:
+        raise ServeError(f"max_batch must be >= 1, got {max_batch}")
+    if max_connections < 1:
+        raise ServeError(f"max_connections must be >= 1, got {max_connections}")
+    spec = getattr(model, "spec", None) or {}
+    in_shape = spec.get("in_shape") or [1, 1, 1]
+    body = default_max_body(in_shape, max_batch) if max_body is None else int(max_body)
+    if body < 1:
+        raise ServeError(f"max_body must be >= 1, got {body}")
+    try:
+        return PredictionServer((host, port), model, max_batch=max_batch, max_body=body,
+                                max_connections=max_connections, verbose=verbose)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+class _Stop(Exception):
+    pass
+
+
+def serve_model_file(
+    path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    verbose: bool = False,
+    *,
+    max_body: int | None = None,
+    threads: int | None = None,
+) -> None:
+    """Load a model file safely (:func:`nnmark.io.load_model`) and serve it until SIGINT/SIGTERM.
+
+    Prints one line with the URL once it accepts connections (``port=0``: a free
+    port, shown in that line). ``threads``: torch intra-op threads for the forward
+    passes (default ``min(4, current setting)``). Raises
+    :class:`~nnmark.errors.ModelFileError` for an unusable model file and
+    :class:`ServeError` when the address cannot be bound; returns after a clean
+    shutdown.
+    """
+    from nnmark.io import load_model
+
+    path = Path(path)
+    model, _meta = load_model(path)
+    torch.set_num_threads(max(1, threads if threads is not None else min(4, torch.get_num_threads())))
+    server = make_server(model, host, port, max_batch=max_batch, max_body=max_body, verbose=verbose)
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        raise _Stop()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
+    try:
+        print(f"nnmark serve: {server.arch} model {path.name} at {server.url} "
+              f"(max batch {server.max_batch}, max body {server.max_body} bytes); Ctrl-C to stop", flush=True)
+        server.serve_forever(poll_interval=0.2)
+    except (_Stop, KeyboardInterrupt):
+        pass
+    finally:
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("nnmark serve: stopped", file=sys.stderr, flush=True)
