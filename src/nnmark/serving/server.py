@@ -14,7 +14,9 @@ answered 413 before its body is read; a request without ``Content-Length`` gets
 411; more than ``max_batch`` images gets 413; malformed JSON, a wrong shape,
 non-numeric or non-finite values get 400; an unknown path 404; a wrong method 405.
 Connections are served by threads (at most ``max_connections`` at a time; further
-ones wait in the accept queue); model forwards run one at a time under a lock.
+ones wait in the accept queue) that parse and validate requests; the model's
+forward passes all run, one at a time, on a single inference thread, which keeps
+torch's per-thread memory from growing with the number of connections.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,10 +93,15 @@ class PredictionServer(ThreadingHTTPServer):
         self.max_batch = int(max_batch)
         self.max_body = int(max_body)
         self.verbose = verbose
-        self.model_lock = threading.Lock()
+        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnmark-infer")
         self._slots = threading.BoundedSemaphore(max_connections)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
+        try:  # warm up (first-call allocations) before accepting requests
+            self._infer.submit(self._forward, np.zeros((1, *self.in_shape), dtype=np.float32)).result()
+        except BaseException:
+            self.server_close()
+            raise
 
     @property
     def url(self) -> str:
@@ -115,10 +123,16 @@ class PredictionServer(ThreadingHTTPServer):
         """Labels for a validated float32 batch ``(N, C, H, W)``."""
         if len(images) == 0:
             return []
-        x = torch.from_numpy(images)
-        with self.model_lock, torch.no_grad():
-            labels = self.model(x).argmax(1)
+        return self._infer.submit(self._forward, images).result()
+
+    def _forward(self, images: np.ndarray) -> list[int]:
+        with torch.no_grad():
+            labels = self.model(torch.from_numpy(images)).argmax(1)
         return [int(v) for v in labels.tolist()]
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._infer.shutdown(wait=True)
 
     # socketserver hooks: bound concurrent connections, quiet errors.
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
