@@ -49,6 +49,12 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"{field} not found for pid {pid}")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(model_path: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "nnmark.serving", str(model_path), "--host", "127.0.0.1", "--port", "0",
@@ -142,7 +148,10 @@ def main() -> None:
             rss_start = rss_mb(proc.pid)
             run_load(url, bodies, expected, args.warmup, args.clients, args.timeout)
             rss_warm = rss_mb(proc.pid)
+            load_before = os.getloadavg()[0]
+            cpu0 = cpu_s(proc.pid)
             lat, errors, wall = run_load(url, bodies, expected, args.requests, args.clients, args.timeout)
+            server_cpu = cpu_s(proc.pid) - cpu0
             rss_end, rss_peak = rss_mb(proc.pid), rss_mb(proc.pid, "VmHWM")
         finally:
             proc.terminate()
@@ -166,6 +175,8 @@ def main() -> None:
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(lat) / wall, 1),
         "images_per_s": round(len(lat) * args.batch / wall, 1),
+        "server_cpu_ms_per_request": round(1e3 * server_cpu / len(lat), 2),
+        "load_average_1min_before": round(load_before, 2),
         "latency_ms": {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 90, 99)}
         | {"max": round(float(ms.max()), 2)},
         "server_rss_mb": {"start": round(rss_start, 1), "after_warmup": round(rss_warm, 1),
@@ -178,6 +189,8 @@ def main() -> None:
         ("errors", str(result["errors"])),
         ("throughput", f"{result['requests_per_s']} req/s, {result['images_per_s']} images/s"),
         ("latency p50 / p90 / p99", " / ".join(f"{result['latency_ms'][f'p{q}']} ms" for q in (50, 90, 99))),
+        ("server CPU per request", f"{result['server_cpu_ms_per_request']} ms "
+                                   f"(machine load average {load_before:.1f} before the run)"),
         ("server RSS start -> end", f"{rss_start:.1f} -> {rss_end:.1f} MB (growth {rss_end - rss_start:+.1f} MB, "
                                     f"{rss_end - rss_warm:+.1f} after warm-up)"),
     ]
