@@ -1,0 +1,287 @@
+"""White-box weight-space schemes: Uchida, Wang (MANU / AUTO), projection regulariser.
+
+All models are the MLP 784-64-10 on digits-28 (512 bits: the head's 640 weights,
+or fc1's 784 filter means for the projection code) plus small CNNs on 8x8 digits
+for the second architecture. Models are trained once per session.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnmark.attacks.finetune import FineTune
+from nnmark.attacks.prune import prune_by_magnitude
+from nnmark.data import load_splits
+from nnmark.errors import KeyFileError, SchemeError
+from nnmark.keys import Key
+from nnmark.models import model_spec
+from nnmark.schemes import SCHEMES, load_scheme
+from nnmark.schemes.projection import ProjectionRegularizer
+from nnmark.schemes.uchida import Uchida
+from nnmark.schemes.wang import WangAuto, WangManu
+from nnmark.train import TrainConfig, accuracy, seeded_model, train
+
+BITS = 512
+ALPHA = 1e-6
+CFG = TrainConfig(epochs=10, batch_size=32, lr=1e-3, progress=False)
+# per scheme: class and parameters (as the CLI would pass them: strings)
+SETUPS = {
+    "uchida": (Uchida, {"layer": "head", "bits": str(BITS)}),
+    "projection": (ProjectionRegularizer, {"layer": "fc1", "reduce": "mean", "bits": str(BITS)}),
+    "wang-auto": (WangAuto, {"layer": "head", "bits": str(BITS)}),
+    "wang-manu": (WangManu, {"layer": "head", "bits": str(BITS)}),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits28():
+    return load_splits("digits28")
+
+
+@pytest.fixture(scope="session")
+def mlp_spec(digits28):
+    return model_spec("mlp", digits28.train.image_shape, 10)
+
+
+@pytest.fixture(scope="session")
+def clean_mlps(digits28, mlp_spec):
+    """Five clean MLPs (seeds 0..4)."""
+    out = []
+    for seed in range(5):
+        m = seeded_model(mlp_spec, seed)
+        train(m, digits28.train, TrainConfig(**{**CFG.__dict__, "seed": seed}))
+        out.append(m)
+    return out
+
+
+@pytest.fixture(scope="session")
+def marked(digits28, mlp_spec):
+    """name -> (scheme with key 1, marked model (init seed 10)), and the same with key 2."""
+    out = {}
+    for name, (cls, params) in SETUPS.items():
+        for k in (1, 2):
+            model = seeded_model(mlp_spec, 10 + k)
+            scheme = cls.create(Key.from_seed(f"wb-{k}"), model, **params)
+            scheme.embed(model, digits28.train, TrainConfig(**{**CFG.__dict__, "seed": 10 + k}))
+            out[(name, k)] = (scheme, model)
+    return out
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_unattacked_ber_zero_and_tiny_p(marked, name):
+    scheme, model = marked[(name, 1)]
+    v = scheme.verify(model)
+    assert v.n == BITS and v.details["ber"] == 0.0
+    if name.startswith("wang"):
+        # exact permutation test: p is a rank, never below 1/(R + 1), never a binomial tail
+        assert 1 / 1000 <= v.p_value <= 1 and "permutation" in v.null_hypothesis
+        assert "NOT independent" in v.null_hypothesis
+    else:
+        assert v.p_value < 1e-30 and v.owned
+        assert "probability 1/2" in v.null_hypothesis
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_fidelity_sanity(marked, clean_mlps, digits28, name):
+    _, model = marked[(name, 1)]
+    clean = np.mean([accuracy(m, digits28.test) for m in clean_mlps])
+    assert accuracy(model, digits28.test) > clean - 0.03
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_no_false_accusation_mlp(marked, clean_mlps, name):
+    scheme, _ = marked[(name, 1)]
+    _, other = marked[(name, 2)]
+    for m in [*clean_mlps, other]:
+        v = scheme.verify(m, alpha=ALPHA)
+        assert not v.owned, (name, v.statistic, v.p_value)
+
+
+@pytest.fixture(scope="session")
+def cnn_world():
+    """Second architecture: CNNs on 8x8 digits -- five clean ones, and one marked by
+    each scheme (conv4 carrier, 256 bits) with key 1. (Other-key models: the MLP tests.)"""
+    data = load_splits("digits")
+    spec = model_spec("cnn", data.train.image_shape, 10)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-3, progress=False)
+    cleans = []
+    for seed in range(5):
+        m = seeded_model(spec, seed)
+        train(m, data.train, TrainConfig(**{**cfg.__dict__, "seed": seed}))
+        cleans.append(m)
+    schemes = {}
+    for name, (cls, _) in SETUPS.items():
+        extra = {"snapshot_steps": 4} if name == "wang-manu" else {}
+        m = seeded_model(spec, 21)
+        s = cls.create(Key.from_seed("wb-1"), m, layer="conv4", bits=256, **extra)
+        s.embed(m, data.train, cfg)
+        schemes[name] = (s, m)
+    return cleans, schemes
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_no_false_accusation_cnn(cnn_world, name):
+    cleans, schemes = cnn_world
+    scheme, model = schemes[name]
+    for m in cleans:
+        assert not scheme.verify(m, alpha=ALPHA).owned
+    if not name.startswith("wang"):
+        assert scheme.verify(model).p_value < 1e-12  # the marked CNN itself is claimed
+    assert scheme.verify(model).details["ber"] < 0.1
+
+
+def test_wang_without_decoys_would_accuse_clean_models(digits28, mlp_spec, clean_mlps):
+    """Why nnmark trains the secret network with decoys: the paper's plain version
+    memorises the message and answers it for unrelated (clean) models too."""
+    model = seeded_model(mlp_spec, 30)
+    plain = WangAuto.create(Key.from_seed("plain"), model, layer="head", bits=BITS, decoys=0)
+    plain.embed(model, digits28.train, CFG)
+    matches = [plain.verify(m).statistic for m in clean_mlps]
+    assert max(matches) > 0.6 * BITS  # far above the 1/2 a fair null would give
+
+
+@pytest.mark.parametrize("name", ["wang-auto", "wang-manu", "uchida"])
+def test_survives_ftal_with_10pct_data(marked, digits28, name):
+    scheme, model = marked[(name, 1)]
+    # the attacker's own split: 10% of the data (disjoint from the owner's 60%)
+    stolen = FineTune("FTAL", epochs=10, lr=1e-3, batch_size=32).attack(model, digits28.attacker)
+    v = scheme.verify(stolen)
+    if name.startswith("wang"):
+        assert v.details["ber"] <= 0.01
+    else:
+        assert v.details["ber"] <= 0.05 and v.owned
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_survives_pruning_60pct_of_layer(marked, name):
+    scheme, model = marked[(name, 1)]
+    pruned = copy.deepcopy(model)
+    prune_by_magnitude(pruned, 0.6, order="smallest", scope="layer", layers=[scheme.layer])
+    v = scheme.verify(pruned)
+    if name.startswith("wang"):
+        assert v.details["ber"] <= 0.05
+    else:  # Uchida on the head: ~10% BER here, still far beyond chance
+        assert v.owned
+
+
+def test_fine_tune_to_embed(clean_mlps, digits28):
+    model = copy.deepcopy(clean_mlps[0])
+    before = accuracy(model, digits28.test)
+    s = Uchida.create(Key.from_seed("ft"), model, layer="head", bits=BITS, strength=0.1)
+    assert s.verify(model).details["ber"] > 0.3
+    s.embed(model, digits28.train, TrainConfig(epochs=8, batch_size=32, lr=1e-3, progress=False))
+    v = s.verify(model)
+    assert v.details["ber"] <= 0.02 and v.p_value < 1e-30
+    assert accuracy(model, digits28.test) > before - 0.03
+
+
+def test_manu_selects_converged_weights(marked):
+    scheme, _ = marked[("wang-manu", 1)]
+    assert scheme.active and 16 <= len(scheme.selection) <= scheme.width
+    assert len(torch.unique(scheme.selection)) == len(scheme.selection)
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_key_file_round_trip(marked, tmp_path, name):
+    scheme, model = marked[(name, 1)]
+    path = tmp_path / f"{name}.key"
+    scheme.save(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    loaded = load_scheme(path, expect=name)
+    assert type(loaded) is type(scheme) and loaded.model_spec == scheme.model_spec
+    np.testing.assert_array_equal(loaded.extract(model), scheme.extract(model))
+    doc = json.loads(path.read_text())
+    assert "fc1.weight" not in path.read_text()  # no model tensors in the key
+    assert bool(doc["material"]) == name.startswith("wang")
+
+
+def test_registered_under_their_names():
+    for name in SETUPS:
+        assert name in SCHEMES
+
+
+def test_key_for_another_scheme_or_architecture(marked, tmp_path, digits28):
+    scheme, _ = marked[("uchida", 1)]
+    path = tmp_path / "u.key"
+    scheme.save(path)
+    with pytest.raises(KeyFileError, match="not for"):
+        load_scheme(path, expect="projection")
+    loaded = load_scheme(path)
+    other = seeded_model(model_spec("mlp", digits28.train.image_shape, 10, hidden=[32]), 0)
+    with pytest.raises(KeyFileError, match="another architecture"):
+        loaded.verify(other)
+    cnn = seeded_model(model_spec("cnn", digits28.train.image_shape, 10), 0)
+    with pytest.raises(KeyFileError, match="another architecture"):
+        loaded.extract(cnn)
+
+
+def test_missing_and_too_small_layer(mlp_spec):
+    model = seeded_model(mlp_spec, 0)
+    for cls in (Uchida, ProjectionRegularizer, WangAuto, WangManu):
+        with pytest.raises(SchemeError, match="no conv/linear layer named 'conv9'"):
+            cls.create(Key.from_seed(0), model, layer="conv9", bits=16)
+        with pytest.raises(SchemeError, match="cannot carry more than w independent bits"):
+            cls.create(Key.from_seed(0), model, layer="head", bits=641)
+    # the filter mean of the head has 64 values only
+    with pytest.raises(SchemeError, match="only 64 values"):
+        Uchida.create(Key.from_seed(0), model, layer="head", reduce="mean", bits=65)
+    with pytest.raises(SchemeError, match="unknown uchida parameter"):
+        Uchida.create(Key.from_seed(0), model, layer="head", bits=8, colour="red")
+
+
+def test_uchida_matrix_variants(mlp_spec, digits28):
+    for variant in ("direct", "diff"):
+        model = seeded_model(mlp_spec, 3)
+        # one or two weights a bit: logits are tiny, so these variants need a stronger pull
+        s = Uchida.create(Key.from_seed(variant), model, layer="head", bits=128, variant=variant, strength=0.5)
+        X = s.X
+        assert torch.all((X != 0).sum(1) == (1 if variant == "direct" else 2))
+        assert torch.all(X.sum(1) == (1 if variant == "direct" else 0))
+        s.embed(model, digits28.train, TrainConfig(epochs=10, batch_size=32, progress=False))
+        v = s.verify(model)
+        assert v.details["ber"] <= 0.05 and v.owned
+    with pytest.raises(SchemeError, match="diff"):
+        Uchida.create(Key.from_seed(0), seeded_model(mlp_spec, 0), layer="head", bits=640, variant="diff")
+
+
+def test_uchida_mean_reduction_is_weaker(mlp_spec):
+    model = seeded_model(mlp_spec, 0)
+    a = Uchida.create(Key.from_seed(0), model, layer="head", bits=200, reduction="sum")
+    b = Uchida.create(Key.from_seed(0), model, layer="head", bits=200, reduction="mean")
+    with torch.no_grad():
+        assert float(a.regularizer(model)) == pytest.approx(200 * float(b.regularizer(model)), rel=1e-5)
+
+
+def test_projection_real_code_and_closed_form(mlp_spec, marked):
+    _, model = marked[("projection", 1)]
+    model = copy.deepcopy(model)
+    rng = np.random.default_rng(0)
+    code = rng.normal(size=300).astype(np.float32)
+    s = ProjectionRegularizer(Key.from_seed("fp"), "fc1", code, width=784, reduce="mean")
+    assert s.bits == 300
+    s.remember_model(model)
+    assert s.verify(model).details["ber"] > 0.3
+    s.correct(model)
+    np.testing.assert_allclose(s.extract_real(model), code, atol=1e-3)
+    v = s.verify(model)
+    assert v.details["ber"] == 0.0 and v.details["code_correlation"] > 0.999
+
+
+def test_projection_key_round_trip_with_custom_code(tmp_path, mlp_spec):
+    model = seeded_model(mlp_spec, 0)
+    code = np.linspace(-1, 1, 50)
+    s = ProjectionRegularizer.create(Key.from_seed("c"), model, layer="fc1", reduce="mean", target=code)
+    s.save(tmp_path / "p.key")
+    t = load_scheme(tmp_path / "p.key")
+    np.testing.assert_allclose(t.target.numpy(), code.astype(np.float32))
+    np.testing.assert_allclose(t.extract_real(model), s.extract_real(model), rtol=1e-6)
