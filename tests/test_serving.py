@@ -25,7 +25,7 @@ from nnmark.errors import OracleError
 from nnmark.io import load_model, save_model
 from nnmark.models import model_spec
 from nnmark.oracle import QueryBudgetExceeded
-from nnmark.serving import HTTPOracle, make_server
+from nnmark.serving import HTTPOracle, ServeError, make_server
 from nnmark.train import TrainConfig, predict, seeded_model, train
 
 MAX_BATCH = 64
@@ -237,11 +237,29 @@ def test_make_server_in_process(local_model, test_x: torch.Tensor) -> None:
         oracle = HTTPOracle(srv.url)
         assert torch.equal(oracle(test_x[:20]), predict(local_model, test_x[:20]))
         assert oracle.requests == 3  # 8 + 8 + 4
+        with pytest.raises(ServeError, match="cannot listen"):
+            make_server(local_model, "127.0.0.1", srv.server_address[1])  # port taken
     finally:
         srv.shutdown()
         srv.server_close()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_client_splits_requests_to_fit_the_body_limit(local_model, test_x: torch.Tensor) -> None:
+    x = test_x[:40] + 1e-3  # values with long decimal expansions
+    srv = make_server(local_model, "127.0.0.1", 0, max_batch=64, max_body=20_000)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        body = json.dumps({"images": x.numpy().tolist()}, separators=(",", ":")).encode()
+        assert requests.post(srv.url + "/predict", data=body, timeout=10).status_code == 413
+        oracle = HTTPOracle(srv.url)
+        assert torch.equal(oracle(x), predict(local_model, x))
+        assert oracle.requests > len(body) // 20_000 and oracle.queries_used == 40
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_sigterm_stops_cleanly(model_file: Path) -> None:
@@ -292,6 +310,13 @@ def test_unreachable_endpoint_fails_fast() -> None:
         HTTPOracle("ftp://example.org")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # the "slow" mode's client has gone away: a broken pipe is expected
+
+
 class _Fake:
     """A tiny misbehaving API in a thread; ``mode`` selects how it answers /predict."""
 
@@ -331,8 +356,7 @@ class _Fake:
                     return
                 self._send(*answers[fake.mode])
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
