@@ -165,3 +165,26 @@ def test_sidon_shifts_have_distinct_differences():
     s = sidon_shifts(132)
     diffs = [(a - b) % 132 for a in s for b in s if a != b]
     assert len(diffs) == len(set(diffs)) and len(s) >= 8
+
+
+def test_fingerprint_layout_crc_and_cic():
+    from nnmark.codes import FingerprintLayout
+
+    code = AndAccCode.from_key(KEY, "ag", 7)
+    lay = FingerprintLayout(code, crc_bits=10)
+    assert lay.dim == 59 and lay.n_codes == 56
+    crc_a = np.array([1, 1, 0, 0, 1, 0, 1, 0, 1, 1])
+    crc_b = crc_a.copy()
+    crc_b[0] = 0
+    f = (lay.compose(3, crc_a) + lay.compose(40, crc_b)) / 2
+    t = lay.trace(f)
+    assert set(t.accused_codes) == {3, 40}
+    assert (t.crc_bits[1:] == crc_a[1:]).all() and t.crc_strength[0] == 0.0
+    assert t.to_dict()["cic"]["status"] == "accused"
+    with pytest.raises(ValueError):
+        lay.compose(3)
+    with pytest.raises(ValueError):
+        lay.trace(np.zeros(10))
+    assert lay.trace(np.zeros(59)).accused_codes == ()
+    prod = FingerprintLayout(ProductAndAccCode.from_key(KEY, "ag", 7))
+    assert prod.n_codes == 56 * 56 and prod.trace(prod.compose(77)).accused_codes == (77,)

@@ -5,6 +5,7 @@
 - :mod:`nnmark.codes.andacc` -- AND-ACC codebooks, modulation on a keyed orthonormal
   basis, the exact guarded colluder decoder, two codebooks side by side.
 - :mod:`nnmark.codes.community` -- community relationship codes (NMF + LLE hashing).
+- :mod:`nnmark.codes.fingerprint` -- the layout ``F = CRC || CIC`` and tracing of an extracted vector.
 """
 
 from nnmark.codes.andacc import (
@@ -24,6 +25,7 @@ from nnmark.codes.community import (
     neighbourhood_accuracy,
     pair_accuracy,
 )
+from nnmark.codes.fingerprint import FingerprintLayout, FingerprintTrace
 from nnmark.codes.galois import GF
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "AndAccDecoding",
     "CommunityCodes",
     "Design",
+    "FingerprintLayout",
+    "FingerprintTrace",
     "ProductAndAccCode",
     "ProductDecoding",
     "affine_plane",
