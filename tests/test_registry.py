@@ -129,6 +129,8 @@ def test_open_errors(tmp_path):
     with pytest.raises(RegistrySchemaError):
         Registry.open(junk)
     assert issubclass(RegistrySchemaError, NNMarkError)
+    with pytest.raises(RegistryError, match="in-memory"):
+        Registry.create("sqlite://", product="p", base_sha256=BASE, key_id="k", code_family={}, codes=3)
 
 
 WORKER = textwrap.dedent(

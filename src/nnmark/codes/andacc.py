@@ -267,6 +267,8 @@ class AndAccCode:
         fingerprint can pass its calibrated gain). Coefficients are divided by it
         before thresholding at ``tau``.
         """
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
         coef = self.demodulate(y) / float(scale)
         return self.decode_coefficients(coef, tau=tau)
 

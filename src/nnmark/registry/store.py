@@ -282,9 +282,11 @@ class Registry:
         """
         url = database_url(url)
         path = cls._sqlite_path(url)
-        if path not in (None, ":memory:") and Path(path).exists() and Path(path).stat().st_size > 0:
+        if path == ":memory:":
+            raise RegistryError("an in-memory SQLite registry would vanish at once; give a file path")
+        if path is not None and Path(path).exists() and Path(path).stat().st_size > 0:
             raise RegistryError(f"a registry already exists at {path}")
-        if path not in (None, ":memory:"):
+        if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         if len(base_sha256) != 64 or any(ch not in "0123456789abcdef" for ch in base_sha256.lower()):
             raise RegistryError("base_sha256 must be a 64-hex-digit SHA-256")
