@@ -42,11 +42,12 @@ def run_one(ds: str, dcfg: dict, seed: int, generator: str, cfg: dict, clean_cac
     clean, clean_s = clean_cache[(ds, seed)]
     key = Key.from_seed(f"experiment/{ds}/{seed}/{generator}")
     marked = seeded_model(spec, seed)
-    scheme = TriggerSetWatermark.create(key, marked, splits, generator=generator, n=cfg["triggers"],
-                                        labels=cfg["labels"], per_batch=cfg["per_batch"],
-                                        trigger_weight=cfg["trigger_weight"])
+    opt = {k: dcfg.get(k, cfg[k]) for k in ("triggers", "per_batch", "trigger_weight")}
+    scheme = TriggerSetWatermark.create(key, marked, splits, generator=generator, n=opt["triggers"],
+                                        labels=cfg["labels"], per_batch=opt["per_batch"],
+                                        trigger_weight=opt["trigger_weight"])
     rec = scheme.embed(marked, splits.train, tcfg)
-    row = {"dataset": ds, "seed": seed, "generator": generator,
+    row = {"dataset": ds, "seed": seed, "generator": generator, **opt,
            "clean_acc": accuracy(clean, splits.test), "marked_acc": accuracy(marked, splits.test),
            "clean_seconds": clean_s, "marked_seconds": rec.seconds, "null_rate": scheme.null_rate}
     full = scheme.query(lambda x: marked(x).argmax(1), len(scheme.images))
@@ -54,7 +55,8 @@ def run_one(ds: str, dcfg: dict, seed: int, generator: str, cfg: dict, clean_cac
     row["queries_to_1e-6"] = queries_to_significance(full["hits"], scheme.null_rate, 1e-6)
     v = scheme.verify(marked, queries=cfg["queries"])
     row["marked"] = {"hits": v.statistic, "n": v.n, "p": v.p_value}
-    v = scheme.verify(clean, queries=cfg["attack_queries"])
+    n_att = min(cfg["attack_queries"], len(scheme.images))
+    v = scheme.verify(clean, queries=n_att)
     row["clean"] = {"hits": v.statistic, "n": v.n, "p": v.p_value}
     att = splits.attacker.take_fraction(cfg["attacker_fraction"] * len(splits.train) / len(splits.attacker),
                                         seed=seed)
@@ -63,15 +65,18 @@ def run_one(ds: str, dcfg: dict, seed: int, generator: str, cfg: dict, clean_cac
         if a["name"] != "prune":
             params["seed"] = seed
         stolen = build_attack(a["name"], **params).attack(marked, att)
-        v = scheme.verify(stolen, queries=cfg["attack_queries"])
+        v = scheme.verify(stolen, queries=n_att)
         row[label] = {"hits": v.statistic, "n": v.n, "p": v.p_value, "acc": accuracy(stolen, splits.test)}
     return row
 
 
 def summarise(rows: list[dict], cfg: dict) -> str:
+    overrides = {d: {k: v for k, v in c.items() if k not in ("arch", "epochs")} for d, c in cfg["datasets"].items()}
     lines = ["# Trigger-set watermarks at CPU scale", "",
              f"Triggers: {cfg['triggers']} per key, labels {cfg['labels']}, {cfg['per_batch']} trigger samples "
-             f"per 64-sample batch, trigger loss weight {cfg['trigger_weight']}. Attacker data: "
+             f"per 64-sample batch, trigger loss weight {cfg['trigger_weight']}; per-dataset overrides: "
+             f"{overrides}. "
+             f"Epochs: { {d: c['epochs'] for d, c in cfg['datasets'].items()} }. Attacker data: "
              f"{cfg['attacker_fraction']:.0%} of the owner's training-set size, disjoint from it. "
              f"Seeds: {cfg['seeds']}. Mean ± std over seeds.", ""]
     lines += ["## Fidelity (test accuracy, %)", "",
@@ -87,7 +92,8 @@ def summarise(rows: list[dict], cfg: dict) -> str:
         lines.append(f"| {ds} | {g} | {c.mean():.2f} ± {c.std():.2f} | {m.mean():.2f} ± {m.std():.2f} | "
                      f"{(m - c).mean():+.2f} ± {(m - c).std():.2f} | {t.mean():.1f} | {q} |")
     attacks = list(cfg["attacks"])
-    lines += ["", f"## Ownership: trigger hits of {cfg['attack_queries']} queries (worst p-value over seeds)", "",
+    lines += ["", f"## Ownership: trigger hits of min({cfg['attack_queries']}, triggers) queries "
+              "(hits per seed; worst p-value over seeds)", "",
               "Marked: hits of " + str(cfg["queries"]) + " queries. Clean: an independently trained model "
               "(same seed as the marked model's init) queried with the marked model's key.", "",
               "| dataset | generator | marked | clean | " + " | ".join(attacks) + " |",

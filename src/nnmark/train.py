@@ -150,6 +150,17 @@ def train(
     ``config.seed``, so the same inputs give the same model.
     """
     cfg = config or TrainConfig()
+    # Dropout and other layers draw from torch's global generator: seed it from
+    # cfg.seed inside a forked RNG state so training is reproducible and the
+    # caller's global random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _train(model, data, cfg, val, hooks, params, description)
+
+
+def _train(model: nn.Module, data: ImageDataset, cfg: TrainConfig, val: ImageDataset | None,
+           hooks: Sequence[TrainingHook], params: Iterable[torch.nn.Parameter] | None,
+           description: str) -> TrainRecord:
     record = TrainRecord(config=asdict(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model.parameters() if params is None else params, cfg)
