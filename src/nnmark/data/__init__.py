@@ -14,13 +14,17 @@ from nnmark.data.bundled import DATASETS, load_splits, out_of_domain_images
 from nnmark.data.dataset import ImageDataset, Splits
 from nnmark.data.ondisk import load_cifar, load_mnist_idx
 from nnmark.data.resolve import load_data
+from nnmark.data.snap import load_adjacency, load_communities, load_edge_list
 
 __all__ = [
     "DATASETS",
     "ImageDataset",
     "Splits",
+    "load_adjacency",
     "load_cifar",
+    "load_communities",
     "load_data",
+    "load_edge_list",
     "load_mnist_idx",
     "load_splits",
     "out_of_domain_images",
