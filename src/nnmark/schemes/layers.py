@@ -203,4 +203,5 @@ class WhiteBoxScheme(Scheme):
             raise SchemeError(f"{self.name} is a white-box scheme: verify needs the model's weights")
         bits = self.extract(target)
         return bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha,
-                                 details={"layer": self.layer, "key_id": self.key.key_id})
+                                 details={"matched_bits": int((bits == self.message).sum()),
+                                          "layer": self.layer, "key_id": self.key.key_id})

@@ -167,10 +167,12 @@ class ProjectionRegularizer(WhiteBoxScheme):
         real = self.extract_real(target)
         used = (self.target != 0).numpy()
         corr = float(np.corrcoef(real, self.target.numpy())[0, 1]) if self.bits > 1 else float("nan")
-        return bit_match_verdict((real[used] > 0).astype(np.int64), self.message[used], scheme=self.name,
-                                 alpha=alpha, details={"layer": self.layer, "key_id": self.key.key_id,
-                                                       "code_correlation": corr,
-                                                       "mse": float(np.mean((real - self.target.numpy()) ** 2))})
+        got = (real[used] > 0).astype(np.int64)
+        return bit_match_verdict(got, self.message[used], scheme=self.name, alpha=alpha,
+                                 details={"matched_bits": int((got == self.message[used]).sum()),
+                                          "layer": self.layer, "key_id": self.key.key_id,
+                                          "code_correlation": corr,
+                                          "mse": float(np.mean((real - self.target.numpy()) ** 2))})
 
     # -- closed form -------------------------------------------------------------------
     @torch.no_grad()

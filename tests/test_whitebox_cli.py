@@ -1,0 +1,148 @@
+"""The generic `nnmark embed` / `nnmark verify` commands on the white-box schemes
+(uchida, projection, wang-manu, wang-auto), in real subprocesses: train-to-embed,
+fine-tune-to-embed (``--model BASE``), verification of the marked models (exit 0),
+of a clean model (exit 1), and one-line errors (exit 2) for bad input.
+
+MLP 784-64-10 on digits-28 keeps each command at a few seconds. Subprocesses run
+with one thread (the machine's cores are shared; two threads are much slower here).
+
+Wang's verdict is an exact permutation test whose p-value cannot go below
+1/(R + 1), with R = ceil(1/alpha) re-readings of a marked model's weights; claims
+are checked at --alpha 1e-4 (R = 10,000, a fraction of a second) rather than the
+default 1e-6 (a million re-readings, ~10 s), clean models at the default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NNMARK = [sys.executable, "-m", "nnmark.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+BITS = 256
+# scheme -> layer parameters: Uchida and projection in fc1 (784 -> 64; 50,176 weights), Wang in the
+# head (64 -> 10; 640 weights: its permutation test needs a layer that reads hidden units)
+LAYERS = {"uchida": "fc1", "projection": "fc1", "wang-manu": "head", "wang-auto": "head"}
+CLAIM_ALPHA = {"uchida": "1e-6", "projection": "1e-6", "wang-manu": "1e-4", "wang-auto": "1e-4"}
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*NNMARK, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and re.search(pattern, err), err
+
+
+def embed(d: Path, scheme: str, tag: str, *extra: str) -> subprocess.CompletedProcess:
+    return run("embed", "--scheme", scheme, "--data", "digits28", "--arch", "mlp",
+               "--param", f"layer={LAYERS[scheme]}", "--param", f"bits={BITS}", "--key-seed", f"wb-cli-{tag}",
+               "--key-out", str(d / f"{tag}.key"), "--out", str(d / f"{tag}.safetensors"), *extra)
+
+
+def verify(d: Path, model: str, key: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    p = run("verify", str(d / f"{model}.safetensors"), "--key", str(d / f"{key}.key"), "--json", *extra)
+    assert p.returncode in (0, 1), (p.returncode, p.stderr)
+    return p, json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A folder holding a clean MLP on digits-28 (``base.safetensors``, trained in this
+    process like `nnmark train` does, to spare a subprocess) and an untrained CNN."""
+    import torch
+
+    from nnmark.data import load_data
+    from nnmark.io import save_model
+    from nnmark.models import model_spec
+    from nnmark.train import TrainConfig, accuracy, seeded_model, train
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("wbcli")
+    splits = load_data("digits28")
+    model = seeded_model(model_spec("mlp", splits.image_shape, splits.num_classes), 0)
+    train(model, splits.train, TrainConfig(epochs=5, progress=False))
+    acc = accuracy(model, splits.test)
+    save_model(d / "base.safetensors", model, {"data": "digits28", "test_accuracy": acc})
+    (d / "base-accuracy.txt").write_text(str(acc))
+    save_model(d / "cnn.safetensors", seeded_model(model_spec("cnn", splits.image_shape, 10), 0), {"data": "digits28"})
+    return d
+
+
+@pytest.mark.parametrize("scheme", list(LAYERS))
+def test_train_to_embed_then_verify(base, scheme):
+    d = base
+    tag = f"{scheme}-scratch"
+    p = embed(d, scheme, tag, "--epochs", "10")
+    assert p.returncode == 0, p.stderr
+    assert (d / f"{tag}.key").stat().st_mode & 0o777 == 0o600
+    p, v = verify(d, tag, tag, "--alpha", CLAIM_ALPHA[scheme])
+    assert p.returncode == 0 and v["owned"] and v["scheme"] == scheme
+    assert v["n"] == BITS and v["statistic"] == BITS
+    assert v["details"]["ber"] == 0.0 and v["details"]["matched_bits"] == BITS
+    assert v["details"]["layer"] == LAYERS[scheme]
+    assert v["p_value"] < float(CLAIM_ALPHA[scheme])
+
+
+@pytest.mark.parametrize("scheme", ["projection", "wang-auto"])  # one binomial, one permutation verdict
+def test_clean_model_not_owned(base, scheme):
+    """The clean base model is not claimed with a scratch-embedded key, at the default
+    alpha = 1e-6: exit 1 and the verdict in JSON."""
+    d = base
+    tag = f"{scheme}-scratch"
+    if not (d / f"{tag}.key").exists():  # when run alone
+        assert embed(d, scheme, tag, "--epochs", "10").returncode == 0
+    p, v = verify(d, "base", tag)
+    assert p.returncode == 1 and not v["owned"] and v["alpha"] == 1e-6 and v["p_value"] >= 1e-6
+    assert 0 <= v["details"]["matched_bits"] <= BITS and "null_hypothesis" in v
+
+
+@pytest.mark.parametrize("scheme", list(LAYERS))
+def test_fine_tune_to_embed_then_verify(base, scheme):
+    d = base
+    tag = f"{scheme}-ft"
+    p_embed = embed(d, scheme, tag, "--model", str(d / "base.safetensors"))  # default: 3 epochs of fine-tuning
+    assert p_embed.returncode == 0, p_embed.stderr
+    p, v = verify(d, tag, tag, "--alpha", CLAIM_ALPHA[scheme])
+    assert p.returncode == 0 and v["owned"], v
+    assert v["details"]["ber"] <= 0.01 and v["details"]["matched_bits"] >= 0.99 * BITS
+    # fidelity of the fine-tuned model, from the commands' own reports
+    assert _accuracy(p_embed) > _accuracy_of_base(d) - 0.03
+
+
+def _accuracy(proc: subprocess.CompletedProcess) -> float:
+    return float(re.search(r"test accuracy ([\d.]+)", proc.stdout).group(1))
+
+
+def _accuracy_of_base(d: Path) -> float:
+    return float((d / "base-accuracy.txt").read_text())
+
+
+def test_bad_layer_and_too_many_bits(base):
+    d = base
+    p = run("embed", "--scheme", "uchida", "--data", "digits28", "--arch", "mlp", "--param", "layer=conv4",
+            "--param", "bits=64", "--key-out", str(d / "bad1.key"), "--out", str(d / "bad1.safetensors"))
+    assert_one_line_error(p, r"no conv/linear layer named 'conv4' \(available: fc1, head\)")
+    p = run("embed", "--scheme", "wang-auto", "--data", "digits28", "--arch", "mlp", "--param", "layer=head",
+            "--param", "bits=1000", "--key-out", str(d / "bad2.key"), "--out", str(d / "bad2.safetensors"))
+    assert_one_line_error(p, r"too small for 1000 bits.*only 640 values")
+    assert not (d / "bad1.key").exists() and not (d / "bad2.key").exists()
+
+
+def test_key_for_another_architecture(base):
+    """An MLP key checked against a CNN model file: exit 2, one line."""
+    d = base
+    if not (d / "uchida-scratch.key").exists():  # when run alone
+        assert embed(d, "uchida", "uchida-scratch", "--epochs", "2").returncode == 0
+    p = run("verify", str(d / "cnn.safetensors"), "--key", str(d / "uchida-scratch.key"))
+    assert_one_line_error(p, r"another architecture")
