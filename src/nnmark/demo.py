@@ -94,7 +94,7 @@ def run_demo(dataset: str = "mnist5k", epochs: int | None = None, workdir: str |
         rec_clean = train(clean, splits.train, cfg, description="plain training")
         key = Key.from_seed("nnmark-demo")
         marked = seeded_model(spec, 0)
-        scheme = TriggerSetWatermark.create(key, marked, splits, generator="noise", n=100)
+        scheme = TriggerSetWatermark.create(key, marked, splits, generator="noise", n=50)
         rec_marked = scheme.embed(marked, splits.train, cfg, description="train-to-embed")
         scheme.save(work / "owner.key")
         scheme = load_scheme(work / "owner.key", expect="trigger")  # verify from the key file alone
