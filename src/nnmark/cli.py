@@ -266,6 +266,11 @@ def schemes() -> None:
         click.echo(f"attack  {name}")
 
 
+from nnmark.cli_fingerprint import fingerprint  # noqa: E402
+
+cli.add_command(fingerprint)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns errors into one-line messages."""
     debug = bool(os.environ.get("NNMARK_DEBUG"))

@@ -1,0 +1,145 @@
+"""The carrier of a customer fingerprint: the projection regulariser on one or more layers.
+
+A fingerprint ``F`` (``(dim,)`` real; see :class:`nnmark.codes.FingerprintLayout`) is cut
+into consecutive chunks, one per carrier layer, and chunk ``i`` is written into layer
+``i``'s carrier ``theta_i`` (the filter mean of a conv weight; see
+:mod:`nnmark.schemes.layers`) through a keyed projection: ``X_i theta_i ~= s F_i``,
+with ``X_i`` ``(len(F_i), width_i)``, entries ``N(0, 1)``, derived from the product
+key under ``fingerprint/carrier/<layer>``. ``s`` (the *scale*, default 1.0) is the
+level of a ``+1`` entry in the model; the tracer divides by it.
+
+Every customer of a product shares ``X`` (one key) and differs only in ``F``, so the
+weight average of ``K`` copies carries ``X mean(theta) = s mean(F_j)``: the averaged
+fingerprint the AND-ACC decoder traces.
+
+Capacity: chunk ``i`` may hold at most ``width_i`` entries (a linear read-out of ``w``
+values cannot realise more than ``w`` independent values); a code that does not fit
+the layers gets a :class:`FingerprintError` naming both numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnmark.errors import NNMarkError, SchemeError
+from nnmark.keys import Key
+from nnmark.schemes.layers import carrier_width, get_layer
+from nnmark.schemes.projection import ProjectionRegularizer
+
+
+class FingerprintError(NNMarkError):
+    """A fingerprinting operation cannot be done (code does not fit, wrong suspect, bad product...)."""
+
+
+def plan_chunks(model: nn.Module, layers: Sequence[str], dim: int) -> list[tuple[str, int, int]]:
+    """Split ``dim`` fingerprint entries over ``layers`` in order, each layer taking at most its carrier width.
+
+    Returns ``[(layer, start, stop), ...]`` (only layers that receive entries). Raises
+    :class:`FingerprintError` when the layers hold fewer than ``dim`` values in total.
+    """
+    if not layers:
+        raise FingerprintError("give at least one carrier layer")
+    out, start = [], 0
+    widths = {}
+    for name in layers:
+        try:
+            get_layer(model, name)
+        except SchemeError as exc:
+            raise FingerprintError(str(exc)) from None
+        widths[name] = carrier_width(model, name)
+        if start < dim:
+            stop = min(dim, start + widths[name])
+            out.append((name, start, stop))
+            start = stop
+    if start < dim:
+        have = ", ".join(f"{n}: {w}" for n, w in widths.items())
+        raise FingerprintError(
+            f"the fingerprint has {dim} entries but the carrier layer(s) hold only {sum(widths.values())} values "
+            f"({have}); choose a smaller code (e.g. ag:7 = 49 entries) or add layers"
+        )
+    return out
+
+
+class FingerprintCarrier:
+    """Write and read a real fingerprint through the projection regulariser.
+
+    Parameters
+    ----------
+    key: the product key (the projections derive from it; never stored here).
+    model: a model of the product's architecture (only its layer shapes are read).
+    layers: carrier layer names, filled in order (default ``("conv4",)``).
+    dim: fingerprint length ``len(F)``.
+    scale: level ``s`` of a ``+1`` entry (default 1.0).
+    strength: ``mu`` of the regulariser used while fine-tuning (default 2,000: the issue's CPU trial).
+    """
+
+    def __init__(self, key: Key, model: nn.Module, layers: Sequence[str] = ("conv4",), *, dim: int,
+                 scale: float = 1.0, strength: float = 2000.0) -> None:
+        if not scale > 0:
+            raise FingerprintError(f"scale must be positive, got {scale}")
+        self.layers = tuple(layers)
+        self.dim = int(dim)
+        self.scale = float(scale)
+        self.strength = float(strength)
+        self.chunks = plan_chunks(model, self.layers, self.dim)
+        self._key = key
+        self._readers = [self._regulariser(name, None, model, stop - start) for name, start, stop in self.chunks]
+
+    def _regulariser(self, layer: str, target: np.ndarray | None, model: nn.Module, n: int = 0
+                     ) -> ProjectionRegularizer:
+        sub = self._key.child(f"fingerprint/carrier/{layer}")
+        width = carrier_width(model, layer)
+        if target is None:  # a reader: only X matters
+            return ProjectionRegularizer(sub, layer, width=width, bits=n, strength=self.strength)
+        return ProjectionRegularizer(sub, layer, target=np.asarray(target, dtype=np.float32), width=width,
+                                     strength=self.strength)
+
+    def params(self) -> dict[str, Any]:
+        """Plain description: layers, chunks, dim, scale, strength."""
+        return {"layers": list(self.layers), "chunks": [list(c) for c in self.chunks], "dim": self.dim,
+                "scale": self.scale, "strength": self.strength}
+
+    # -- writing --------------------------------------------------------------------------
+    def regularisers(self, fingerprint: np.ndarray, model: nn.Module) -> list[ProjectionRegularizer]:
+        """One :class:`ProjectionRegularizer` per chunk, targeting ``scale * F`` (for fine-tuning hooks)."""
+        f = self._check(fingerprint)
+        return [self._regulariser(name, self.scale * f[a:b], model) for name, a, b in self.chunks]
+
+    @torch.no_grad()
+    def correct(self, model: nn.Module, fingerprint: np.ndarray) -> float:
+        """Closed-form minimum-norm change of each carrier so that ``X theta = scale * F`` exactly (in place).
+        Returns the norm of the total carrier change."""
+        total = 0.0
+        for reg in self.regularisers(fingerprint, model):
+            total += reg.correct(model) ** 2
+        return float(np.sqrt(total))
+
+    # -- reading --------------------------------------------------------------------------
+    @torch.no_grad()
+    def extract(self, model: nn.Module) -> np.ndarray:
+        """``(dim,)`` float64 ``X theta / scale``: the fingerprint read from ``model`` (about ``F`` for a copy)."""
+        self.check_model(model)
+        parts = [reg.projection(model).double().cpu().numpy() for reg in self._readers]
+        return np.concatenate(parts) / self.scale
+
+    def check_model(self, model: nn.Module) -> None:
+        """:class:`FingerprintError` when ``model`` lacks a carrier layer or its carrier has another width."""
+        for (name, _a, _b), reg in zip(self.chunks, self._readers, strict=True):
+            try:
+                w = carrier_width(model, name)
+            except SchemeError as exc:
+                raise FingerprintError(f"the suspect does not match the product's base model: {exc}") from None
+            if w != reg.width:
+                raise FingerprintError(f"the suspect does not match the product's base model: layer {name!r} "
+                                       f"carries {w} values, the base model's {reg.width}")
+
+    def _check(self, fingerprint: np.ndarray) -> np.ndarray:
+        f = np.asarray(fingerprint, dtype=np.float64).ravel()
+        if f.size != self.dim:
+            raise FingerprintError(f"fingerprint has {f.size} entries, the carrier expects {self.dim}")
+        return f

@@ -1,0 +1,537 @@
+"""A fingerprinted product: one base model, one key, one code family, one registry of issued copies.
+
+Typical use (the ``nnmark fingerprint`` commands do exactly this)::
+
+    prod = Product.create("shop/", "base.safetensors", code="ag:7")   # writes shop/key.json (0600)
+    prod.add_customers(["alice", "bob", "carol"])
+    prod.issue("alice")                         # -> IssuedCopy (file under shop/copies/, SHA-256 recorded)
+    report = prod.trace("leaked.safetensors")   # -> TraceReport (JSON-able)
+
+A product directory holds ``product.json`` (public parameters), ``key.json`` (the
+secret, mode 0600, never printed), ``base.safetensors`` (the vendor's model, copied
+in), ``registry.db`` (SQLite; or any SQLAlchemy URL given at creation) and
+``copies/``. ``Product.open`` also accepts the registry's database file or URL
+(the parameters are stored in the registry too; the key file is then ``key.json``
+beside the database unless given).
+
+Issuing is crash-safe through the registry (:mod:`nnmark.registry.store`): reserve a
+code, write the copy atomically, complete the record with the file's SHA-256; any
+error aborts the reservation and removes the partial file, and
+:meth:`Product.recover` settles reservations left by killed issuers (completing those
+whose file exists *and* carries the reserved fingerprint).
+
+Tracing (:meth:`Product.trace`) extracts the fingerprint with the carrier, decodes the
+identity code with the guarded exact AND-ACC decoder and maps the named codes to
+customers through the registry. It accuses only when the decoder's guard accepts and
+every named code belongs to an issued copy; the community code gives a shortlist,
+never an accusation. See :class:`TraceReport` for the statistics stated with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from nnmark.codes import AndAccCode, FingerprintLayout, ProductAndAccCode
+from nnmark.codes.andacc import DEFAULT_TAU, NULL_HYPOTHESIS
+from nnmark.fingerprint.carrier import FingerprintCarrier, FingerprintError
+from nnmark.fingerprint.issue import IssueConfig, issue_copy
+from nnmark.io import file_sha256, load_model, save_model, spec_difference
+from nnmark.keyfile import KeyFile, load_key_file, save_key_file
+from nnmark.keys import Key
+from nnmark.registry import IssuedCopy, RecoveryReport, Registry, RegistryNotFoundError
+from nnmark.registry.store import database_url
+
+CONFIG_NAME = "product.json"
+KEY_NAME = "key.json"
+BASE_NAME = "base.safetensors"
+REGISTRY_NAME = "registry.db"
+COPIES_DIR = "copies"
+FORMAT = "nnmark-fingerprint-product"
+KEY_SCHEME = "fingerprint"
+
+DECISION_RULE = (
+    "customers are named only when (1) the guarded AND-ACC decoder accepts: between 1 and k-1 codewords whose "
+    "blocks exactly cover the coefficients <= tau * gain (with an error-free threshold this never names an "
+    "innocent for coalitions of up to k-1 colluders), (2) every named code belongs to an issued copy, and (3) "
+    "every named customer's p-value is <= alpha / (number of codes), so that under H0 the probability of "
+    "naming anyone is at most alpha (Bonferroni)"
+)
+
+
+def parse_code(spec: str) -> tuple[str, int, int]:
+    """``"ag:7"`` -> ``("ag", 7, 1)``; ``"pg:5"``; ``"ag:11x2"`` -> two codebooks side by side."""
+    m = re.fullmatch(r"\s*(ag|pg)\s*:\s*(\d+)\s*(?:x\s*([12]))?\s*", str(spec).lower())
+    if not m:
+        raise FingerprintError(f"code must look like ag:7, pg:5 or ag:11x2 (two codebooks), got {spec!r}")
+    return m.group(1), int(m.group(2)), int(m.group(3) or 1)
+
+
+def build_layout(key: Key, code: str, crc_bits: int = 0) -> FingerprintLayout:
+    """The fingerprint layout ``CRC || CIC`` of a code spec (see :func:`parse_code`) under ``key``."""
+    family, q, halves = parse_code(code)
+    sub = key.child("fingerprint/code")
+    try:
+        cic: AndAccCode | ProductAndAccCode
+        if halves == 1:
+            cic = AndAccCode.from_key(sub, family, q)
+        else:
+            cic = ProductAndAccCode.from_key(sub, family, q)
+    except ValueError as exc:
+        raise FingerprintError(f"code {code!r}: {exc}") from None
+    return FingerprintLayout(cic, crc_bits)
+
+
+def _slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:48] or "customer"
+    return f"{s}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class ProductConfig:
+    """The public parameters of a product (``product.json``; also stored in the registry)."""
+
+    name: str
+    base_sha256: str
+    key_id: str
+    code: str
+    spec: dict[str, Any]
+    layers: list[str] = field(default_factory=lambda: ["conv4"])
+    crc_bits: int = 0
+    scale: float = 1.0
+    tau: float = DEFAULT_TAU
+    alpha: float = 1e-3
+    data: str | None = None
+    issue: dict[str, Any] = field(default_factory=dict)
+    registry_url: str | None = None  # None: registry.db in the product directory
+    base_file: str = BASE_NAME
+    created_at: float = 0.0
+    format: str = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProductConfig:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise FingerprintError("not an nnmark fingerprint product configuration")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        except TypeError as exc:
+            raise FingerprintError(f"malformed product configuration: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Accusation:
+    """A named customer: its code, community, and the p-value of its code's presence under the null."""
+
+    customer: str
+    code: int
+    community: str | None
+    p_value: float
+
+
+@dataclass
+class TraceReport:
+    """The result of tracing one suspect model (JSON-able through :meth:`to_dict`).
+
+    ``status``: ``"accused"`` (customers named), or why nobody is: the decoder's refusal
+    (``"too-many"``: e.g. an unmarked model or a coalition of k or more; ``"no-candidate"``;
+    ``"unexplained"``; ``"empty-zero-set"``), ``"ambiguous"`` (two codebooks: suspects but
+    nobody provable), or ``"unissued-code"`` (a named code belongs to no issued copy: nobody is
+    accused), ``"weak-evidence"`` (a named customer's p-value misses the gate ``alpha / n_codes``:
+    nobody is accused). ``accused``: the named customers with a p-value each under ``null_hypothesis``.
+    ``community_shortlist``: customers whose community code is near the extracted one (a lead,
+    never an accusation). ``verbatim_copy_of``: the customer whose issued file has exactly the
+    suspect's SHA-256, if any. ``evidence``: decoder details (coefficient margins, zero set).
+    """
+
+    product: str
+    suspect: str
+    suspect_sha256: str
+    status: str
+    accused: list[Accusation]
+    ambiguous: list[str]
+    community_shortlist: list[dict[str, Any]]
+    verbatim_copy_of: str | None
+    evidence: dict[str, Any]
+    null_hypothesis: str = NULL_HYPOTHESIS
+    decision_rule: str = DECISION_RULE
+
+    @property
+    def named(self) -> list[str]:
+        return [a.customer for a in self.accused]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["accused"] = [asdict(a) for a in self.accused]
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+class Product:
+    """A fingerprinted product (use :meth:`create` or :meth:`open`)."""
+
+    def __init__(self, root: Path, config: ProductConfig, key: Key, registry: Registry) -> None:
+        self.root = root
+        self.config = config
+        self._key = key
+        self.registry = registry
+        self.layout = build_layout(key, config.code, config.crc_bits)
+        self._base: nn.Module | None = None
+        self._carrier: FingerprintCarrier | None = None
+        self._data = None
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def create(cls, directory: str | Path, base_model: str | Path, *, name: str | None = None,
+               key: Key | None = None, code: str = "ag:7", crc_bits: int = 0, layers: Sequence[str] = ("conv4",),
+               scale: float = 1.0, tau: float = DEFAULT_TAU, alpha: float = 1e-3, data: str | None = None,
+               issue: IssueConfig | None = None, registry_url: str | None = None) -> Product:
+        """Create a product directory from the vendor's base model file.
+
+        ``key``: the product key (default: a fresh random one), written to ``key.json``
+        (mode 0600). ``code``: ``ag:Q`` / ``pg:Q`` (one AND-ACC codebook) or ``ag:Qx2``
+        (two side by side). ``crc_bits``: length of the community code part (0: none;
+        customers then need no graph). ``layers``: carrier layers (default conv4).
+        ``scale``: level of a +1 fingerprint entry in the weights' projection. ``tau``: decoder threshold.
+        ``alpha``: family-wise level of the p-value gate (see :data:`DECISION_RULE`).
+        ``data``: the dataset name used by fine-tuning issues (default: the base file's).
+        ``registry_url``: a SQLAlchemy URL (default ``registry.db`` in the directory).
+        Refuses an existing product directory.
+        """
+        root = Path(directory)
+        if (root / CONFIG_NAME).exists() or (root / KEY_NAME).exists():
+            raise FingerprintError(f"a product already exists in {root}")
+        base, meta = load_model(base_model)
+        key = key or Key.generate()
+        layout = build_layout(key, code, crc_bits)
+        FingerprintCarrier(key, base, layers, dim=layout.dim, scale=scale)  # capacity check: clear error
+        issue_cfg = issue or IssueConfig()
+        data = data or meta.get("data")
+        if issue_cfg.train != "none" and not data:
+            raise FingerprintError("fine-tune issuing needs the training data's name (give data=...)")
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base_model, root / BASE_NAME)
+        cfg = ProductConfig(name=name or root.resolve().name, base_sha256=file_sha256(root / BASE_NAME),
+                            key_id=key.key_id, code=code, spec=dict(base.spec), layers=list(layers),
+                            crc_bits=int(crc_bits), scale=float(scale), tau=float(tau), alpha=float(alpha), data=data,
+                            issue=issue_cfg.to_dict(), registry_url=registry_url, created_at=time.time())
+        save_key_file(root / KEY_NAME, KeyFile(key=key, scheme=KEY_SCHEME, params={"product": cfg.name}))
+        cic = layout.cic
+        codes = cic.issue_order() if isinstance(cic, ProductAndAccCode) else cic.n_codewords
+        url = registry_url or database_url(root / REGISTRY_NAME)
+        reg = Registry.create(url, product=cfg.name, base_sha256=cfg.base_sha256, key_id=key.key_id,
+                              code_family=cfg.to_dict(), codes=codes)
+        (root / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1))
+        (root / COPIES_DIR).mkdir(exist_ok=True)
+        prod = cls(root, cfg, key, reg)
+        prod._base = base
+        return prod
+
+    @classmethod
+    def open(cls, path: str | Path, *, key_file: str | Path | None = None) -> Product:
+        """Open a product from its directory, or from its registry (database file or URL; the key file is
+        ``key.json`` beside the database unless ``key_file`` is given). Raises :class:`FingerprintError`
+        (not a product, wrong key) or a :class:`~nnmark.registry.RegistryError` (registry missing or for
+        another product)."""
+        text = str(path)
+        if "://" not in text and Path(text).is_dir():
+            root = Path(text)
+            cfg_path = root / CONFIG_NAME
+            if not cfg_path.is_file():
+                raise FingerprintError(f"{root} is not a fingerprint product directory (no {CONFIG_NAME})")
+            try:
+                cfg = ProductConfig.from_dict(json.loads(cfg_path.read_text()))
+            except json.JSONDecodeError:
+                raise FingerprintError(f"{cfg_path} is not valid JSON") from None
+            url = cfg.registry_url or database_url(root / REGISTRY_NAME)
+        else:
+            if "://" not in text and not Path(text).exists():
+                raise RegistryNotFoundError(f"no product directory or registry at {text}")
+            url = database_url(text)
+            probe = Registry.open(url)
+            cfg = ProductConfig.from_dict(probe.product.code_family)
+            root = Path(Registry._sqlite_path(url) or ".").parent if url.startswith("sqlite") else Path(".")
+        kf = load_key_file(key_file or root / KEY_NAME, expect_scheme=KEY_SCHEME)
+        if kf.key.key_id != cfg.key_id:
+            raise FingerprintError(f"the key file is for key {kf.key.key_id}, this product uses key {cfg.key_id}")
+        reg = Registry.open(url, product=cfg.name, base_sha256=cfg.base_sha256, key_id=cfg.key_id)
+        return cls(root, cfg, kf.key, reg)
+
+    # -- parts ------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The base model (loaded once; its file's SHA-256 is checked against the product's)."""
+        if self._base is None:
+            path = Path(self.config.base_file)
+            path = path if path.is_absolute() else self.root / path
+            if not path.is_file():
+                raise FingerprintError(f"the product's base model file is missing: {path}")
+            if file_sha256(path) != self.config.base_sha256:
+                raise FingerprintError(f"the base model file {path} changed since the product was created")
+            self._base, _ = load_model(path, expect_spec=self.config.spec)
+        return self._base
+
+    @property
+    def carrier(self) -> FingerprintCarrier:
+        if self._carrier is None:
+            self._carrier = FingerprintCarrier(self._key, self.base_model, self.config.layers,
+                                               dim=self.layout.dim, scale=self.config.scale)
+        return self._carrier
+
+    @property
+    def issue_config(self) -> IssueConfig:
+        return IssueConfig.from_dict(self.config.issue)
+
+    def _train_data(self):
+        if self._data is None:
+            from nnmark.data import load_data
+
+            if not self.config.data:
+                raise FingerprintError("this product has no training data name; fine-tune issuing needs one")
+            self._data = load_data(self.config.data).train
+        return self._data
+
+    def key_for_workers(self) -> Path:
+        """Where issuing workers read the key (the file, never the secret itself)."""
+        return self.root / KEY_NAME
+
+    # -- customers ----------------------------------------------------------------------
+    def add_customers(self, names: Iterable[str], communities: Sequence[str | None] | None = None,
+                      community_codes: np.ndarray | None = None) -> int:
+        """Register customers (names must be new). ``community_codes``: ``(n, crc_bits)`` 0/1 codes, required
+        when the product has a community part; ``communities``: optional labels. Returns how many were added."""
+        names = [str(n) for n in names]
+        rows: list[dict[str, Any]] = []
+        if self.config.crc_bits:
+            if community_codes is None:
+                raise FingerprintError(f"this product's fingerprints start with a {self.config.crc_bits}-bit "
+                                       "community code: give the customers' social graph")
+            codes = np.asarray(community_codes)
+            if codes.shape != (len(names), self.config.crc_bits) or not np.isin(codes, (0, 1)).all():
+                raise FingerprintError(f"community codes must be ({len(names)}, {self.config.crc_bits}) bits")
+        for i, n in enumerate(names):
+            row: dict[str, Any] = {"name": n}
+            if communities is not None:
+                row["community"] = communities[i]
+            if self.config.crc_bits:
+                row["community_code"] = "".join(str(int(b)) for b in codes[i])
+            rows.append(row)
+        return self.registry.add_customers(rows)
+
+    def add_customers_from_graph(self, graph, names: Sequence[str] | None = None, seed: int = 0) -> int:
+        """Register the nodes of a social graph (networkx) as customers with community codes
+        (:func:`nnmark.codes.community_codes`) and community labels (Louvain, seeded). ``names``: the nodes
+        to register (default: all, named by ``str(node)``); the codes use the whole graph."""
+        import networkx as nx
+
+        from nnmark.codes import community_codes
+
+        if not self.config.crc_bits:
+            raise FingerprintError("this product has no community code part (created with crc_bits=0)")
+        nodes = list(graph.nodes())
+        index = {str(n): i for i, n in enumerate(nodes)}
+        wanted = [str(n) for n in nodes] if names is None else [str(n) for n in names]
+        missing = [n for n in wanted if n not in index]
+        if missing:
+            raise FingerprintError(f"{len(missing)} customer(s) are not nodes of the graph, e.g. {missing[0]!r}")
+        adj = nx.to_scipy_sparse_array(graph, nodelist=nodes, format="csr")
+        cc = community_codes(adj, self.config.crc_bits, seed=seed)
+        label = {}
+        for ci, members in enumerate(nx.community.louvain_communities(graph, seed=seed)):
+            for node in members:
+                label[str(node)] = f"c{ci}"
+        idx = [index[n] for n in wanted]
+        return self.add_customers(wanted, [label.get(n) for n in wanted], cc.bits[idx])
+
+    def fingerprint_of(self, code_index: int, community_code: str | None) -> np.ndarray:
+        """The ``(dim,)`` fingerprint ``F`` of an identity code (and community bit string)."""
+        crc = None
+        if self.config.crc_bits:
+            if not community_code:
+                raise FingerprintError("this customer has no community code")
+            crc = np.array([int(c) for c in community_code], dtype=np.uint8)
+        return self.layout.compose(int(code_index), crc)
+
+    # -- issuing --------------------------------------------------------------------------
+    def copy_path(self, customer: str) -> Path:
+        n = len(self.registry.issued_copies(customer)) + 1
+        return self.root / COPIES_DIR / f"{_slug(customer)}-{n}.safetensors"
+
+    def issue(self, customer: str, out: str | Path | None = None) -> IssuedCopy:
+        """Issue one fingerprinted copy to ``customer``: reserve a code, fine-tune/correct, write the file,
+        complete the registry record with its SHA-256. On any error the reservation is aborted and the partial
+        file removed. A customer that already holds a code gets the same fingerprint again."""
+        path = Path(out) if out is not None else self.copy_path(customer)
+        if path.exists():
+            raise FingerprintError(f"{path} exists; refusing to overwrite an issued copy")
+        res = self.registry.reserve_code(customer, planned_path=path)
+        try:
+            cust = self.registry.customer(customer)
+            f = self.fingerprint_of(res.code_index, cust.community_code)
+            cfg = self.issue_config
+            data = self._train_data() if cfg.train != "none" else None
+            model, rec = issue_copy(self.base_model, f, self.carrier, data, cfg)
+            save_model(path, model, {"data": self.config.data, "product": self.config.name,
+                                     "issue": {"seconds": rec.seconds, "steps": rec.steps}})
+            del model
+            return self.registry.complete_issue(res, path, file_sha256(path))
+        except BaseException:
+            try:
+                self.registry.abort(res, note="issue failed")
+            finally:
+                path.unlink(missing_ok=True)
+            raise
+
+    def pending_customers(self, names: Iterable[str] | None = None) -> list[str]:
+        """Customers (all, or among ``names``) without a complete issued copy."""
+        done = {c.customer for c in self.registry.issued_copies()}
+        pool = [c.name for c in self.registry.customers()] if names is None else [str(n) for n in names]
+        return [n for n in pool if n not in done]
+
+    def recover(self, older_than_s: float = 0.0) -> RecoveryReport:
+        """Settle reservations left by killed issuers: complete those whose file exists and carries exactly
+        the reserved code, release the others (their code returns to the pool)."""
+
+        def carries(path: Path, res) -> bool:
+            try:
+                return self.identify_file(path) == [res.code_index]
+            except Exception:  # noqa: BLE001 - an unreadable file is simply not usable
+                return False
+
+        return self.registry.recover(older_than_s=older_than_s, verify=carries)
+
+    # -- tracing --------------------------------------------------------------------------
+    def load_suspect(self, path: str | Path) -> nn.Module:
+        """Load a suspect file safely and check it has the base model's architecture."""
+        model, _meta = load_model(path)
+        diff = spec_difference(dict(model.spec), dict(self.config.spec))
+        if diff:
+            raise FingerprintError(f"{path} does not match the product's base model ({diff})")
+        base_state = self.base_model.state_dict()
+        for k, v in model.state_dict().items():
+            if k not in base_state or tuple(base_state[k].shape) != tuple(v.shape):
+                raise FingerprintError(f"{path} does not match the product's base model (tensor {k})")
+        self.carrier.check_model(model)
+        return model
+
+    def identify_file(self, path: str | Path) -> list[int]:
+        """Accused code indices of a model file (empty when the decoder names nobody)."""
+        return list(self._decode(self.load_suspect(path))[0].accused_codes)
+
+    def _halves(self) -> list[AndAccCode]:
+        cic = self.layout.cic
+        return [cic.a, cic.b] if isinstance(cic, ProductAndAccCode) else [cic]
+
+    def estimate_gain(self, y: np.ndarray) -> float:
+        """The suspect's fingerprint gain ``g`` (1 for an issued copy or an average of copies).
+
+        Attacks that shrink the carrier uniformly (pruning zeroes part of every filter mean;
+        rescaling a conv and un-scaling the next layer leaves the function unchanged) scale all
+        coefficients by ``g``. For up to ``k - 1`` colluders at least ``m = v - (k-1) k`` of a
+        codebook's ``v`` positions lie in no colluder's block and stay at level ``g``, so ``g`` is
+        estimated by the median of the ``max(1, m)`` largest coefficients (of both codebooks, for two).
+        Under H0 this only rescales noise; the decoder's guard and the p-value gate still apply.
+        """
+        _, cic_part = self.layout.split(y)
+        tops = []
+        start = 0
+        for code in self._halves():
+            coef = np.sort(code.demodulate(cic_part[start:start + code.dim]))[::-1]
+            start += code.dim
+            m = max(1, code.v - (code.k - 1) * code.k)
+            tops.append(float(np.median(coef[:m])))
+        g = float(np.mean(tops))
+        return g if g > 0 else 1.0
+
+    def _decode(self, model: nn.Module, tau: float | None = None, gain: float | None = None):
+        y = self.carrier.extract(model)
+        issued = None
+        if isinstance(self.layout.cic, ProductAndAccCode):
+            issued = np.fromiter(self.registry.assigned_codes(include_reserved=True), dtype=np.int64)
+        g = self.estimate_gain(y) if gain is None else float(gain)
+        return self.layout.trace(y, issued=issued, tau=self.config.tau if tau is None else tau, scale=g), g
+
+    def trace(self, suspect: str | Path | nn.Module, *, tau: float | None = None,
+              shortlist_size: int = 20) -> TraceReport:
+        """Trace a suspect model file (or model): see :class:`TraceReport`."""
+        if isinstance(suspect, nn.Module):
+            model, name, sha = suspect, "<model>", ""
+            self.carrier.check_model(model)
+        else:
+            model, name, sha = self.load_suspect(suspect), str(suspect), file_sha256(suspect)
+        verbatim = self.registry.find_by_sha256(sha) if sha else None
+        tr, gain = self._decode(model, tau)
+        holders = self.registry.assigned_codes(include_reserved=True)
+        customers = {c.name: c for c in self.registry.customers()}
+        dec = tr.cic
+        status = dec.status
+        accused: list[Accusation] = []
+        unissued = [int(c) for c in dec.accused if int(c) not in holders]
+        level = self.config.alpha / self.layout.n_codes
+        weak = [int(c) for c in dec.accused if not dec.p_values[c] <= level]
+        if unissued:
+            status = "unissued-code"
+        elif weak:
+            status = "weak-evidence"
+        else:
+            for c in dec.accused:
+                cust = customers[holders[int(c)]]
+                accused.append(Accusation(cust.name, int(c), cust.community, float(dec.p_values[c])))
+        ambiguous = [holders[int(c)] for c in getattr(dec, "ambiguous", ()) if int(c) in holders]
+        evidence = self._evidence(tr, unissued)
+        shortlist = self._shortlist(tr, customers, shortlist_size) if self.config.crc_bits else []
+        evidence["gain"] = gain
+        evidence["alpha"] = self.config.alpha
+        evidence["p_value_level"] = level
+        if weak:
+            evidence["weak_codes"] = weak
+        return TraceReport(self.config.name, name, sha, status, accused if not (unissued or weak) else [], ambiguous,
+                           shortlist, verbatim.customer if verbatim else None, evidence)
+
+    def _evidence(self, tr, unissued: list[int]) -> dict[str, Any]:
+        dec = tr.cic
+        ev: dict[str, Any] = {"decoder": dec.to_dict(), "tau": self.config.tau, "scale": self.config.scale,
+                              "code": self.config.code, "key_id": self.config.key_id}
+        halves = [dec] if not hasattr(dec, "half_a") else [dec.half_a, dec.half_b]
+        margins = []
+        for h in halves:
+            c, z = h.coefficients, h.zero_set
+            margins.append({"max_coefficient_in_zero_set": float(c[z].max()) if z.any() else None,
+                            "min_coefficient_outside": float(c[~z].min()) if (~z).any() else None})
+        ev["coefficient_margins"] = margins
+        if unissued:
+            ev["unissued_codes"] = unissued
+        return ev
+
+    def _shortlist(self, tr, customers: dict, size: int) -> list[dict[str, Any]]:
+        bits, strength = tr.crc_bits, tr.crc_strength
+        reliable = strength >= 0.5  # bits on which (almost) all colluders agree
+        out = []
+        for c in customers.values():
+            if not c.community_code:
+                continue
+            code = np.array([int(ch) for ch in c.community_code], dtype=np.uint8)
+            d = int((code[reliable] != bits[reliable]).sum())
+            out.append((d, c.name, c.community))
+        out.sort()
+        return [{"customer": n, "community": comm, "hamming": d, "bits_compared": int(reliable.sum())}
+                for d, n, comm in out[:size]]
+
+    def status(self) -> dict[str, Any]:
+        """Counts of customers, codes and issues, and the product's public parameters."""
+        return {"product": self.config.name, "code": self.config.code, "key_id": self.config.key_id,
+                "capacity": self.layout.n_codes, **self.registry.counts()}
