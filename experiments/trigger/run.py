@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(Path(__file__).with_name("config.yaml")))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--only", default=None, help="comma-separated datasets to run")
+    ap.add_argument("--generators", default=None, help="comma-separated generators to run")
+    ap.add_argument("--no-summary", action="store_true", help="only append runs (for parallel workers)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded machine)")
     args = ap.parse_args()
     cfg = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)
@@ -155,12 +158,14 @@ def main() -> None:
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     done = {(r["dataset"], r["seed"], r["generator"]) for r in rows}
     clean_cache: dict = {}
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     for ds, dcfg in cfg["datasets"].items():
         if args.only and ds not in args.only.split(","):
             continue
         # generator-major order: each generator's seeds complete before the next starts
         for g in cfg["generators"]:
+            if args.generators and g not in args.generators.split(","):
+                continue
             for seed in cfg["seeds"]:
                 if (ds, seed, g) in done:
                     continue
@@ -173,6 +178,8 @@ def main() -> None:
                       f"trigger {row['trigger_acc']:.2f} FTAL {row['FTAL']['hits']} RTLL {row['RTLL']['hits']} "
                       f"prune70 {row['prune70']['hits']} ({time.perf_counter() - t0:.0f} s)", flush=True)
         clean_cache.clear()
+    if args.no_summary:
+        return
     (out / "summary.md").write_text(summarise(rows, cfg))
     plot(rows, cfg, out / "hits.png")
     print((out / "summary.md").read_text())
