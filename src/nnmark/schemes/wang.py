@@ -41,9 +41,11 @@ binomial test would accuse clean models. nnmark therefore
 2. *finalizes* it after the host's training (:meth:`WangHook.finalize`, called by
    :meth:`WangScheme.embed`; ``finalize_steps=300`` steps of ``finalize_decoys=32``
    decoys, plus the carrier the embedding started from -- the base model when
-   fine-tuning to embed -- as a negative weighted like all decoys together). The host is not touched. Without
-   it, 5-17% of the permuted re-readings of a marked MLP still read every bit and
-   the test below could not claim it; and
+   fine-tuning to embed -- as a negative weighted like all decoys together; and
+   damaged copies, up to 60% of the carrier zeroed, on both sides, so that a pruned
+   host still reads the message rather than the complement). The host is not
+   touched. Without it, 5-17% of the permuted re-readings of a marked MLP still read
+   every bit and the test below could not claim it; and
 3. verifies with an exact *unit-permutation test*: a model trained without this key
    is as likely to come out with the input units of the layer in any order (i.i.d.
    initialisation, permutation-equivariant optimiser), so the rank of its watermark
@@ -191,10 +193,13 @@ class WangHook(TrainingHook):
 
     def finalize(self, model: nn.Module, steps: int | None = None) -> float:
         """Train the secret network alone on the finished host (``steps``, default the
-        scheme's ``finalize_steps``): output the message on ``model``'s carrier and its
-        complement on ``finalize_decoys`` unit-permuted copies per step and on the carrier
-        the embedding started from (the base model when fine-tuning to embed). The host
-        is not touched. Returns the last loss."""
+        scheme's ``finalize_steps``): output the message on ``model``'s carrier and on
+        ``finalize_decoys // 2`` *damaged* copies of it per step, and the complement on
+        ``finalize_decoys`` unit-permuted (and equally damaged) copies and on the carrier
+        the embedding started from (the base model when fine-tuning to embed). Damage
+        (see :func:`damage`): a random 0-60% of the carrier values zeroed, at random or
+        the smallest first -- so that pruning the host does not push its carrier to the
+        complement side. The host is not touched. Returns the last loss."""
         s = self.scheme
         model = unwrap(model)
         if not s.active:
@@ -205,11 +210,14 @@ class WangHook(TrainingHook):
         assert self.opt is not None
         c = s.carrier(model).detach()
         origin = None if s.origin is None else s.origin.to(c.dtype)
+        k = s.finalize_decoys
         last = float("nan")
         for _ in range(s.finalize_steps if steps is None else int(steps)):
             loss = s.l2(s.logits(c))
-            if s.finalize_decoys:
-                loss = loss + s.l2(s.logits(self._decoys(c, model, s.finalize_decoys)), target=1.0 - s.target)
+            if k:
+                pos = damage(c.expand(max(1, k // 2), -1), self.decoy_gen)
+                neg = damage(self._decoys(c, model, k), self.decoy_gen)
+                loss = loss + s.l2(s.logits(pos)) + s.l2(s.logits(neg), target=1.0 - s.target)
             if origin is not None:  # weighted like all decoys together: relatives of the base stay typical
                 loss = loss + s.l2(s.logits(origin), target=1.0 - s.target)
             self.opt.zero_grad(set_to_none=True)
@@ -217,6 +225,18 @@ class WangHook(TrainingHook):
             self.opt.step()
             last = float(loss.detach())
         return last
+
+
+def damage(c: torch.Tensor, gen: torch.Generator, most: float = 0.6) -> torch.Tensor:
+    """Copies of carriers ``c`` ``(k, width)`` with a uniform random fraction in
+    ``[0, most]`` of each row's values set to zero: at random (even rows) or the
+    smallest ``|c|`` first (odd rows) -- what pruning does to a carrier."""
+    k, w = c.shape
+    frac = torch.rand(k, 1, generator=gen) * most
+    noise = torch.rand(k, w, generator=gen)
+    by_size = c.abs().argsort(dim=1).argsort(dim=1).to(c.dtype) / w  # rank of |c| in [0, 1)
+    score = torch.where((torch.arange(k) % 2 == 1).unsqueeze(1), by_size, noise)
+    return c * (score >= frac).to(c.dtype)
 
 
 def permute_units(c: torch.Tensor, weight_shape: tuple[int, ...], perms: torch.Tensor) -> torch.Tensor:
