@@ -70,8 +70,11 @@ def base(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("wbcli")
     splits = load_data("digits28")
-    model = seeded_model(model_spec("mlp", splits.image_shape, splits.num_classes), 0)
-    train(model, splits.train, TrainConfig(epochs=5, progress=False))
+    # seed 1: an independent model. `nnmark embed` initialises with --seed 0, and a clean twin
+    # (same initialisation and batches, no mark) is outside Wang's null: its secret network
+    # reads the message from the twin too (tests/test_whitebox_schemes.py::test_wang_reads_its_clean_twin)
+    model = seeded_model(model_spec("mlp", splits.image_shape, splits.num_classes), 1)
+    train(model, splits.train, TrainConfig(epochs=5, seed=1, progress=False))
     acc = accuracy(model, splits.test)
     save_model(d / "base.safetensors", model, {"data": "digits28", "test_accuracy": acc})
     (d / "base-accuracy.txt").write_text(str(acc))

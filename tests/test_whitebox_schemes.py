@@ -337,3 +337,16 @@ def test_manu_that_never_converges_is_an_error(mlp_spec, digits28):
     s = WangManu.create(Key.from_seed(0), model, layer="head", bits=16, threshold=0.0)
     with pytest.raises(SchemeError, match="converged"):
         s.embed(model, digits28.train, TrainConfig(epochs=2, batch_size=32, progress=False))
+
+
+def test_wang_reads_its_clean_twin(marked, digits28, mlp_spec):
+    """Why Wang's null excludes shared ancestry: lambda * mean-BCE hardly moves the host,
+    so a clean twin (same initialisation and batches, no mark) is nearly the marked model
+    and the secret network (AUTO) reads the message from it too. Uchida's fixed random
+    read-out does not: the twin's bits are independent of the key's message."""
+    twin = seeded_model(mlp_spec, 11)  # the "marked" fixture's key-1 models start from seed 11
+    train(twin, digits28.train, TrainConfig(**{**CFG.__dict__, "seed": 11}))
+    auto, _ = marked[("wang-auto", 1)]
+    assert (auto.extract(twin) == auto.message).mean() > 0.9
+    uchida, _ = marked[("uchida", 1)]
+    assert not uchida.verify(twin, alpha=ALPHA).owned

@@ -65,6 +65,10 @@ siblings of a fine-tune-to-embed model read the complement (0 of 256 bits) with
 p = 0.3 (MANU) but p = 4e-4 (AUTO): the null is visibly violated for relatives. A
 claim therefore also needs more than half of the bits to match, which only lowers
 the false-claim rate; still, prefer Uchida / projection when the base is public.
+The extreme case: a clean *twin* (same initialisation and batches, no mark) is nearly
+the marked model, because lambda * mean-BCE hardly moves the host, and AUTO's secret
+network reads the message from it (MLP: all 256 bits, p at the floor). The evidence
+is the decoder's memory of this training run more than a signal in the weights.
 
 In your own PyTorch loop::
 
@@ -481,7 +485,8 @@ class WangScheme(WhiteBoxScheme):
                                        "permuted_matches_mean": total_matches / read,
                                        "permuted_matches_max": most,
                                        "smallest_possible_p": 1 / (R + 1)})
-        null = (f"the model was not trained with this key and shares no ancestor with the marked model, so its "
+        null = (f"the model was not trained with this key and shares no ancestor with the marked model (not even "
+                f"its random initialisation), so its "
                 f"layer {self.layer!r} is as likely to come out with its input units in any order (exchangeable "
                 f"units: i.i.d. initialisation and a permutation-equivariant optimiser); p = rank of the observed "
                 f"watermark loss among up to {R} keyed unit permutations of the same weights (exact sequential Monte "
