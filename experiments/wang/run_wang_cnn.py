@@ -365,9 +365,10 @@ def part_report() -> None:
             cells = [f"{rows[b][n]['acc']:.2f} / {100 * (1 - rows[b][n]['ber']):.2f} / {rows[b][n]['p']:.2g}"
                      for n in METHODS]
             lines.append(f"| {b}{' *' if b > 576 else ''} | " + " | ".join(cells) + f" | {PAPER['table6'][b]} |")
-        lines += ["", "\\* more bits than conv4's 576 filter means: no linear read-out can hold them "
-                  "(Uchida / projection are then capped near 576 correct bits); the Wang networks 'read' them "
-                  "by memorising the message -- see the p column for what that evidence is worth."]
+        lines += ["", "\\* more bits than conv4's 576 filter means: a linear read-out of rank 576 cannot realise "
+                  "every message, and random messages only up to about 2 x 576 sign constraints (Cover's "
+                  "perceptron capacity), so Uchida / projection lose bits; the Wang networks 'read' any length by "
+                  "memorising the message -- see the p column for what that evidence is worth."]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "tables_cnn.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
