@@ -1,0 +1,1 @@
+"""Thin adapters that run nnmark's scheme hooks inside other training frameworks."""
