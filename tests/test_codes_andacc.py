@@ -55,16 +55,82 @@ def c_dim(q):
     return q * q + 5  # fingerprint longer than v: a basis of orthonormal columns
 
 
-def test_batch_decoder_agrees_with_single():
+@pytest.mark.parametrize("tau", [None, 0.85])
+def test_batch_decoder_agrees_with_single(tau):
     c = AndAccCode.from_key(KEY, "ag", 7)
     rng = np.random.default_rng(1)
     coal = [rng.choice(56, rng.integers(1, 9), replace=False) for _ in range(50)]
     ys = np.stack([c.fingerprints(s).mean(0) + rng.normal(0, 0.05, c.dim) for s in coal])
-    out = c.decode_coefficients_batch(c.demodulate(ys))
+    out = c.decode_coefficients_batch(c.demodulate(ys), tau=tau)
     for i, y in enumerate(ys):
-        d = c.decode(y)
+        d = c.decode(y, tau=tau)
         assert d.accepted == bool(out["accepted"][i])
         assert set(d.candidates) == set(np.flatnonzero(out["candidates"][i]).tolist())
+        assert set(d.accused) == set(np.flatnonzero(out["accused"][i]).tolist())
+
+
+@pytest.mark.parametrize("q,sigma", [(7, 0.035), (11, 0.02)])
+def test_structural_decoder_traces_up_to_k_minus_1_in_noise(q, sigma):
+    """The structural decoder (default) at noise where the hard threshold tau = 0.85 loses coalitions of
+    k - 1 (AG(2,11), K = 10: covered positions at 0.8, 2 sigma from tau): every coalition of 1..k-1 is
+    named exactly, nobody else -- up to the lack-of-fit test's designed refusal rate (1e-3 a trial: at
+    most 2 of the 180-300 trials here) -- and the threshold decoder does measurably worse."""
+    c = AndAccCode.from_key(KEY, "ag", q)
+    rng = np.random.default_rng(1000 + q)
+    threshold_exact = refused = 0
+    for size in range(1, c.k):
+        for _ in range(30):
+            coalition = rng.choice(c.n_codewords, size, replace=False)
+            coef = c.demodulate(c.fingerprints(coalition).mean(0) + rng.normal(0, sigma, c.dim))
+            d = c.decode_coefficients(coef * 0.9)  # a gain below 1 (pruning): the decoder is scale-free
+            if d.status != "accused":
+                refused += 1
+                assert d.accused == () and d.status == "unexplained"
+                continue
+            assert set(d.accused) == set(coalition.tolist()), (size, d.status)
+            assert 0.85 < d.gain < 0.95
+            threshold_exact += set(c.decode_coefficients(coef, tau=0.85).accused) == set(coalition.tolist())
+    assert refused <= 2
+    if q == 11:
+        assert threshold_exact < 30 * (c.k - 1)
+
+
+def test_structural_decoder_refuses_k_or_more_colluders():
+    """Coalitions of k or more -- random, a whole parallel class plus a few lines (uniform coverage plus a
+    pattern that a small coalition would leave), and all lines through a point -- are never traced to an
+    innocent; random ones and the structured ones here are refused outright."""
+    c = AndAccCode.from_key(KEY, "ag", 7)
+    rng = np.random.default_rng(77)
+    inc = c.incidence.astype(int)
+    # AG(2,q)'s parallel classes: maximal sets of pairwise disjoint lines
+    classes, left = [], set(range(c.n_codewords))
+    while left:
+        j = min(left)
+        cls = [i for i in left if not (inc[:, i] & inc[:, j]).any() or i == j]
+        classes.append(cls)
+        left -= set(cls)
+    assert len(classes) == 8 and all(len(cl) == 7 for cl in classes)
+    structured = [classes[0] + classes[1][:s] for s in range(1, 7)]
+    structured += [classes[0] + classes[1]]
+    structured += [list(np.flatnonzero(inc[0]))]  # the 8 lines through point 0
+    for sigma in (0.0, 0.01, 0.03):
+        for coalition in structured + [list(rng.choice(56, s, replace=False)) for s in (7, 8, 10, 13, 20) * 20]:
+            coef = c.demodulate(c.fingerprints(coalition).mean(0) + rng.normal(0, sigma, c.dim))
+            d = c.decode_coefficients(coef)
+            assert d.accused == (), (len(coalition), sigma, d.status, d.accused)
+
+
+def test_structural_decoder_without_fingerprint_names_nobody():
+    """Under H0 the ranks of the coefficients are uniformly random: a prefix that is exactly a union of 1..k-1
+    blocks (the decoder's first condition) has probability below the exact bound, here < 1e-5."""
+    rng = np.random.default_rng(5)
+    for q in (7, 11):
+        c = AndAccCode.from_key(KEY, "ag", q)
+        assert c.null_union_bound() < 1e-5
+        coef = rng.normal(0, 1, (3000, c.v))
+        assert not any(c.union_prefixes(row) for row in coef)
+        assert c.decode_coefficients(np.zeros(c.v)).status == "no-candidate"
+        assert c.decode_coefficients(np.full(c.v, np.nan)).accused == ()
 
 
 @pytest.mark.parametrize("q", [7, 11])

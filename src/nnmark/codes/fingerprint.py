@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nnmark.codes.andacc import DEFAULT_TAU, AndAccCode, AndAccDecoding, ProductAndAccCode, ProductDecoding
+from nnmark.codes.andacc import AndAccCode, AndAccDecoding, ProductAndAccCode, ProductDecoding
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,13 @@ class FingerprintLayout:
         return y[: self.crc_bits], y[self.crc_bits :]
 
     def trace(
-        self, y: np.ndarray, issued: np.ndarray | None = None, tau: float = DEFAULT_TAU, scale: float = 1.0
+        self, y: np.ndarray, issued: np.ndarray | None = None, tau: float | None = None, scale: float = 1.0
     ) -> FingerprintTrace:
         """Trace an extracted vector: CRC signs plus the exact guarded CIC decoding.
 
         ``issued`` (product codes only): customer codes actually handed out (see
-        :meth:`ProductAndAccCode.decode`). ``scale``: the carrier's calibrated gain.
+        :meth:`ProductAndAccCode.decode`). ``tau``: ``None`` (default) for the structural decoder, or
+        the paper's hard threshold. ``scale``: the carrier's calibrated gain.
         """
         crc, cic = self.split(y)
         if isinstance(self.cic, ProductAndAccCode):
