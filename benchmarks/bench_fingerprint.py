@@ -3,10 +3,10 @@
 In one run (one torch thread): train the mnist5k CNN base model (15 epochs, the CLI's default),
 then issue copies through :class:`nnmark.fingerprint.Product` (AG(2,7) code in conv4):
 
-- ``--copies`` copies with each issue mode (``carrier``: the default 45-step fine-tune + correction;
-  ``all``; ``none``: correction only) -> median seconds per copy and the ratio to the base training time;
-- ``--rss-copies`` copies in a row (correction-only issuing, so that 100 fit in a minute; the
-  fine-tuning path is sampled over its own copies) -> resident memory after each issue;
+- ``--copies`` copies with each issue mode (``activation``: the default, the activation-weighted correction
+  alone; ``carrier``: the earlier default, 45-step fine-tune of conv4 + minimum-norm correction; ``all``;
+  ``none``: minimum-norm correction only) -> median seconds per copy and the ratio to the base training time;
+- ``--rss-copies`` copies in a row (default issuing) -> resident memory after each issue;
 - tracing a copy's file (load, extract, decode, registry look-ups) -> seconds and peak RSS.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fingerprint.py [--copies 8] [--rss-copies 100]
@@ -67,7 +67,9 @@ def main() -> None:
     print(f"base: {t_base:.1f} s, {rec.steps} steps, accuracy {base_acc:.4f}", flush=True)
     result: dict = {"machine": platform.platform(), "threads": 1, "base_train_s": t_base, "base_steps": rec.steps,
                     "base_accuracy": base_acc, "modes": {}}
-    modes = {"carrier": IssueConfig(), "all": IssueConfig(train="all", lr=1e-4), "none": IssueConfig(train="none")}
+    modes = {"activation": IssueConfig(), "carrier": IssueConfig(train="carrier", correction="min-norm"),
+             "all": IssueConfig(train="all", lr=1e-4, correction="min-norm"),
+             "none": IssueConfig(train="none", correction="min-norm")}
     for mode, cfg in modes.items():
         prod = Product.create(work / mode, work / "base.safetensors", key=Key.from_seed(f"bench-{mode}"),
                               issue=cfg)
@@ -88,7 +90,7 @@ def main() -> None:
               flush=True)
     # memory over many copies in a row
     prod = Product.create(work / "rss", work / "base.safetensors", key=Key.from_seed("bench-rss"),
-                          code="ag:11", issue=IssueConfig(train="none"))
+                          code="ag:11", issue=IssueConfig())
     names = [f"r{i:03d}" for i in range(args.rss_copies)]
     prod.add_customers(names)
     series = []

@@ -85,18 +85,22 @@ def test_copies_exact_unique_and_faithful(shop, fp_base, digits):
 
 
 def test_issue_modes(shop, fp_base, digits):
-    """Every issue mode makes the code exact and leaves the base untouched; the default fine-tunes 45 steps."""
+    """Every issue mode makes the code exact and leaves the base untouched; the default is the activation-weighted
+    correction alone (no fine-tune steps)."""
     prod, models = shop
     _, meta = load_model(prod.registry.issued_copies("cust-00")[0].model_path)
-    assert meta["issue"]["steps"] == 45
+    assert meta["issue"]["steps"] == 0
     f = prod.layout.compose(40)
-    for cfg in (IssueConfig(train="none"), IssueConfig(train="all", lr=1e-4, finetune_steps=5)):
+    for cfg in (IssueConfig(correction="min-norm"), IssueConfig(train="carrier", finetune_steps=5),
+                IssueConfig(train="all", lr=1e-4, finetune_steps=5)):
         model, rec = issue_copy(fp_base[1], f, prod.carrier, digits.train, cfg)
         assert rec.residual < 1e-4
         report = prod.trace(model)  # code 40 was never issued: decoded, but nobody is accused
         assert report.status == "unissued-code" and report.accused == []
         assert report.evidence["unissued_codes"] == [40]
         assert rec.steps == (0 if cfg.train == "none" else 5)
+    with pytest.raises(FingerprintError):
+        IssueConfig(correction="magic")
     assert torch.equal(fp_base[1].conv4.weight, load_model(fp_base[0])[0].conv4.weight)  # base untouched
     with pytest.raises(FingerprintError):
         IssueConfig(train="none", correct=False)
@@ -115,6 +119,63 @@ def test_random_coalitions_named_exactly(shop):
             assert report.status == "accused"
             assert sorted(report.named) == coalition
             assert all(a.p_value < 0.01 for a in report.accused)
+
+
+def test_activation_correction_preserves_outputs(fp_base, digits):
+    """The activation-weighted correction changes conv4 in the directions its inputs excite least: the copy's
+    logits move less than with the minimum-norm correction, and both carry the fingerprint exactly."""
+    from nnmark.fingerprint import FingerprintCarrier
+    from nnmark.fingerprint.issue import correction_metrics
+
+    base = fp_base[1]
+    key = Key.from_seed("act-corr")
+    from nnmark.codes import AndAccCode
+
+    f = AndAccCode.from_key(key, "ag", 7).fingerprint(3)
+    carrier = FingerprintCarrier(key, base, ["conv4"], dim=f.size)
+    metrics = correction_metrics(base, carrier, digits.train)
+    assert set(metrics) == {"conv4"}
+    x = digits.test.x[:300]
+    with torch.no_grad():
+        ref = base(x)
+        moved = {}
+        for mode in ("activation", "min-norm"):
+            m, rec = issue_copy(base, f, carrier, digits.train, IssueConfig(correction=mode))
+            assert rec.residual < 1e-4 and rec.steps == 0
+            moved[mode] = float((m(x) - ref).pow(2).mean())
+    assert moved["activation"] < 0.5 * moved["min-norm"], moved
+
+
+def test_k_minus_1_colluders_of_ag11_after_finetune_and_k_refused(fp_base, digits, tmp_path):
+    """(121,11,1): the average of k - 1 = 10 copies, fine-tuned by the attacker, still names exactly the ten;
+    the average of k = 11 copies (beyond the code's guarantee) is refused, nobody named."""
+    prod = Product.create(tmp_path / "wide11", fp_base[0], key=Key.from_seed("ag11"), code="ag:11")
+    names = [f"w{i:02d}" for i in range(12)]
+    prod.add_customers(names)
+    models = {n: load_model(prod.issue(n).model_path)[0] for n in names}
+    base_acc = fp_base[2]
+    rng = np.random.default_rng(3)
+    for trial in range(2):
+        coalition = sorted(rng.choice(names, 10, replace=False).tolist())
+        avg = Average().attack([models[n] for n in coalition])
+        stolen = build_attack("ftal", epochs=5, seed=trial).attack(avg, digits.attacker)
+        assert accuracy(stolen, digits.test) > base_acc - 0.1
+        report = prod.trace(stolen)
+        assert sorted(report.named) == coalition, report.evidence
+    big = Average().attack([models[n] for n in names[:11]])
+    report = prod.trace(big)
+    assert report.accused == [] and report.status != "accused"
+
+
+def test_threshold_decoder_still_available(fp_base, tmp_path):
+    prod = Product.create(tmp_path / "thr", fp_base[0], key=Key.from_seed("thr"), code="ag:7", decoder="threshold")
+    prod.add_customers(["a", "b", "c"])
+    models = [load_model(prod.issue(n).model_path)[0] for n in "abc"]
+    report = prod.trace(Average().attack(models))
+    assert sorted(report.named) == ["a", "b", "c"] and report.evidence["decoder"]["method"] == "threshold"
+    assert prod.trace(fp_base[1]).accused == []
+    with pytest.raises(FingerprintError, match="decoder"):
+        Product.create(tmp_path / "bad", fp_base[0], decoder="guess")
 
 
 @pytest.mark.parametrize("attack", ["finetune", "prune"])

@@ -58,8 +58,12 @@ def fingerprint() -> None:
 @click.option("--code", default="ag:7", show_default=True, help="identity code: ag:Q, pg:Q, or ag:Qx2")
 @click.option("--layer", "layers", multiple=True, default=("conv4",), show_default=True,
               help="carrier layer(s), repeatable")
-@click.option("--train", "train_mode", type=click.Choice(["carrier", "all", "none"]), default="carrier",
-              show_default=True, help="what the issuing fine-tune trains ('none': closed-form correction only)")
+@click.option("--train", "train_mode", type=click.Choice(["carrier", "all", "none"]), default="none",
+              show_default=True, help="what an issuing fine-tune trains before the correction ('none': the "
+              "closed-form correction only)")
+@click.option("--correction", type=click.Choice(["activation", "min-norm"]), default="activation",
+              show_default=True, help="closed-form correction: the change conv4's inputs feel least, or the "
+              "smallest weight change")
 @click.option("--steps", default=45, show_default=True, help="fine-tune steps per copy")
 @click.option("--lr", default=3e-2, show_default=True, help="fine-tune learning rate")
 @click.option("--data", default=None, help="training data for the fine-tune (default: the base model's)")
@@ -70,8 +74,8 @@ def fingerprint() -> None:
 @click.option("--key-seed", default=None, help="derive a new product's key from this public seed (tests only)")
 @click.option("--json", "as_json", is_flag=True, help="print the issued copies as JSON")
 def issue(product_path: str, base: str | None, customers: str, graph: str | None, crc_bits: int, code: str,
-          layers: tuple[str, ...], train_mode: str, steps: int, lr: float, data: str | None, engine: str,
-          workers: int, key_file: str | None, key_seed: str | None, as_json: bool) -> int:
+          layers: tuple[str, ...], train_mode: str, correction: str, steps: int, lr: float, data: str | None,
+          engine: str, workers: int, key_file: str | None, key_seed: str | None, as_json: bool) -> int:
     """Register customers and issue each a fingerprinted copy of the base model."""
     from nnmark.fingerprint import IssueConfig, Product, issue_many
     from nnmark.keys import Key
@@ -92,7 +96,8 @@ def issue(product_path: str, base: str | None, customers: str, graph: str | None
         key = Key.from_seed(key_seed) if key_seed is not None else Key.generate()
         prod = Product.create(root, base, key=key, code=code, crc_bits=crc_bits if graph_obj is not None else 0,
                               layers=layers, data=data,
-                              issue=IssueConfig(train=train_mode, finetune_steps=steps, lr=lr))
+                              issue=IssueConfig(train=train_mode, finetune_steps=steps, lr=lr,
+                                                correction=correction))
         click.echo(f"created product {prod.config.name!r} in {root} (code {code}, capacity {prod.layout.n_codes} "
                    f"customers, key {prod.config.key_id} in {prod.key_for_workers()}, mode 0600)", err=as_json)
     else:
@@ -144,7 +149,8 @@ def issue(product_path: str, base: str | None, customers: str, graph: str | None
 @click.option("--product", "product_path", required=True, type=click.Path(),
               help="product directory or its registry database")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="product key file")
-@click.option("--tau", default=None, type=float, help="decoder threshold (default: the product's, 0.85)")
+@click.option("--tau", default=None, type=float,
+              help="use the paper's hard-threshold decoder at this threshold (default: the product's decoder)")
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
 def trace(suspect: str, product_path: str, key_file: str | None, tau: float | None, as_json: bool) -> int:
     """Trace a suspect model: community shortlist, named colluders, evidence, p-values.

@@ -111,12 +111,37 @@ class FingerprintCarrier:
         return [self._regulariser(name, self.scale * f[a:b], model) for name, a, b in self.chunks]
 
     @torch.no_grad()
-    def correct(self, model: nn.Module, fingerprint: np.ndarray) -> float:
-        """Closed-form minimum-norm change of each carrier so that ``X theta = scale * F`` exactly (in place).
+    def correct(self, model: nn.Module, fingerprint: np.ndarray,
+                metrics: dict[str, torch.Tensor] | None = None) -> float:
+        """Closed-form change of each carrier so that ``X theta = scale * F`` exactly (in place).
+
+        Without ``metrics``: the minimum-norm change ``X^+ r`` (``r = scale F - X theta``).
+        With ``metrics[layer] = M^+`` (``(width, width)``, from :func:`activation_metric`): the change
+        ``delta = M^+ X^T (X M^+ X^T)^{-1} r`` minimising ``delta^T M delta`` -- for a conv layer's
+        filter-mean carrier, the change the layer's inputs see least (see :func:`activation_metric`).
         Returns the norm of the total carrier change."""
         total = 0.0
         for reg in self.regularisers(fingerprint, model):
-            total += reg.correct(model) ** 2
+            metric = None if metrics is None else metrics.get(reg.layer)
+            if metric is None:
+                total += reg.correct(model) ** 2
+                continue
+            mod = get_layer(model, reg.layer)
+            theta = reg.carrier(model).double()
+            X = reg.X.double()
+            r = reg.target.double() - X @ theta
+            mx = metric.double() @ X.T  # (width, l)
+            try:
+                delta = mx @ torch.linalg.solve(X @ mx, r)
+            except RuntimeError:  # fewer excited directions than entries: the minimum-norm change
+                total += reg.correct(model) ** 2
+                continue
+            w = mod.weight
+            if w.dim() > 2:  # filter-mean carrier: the same change in every filter
+                w.add_(delta.to(w.dtype).view(w.shape[1:]).unsqueeze(0))
+            else:
+                w.add_(delta.to(w.dtype).view(w.shape))
+            total += float(delta.norm()) ** 2
         return float(np.sqrt(total))
 
     # -- reading --------------------------------------------------------------------------
@@ -143,3 +168,49 @@ class FingerprintCarrier:
         if f.size != self.dim:
             raise FingerprintError(f"fingerprint has {f.size} entries, the carrier expects {self.dim}")
         return f
+
+
+@torch.no_grad()
+def activation_metric(model: nn.Module, layer: str, images: torch.Tensor, ridge: float = 0.1,
+                      batch_size: int = 256) -> torch.Tensor | None:
+    """The inverse metric ``M^+`` (``(width, width)`` float64) for an output-preserving correction of a
+    conv layer's filter-mean carrier, measured on ``images`` (``(n, C, H, W)``, the vendor's data).
+
+    Adding ``delta`` to every filter of a conv layer changes each output by ``delta . patch``, whose mean
+    square over the data is ``delta^T A delta`` with ``A`` the second moment of the layer's input patches
+    (unfolded with the layer's kernel, stride, padding and dilation). The metric is
+    ``M = A + ridge * (tr A / width) I`` restricted to the patches' range: directions the data never
+    excite (input channels that are always 0 -- dead ReLUs) are excluded, because there the change would be
+    free for an attacker to remove (prune those channels). ``ridge`` keeps part of the change isotropic;
+    the default 0.1 comes from a sweep 0.01-10 on five (121,11,1) copies of the mnist5k CNN (mean accuracy
+    drop 0.00 points at 0.1, 0.14 at 1, 0.18 at 10, and 0.18 for the minimum-norm change). Returns ``None`` for a
+    layer that is not a 2-d convolution (the caller falls back to the minimum-norm change).
+    """
+    mod = get_layer(model, layer)
+    if not isinstance(mod, nn.Conv2d) or mod.groups != 1:
+        return None
+    grabbed: list[torch.Tensor] = []
+    handle = mod.register_forward_hook(lambda _m, i, _o: grabbed.append(i[0].detach()))
+    was_training = model.training
+    model.eval()
+    width = mod.weight[0].numel()
+    acc = torch.zeros(width, width, dtype=torch.float64)
+    count = 0
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            grabbed.clear()
+            model(images[start:start + batch_size])
+            u = torch.nn.functional.unfold(grabbed[0], mod.kernel_size, dilation=mod.dilation,
+                                           padding=mod.padding, stride=mod.stride)  # (n, width, L)
+            u = u.permute(0, 2, 1).reshape(-1, width).double()
+            acc += u.T @ u
+            count += u.shape[0]
+    finally:
+        handle.remove()
+        model.train(was_training)
+    a = acc / max(count, 1)
+    evals, evecs = torch.linalg.eigh(a)
+    live = evals > evals.max() * 1e-9  # the patches' range (float64 round-off below)
+    lam = ridge * float(evals.clamp(min=0).sum()) / width
+    u_live = evecs[:, live]
+    return (u_live / (evals[live] + lam)) @ u_live.T
