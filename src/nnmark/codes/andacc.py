@@ -41,25 +41,34 @@ through point ``i``, depends on the unknown ``K``: at ``K = k - 1 = 10`` covered
 positions sit at ``0.8 g``, 0.05 below ``tau = 0.85`` (2.5 sigma of noise at
 sigma = 0.02 is enough to lose the trace). The structural decoder uses what
 the code fixes instead. A coalition ``S`` of ``m`` customers *explains* the
-coefficients ``c`` when, at the least-squares gain ``g > 0`` (the maximum-likelihood
-gain under i.i.d. Gaussian noise), every coefficient is nearer to
-its predicted level ``g p_i`` with ``p = mean_{j in S} e_j = 1 - 2 n_S / m`` than
-to any other level of an ``m``-coalition: ``|c_i - g p_i| < g / m`` for all ``i``
-(half the spacing ``2 g / m`` of the levels; the nearest-level rule, with nothing
-tuned), and the levels are proportional, not merely affine, to the pattern: the
-classical lack-of-fit F test of ``c = g p + noise`` against free means per level
-keeps p-values above ``FIT_ALPHA = 1e-3`` (the rate at which a true coalition is
-refused under i.i.d. Gaussian noise). Without that test a coalition of ``k`` or
-more that contains a whole parallel class (it shifts every coefficient by the
-same amount) is "explained", within half a spacing, by its remaining lines: a
-subset of the colluders, measured, never an innocent -- but the guarantee asked
-for is a refusal. The decoder names the customers in *every* coalition of 1..k-1 members
-that explains ``c`` (as the two-codebook decoder does), and nobody when none does
-or when they share nobody.
+coefficients ``c`` when a weighted average of its codes fits them: the
+least-squares fit ``c ~ sum_{j in S} u_j e_j`` (``u_j = g w_j``, gain ``g``, weights
+``w_j``; a plain average has ``u_j = g / m``, a product code's half or colluders who
+weight their copies have others) has
+
+- every weight ``u_j > 0``;
+- every coefficient on the right side of the split half a step below the top
+  level: a colluder's block lowers a coefficient by ``2 u_j``, so points no block
+  of ``S`` covers must stay above ``fit_i - min_j u_j`` and covered points below
+  ``fit_i + min_j u_j`` (for a plain average: the self-consistent threshold
+  ``g (1 - 1/m)``, midway between the uncovered level ``g`` and the first covered
+  level ``g (1 - 2/m)`` -- 0.9 g at ``m = 10`` instead of 0.85, 0.5 g at ``m = 2``);
+- a lack-of-fit p-value above ``FIT_ALPHA = 1e-3``: the classical F test of the
+  model against free means per cell (points with the same blocks of ``S``
+  through them), exact under i.i.d. Gaussian noise, so a true coalition is
+  refused by it with probability 1e-3. It is what refuses a coalition of ``k``
+  or more that contains a whole parallel class: the class lowers every
+  coefficient by the same amount, which no weighted average of ``<= k - 1``
+  codes reproduces (below), although its remaining lines alone pass the split.
+
+Nothing here is fitted to data: half a step is the nearest-level boundary and
+1e-3 a stated refusal rate. The decoder names the customers in *every*
+coalition of 1..k-1 members that explains ``c`` (as the two-codebook decoder
+does), and nobody when none does or when they share nobody.
 
 Finding every explaining coalition is exact and fast (no subset search): if
 ``S`` explains ``c``, the union of its blocks is exactly the set of coefficients
-below ``g (1 - 1/m)`` -- a *prefix* of the sorted coefficients -- and ``S`` is
+below the split -- a *prefix* of the sorted coefficients -- and ``S`` is
 exactly the set of blocks inside that prefix (an outside block meets each of
 ``m <= k - 1`` blocks in at most one point, so it keeps a point outside the
 union). So the decoder sorts ``c`` once and walks the ``v - 1`` prefixes: with
@@ -70,16 +79,16 @@ prefixes that are exact unions of 1..k-1 blocks (rare: see below) get the
 ``O(v)`` level check. Runtime ``O(v log v + b k)``, tens of microseconds for (121,11,1).
 
 Why it never names an innocent, noise-free, whatever the coalition size: for a
-(v, k, 1) design from AG(2,q) or PG(2,q), ``q >= 3``, ``mean_{T} e = a mean_{S} e``
-with ``a > 0`` and ``1 <= |S| <= k - 1`` forces ``T = S``. (Both sides are
-``1 - 2 N x`` for the incidence matrix ``N``; the real null space of ``N`` is spanned
-by differences of parallel classes for AG(2,q) and is zero for PG(2,q), so
-``1_T / |T| - a 1_S / |S|`` must be constant on each parallel class; with ``|S| < k``
-no class lies in ``S``, which leaves ``S`` inside ``T`` and ``T - S`` a union of ``r``
-whole classes with ``2 r = |T| - |S| = r q``, impossible for ``q >= 3`` unless
-``r = 0``.) So an average of any ``K >= k`` codewords is not, up to gain, the
-average of any ``<= k - 1`` codewords, and with no noise only the true coalition of
-``<= k - 1`` can explain it; with noise, the tests and
+(v, k, 1) design from AG(2,q), ``q >= 3``, ``sum_{T} w_j e_j = sum_{S} u_j e_j`` with
+positive weights and ``1 <= |S| <= k - 1`` forces ``T = S`` (and ``w = u``). (With
+``e_j = 1 - 2 N_j``: ``N x = ((sum w - sum u) / 2) 1`` for ``x = w_T - u_S``; the solutions
+are constant on each of the ``q + 1`` parallel classes, ``x = sum_a beta_a 1_{P_a}``, and
+summing over all lines gives ``(q - 2) sum_a beta_a = 0``. A class with ``beta_a < 0`` would
+lie wholly in ``S`` (``|S| >= q = k``); so every ``beta_a = 0``, ``x = 0``, ``T = S``. For
+PG(2,q) ``N`` is invertible and the same holds unless ``T`` and ``S`` cover every line.)
+So a weighted average of ``K >= k`` codewords is not one of ``<= k - 1``, and with no
+noise only the true coalition of ``<= k - 1`` explains it exactly (the lack-of-fit
+test turns "not exactly" into a refusal); with noise, the tests and
 ``experiments/securemark/collusion_codes.py`` measure the refusals and check that
 coalitions of ``k`` or more, random and structured, are refused. Under H0 the
 ranks of ``c`` are a uniformly random permutation (spherical symmetry), so the
@@ -405,10 +414,11 @@ class AndAccCode:
         the coalition's ``+-1`` codes times a gain (``g = sum u``; equal weights ``u_j = g / m`` for a plain
         average; a product code's half holds repeated codewords, colluders may weight their copies).
 
-        Returns ``(u, max_residual, lack_of_fit_p)``: the weights (maximum likelihood under i.i.d.
-        Gaussian noise); the largest ``|coef_i - fit_i|`` in units of ``min_j u_j`` -- half the smallest
-        step by which a colluder's block lowers a coefficient (``2 u_j``), i.e. ``g / m`` for a plain
-        average (``inf`` when a weight is ``<= 0``); and the p-value of the classical lack-of-fit F test of
+        Returns ``(u, worst, lack_of_fit_p)``: the weights (maximum likelihood under i.i.d. Gaussian
+        noise); ``worst``, the largest move of a coefficient towards the wrong side of the split -- an
+        uncovered one below its fit, a covered one above -- in units of ``min_j u_j``, half the smallest
+        step by which a colluder's block lowers a coefficient (``2 u_j``; ``g / m`` for a plain average;
+        ``inf`` when a weight is ``<= 0``); and the p-value of the classical lack-of-fit F test of
         the model against free means per cell (points with the same set of the coalition's blocks
         through them; ``L`` cells): ``F = ((RSS - RSS_L) / (L - m)) / (RSS_L / (v - L))``, exactly
         ``F(L - m, v - L)`` under the model. It rejects coefficients that are an affine, not linear, image
@@ -438,12 +448,15 @@ class AndAccCode:
             lof = 0.0
         else:
             lof = float(sps.f.sf(max(rss - rss_cells, 0.0) / df1 / (rss_cells / df2), df1, df2))
-        return u, float(np.abs(resid).max() / u.min()), lof
+        covered = inc.any(axis=1)
+        # one-sided: an uncovered coefficient may not fall, a covered one may not rise, past half a step
+        worst = max(float((-resid[~covered]).max(initial=-math.inf)), float(resid[covered].max(initial=-math.inf)))
+        return u, worst / float(u.min()), lof
 
     def explains(self, coef: np.ndarray, coalition) -> bool:
-        """Whether ``coalition`` explains ``coef`` (see :meth:`fit`): positive least-squares weights, every
-        residual below half the smallest step ``min_j u_j`` (``g / m`` for a plain average: the nearest-level
-        rule), and a lack-of-fit p-value above :data:`FIT_ALPHA`."""
+        """Whether ``coalition`` explains ``coef`` (see :meth:`fit` and the module doc): positive least-squares
+        weights, every coefficient on its side of the split half the smallest step ``min_j u_j`` below the top
+        level, and a lack-of-fit p-value above :data:`FIT_ALPHA`."""
         _u, worst, lof = self.fit(coef, coalition)
         return worst < 1.0 and lof > FIT_ALPHA
 
