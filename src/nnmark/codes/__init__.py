@@ -4,6 +4,8 @@
 - :mod:`nnmark.codes.bibd` -- (v, k, 1)-BIBDs from AG(2, q) and PG(2, q).
 - :mod:`nnmark.codes.andacc` -- AND-ACC codebooks, modulation on a keyed orthonormal
   basis, the exact guarded colluder decoder, two codebooks side by side.
+- :mod:`nnmark.codes.concatenated` -- L codebooks chained by a Reed-Solomon outer code:
+  up to L - 1 colluders traced exactly among p**2 customers.
 - :mod:`nnmark.codes.community` -- community relationship codes (NMF + LLE hashing).
 - :mod:`nnmark.codes.fingerprint` -- the layout ``F = CRC || CIC`` and tracing of an extracted vector.
 """
@@ -25,16 +27,19 @@ from nnmark.codes.community import (
     neighbourhood_accuracy,
     pair_accuracy,
 )
+from nnmark.codes.concatenated import ConcatenatedDecoding, ReedSolomonAndAccCode
 from nnmark.codes.fingerprint import FingerprintLayout, FingerprintTrace
 from nnmark.codes.galois import GF
 
 __all__ = [
     "DEFAULT_TAU",
     "GF",
+    "ReedSolomonAndAccCode",
     "NULL_HYPOTHESIS",
     "AndAccCode",
     "AndAccDecoding",
     "CommunityCodes",
+    "ConcatenatedDecoding",
     "Design",
     "FingerprintLayout",
     "FingerprintTrace",
