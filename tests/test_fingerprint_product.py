@@ -304,3 +304,20 @@ def test_community_codes_shortlist(fp_base, tmp_path):
     top = {s["customer"] for s in report.community_shortlist[:8]}
     assert set(colluders) <= top
     assert len({a.community for a in report.accused}) == 1
+
+
+def test_reed_solomon_chained_codebooks(fp_base, digits, tmp_path):
+    """Four AG(2,7) codebooks chained by a Reed-Solomon code (ag:7rs4: 53^2 = 2,809 customers, 196 values):
+    an average of three copies, fine-tuned by the attacker, names exactly the three; four (beyond L - 1) are
+    never pinned on an innocent; a clean model names nobody."""
+    prod = Product.create(tmp_path / "rs", fp_base[0], key=Key.from_seed("rs"), code="ag:7rs4")
+    assert prod.layout.n_codes == 2809 and prod.layout.dim == 196
+    names = ["a", "b", "c", "d", "e"]
+    prod.add_customers(names)
+    models = {n: load_model(prod.issue(n).model_path)[0] for n in names}
+    stolen = build_attack("ftal", epochs=5, seed=0).attack(Average().attack([models[n] for n in "bce"]),
+                                                           digits.attacker)
+    assert sorted(prod.trace(stolen).named) == ["b", "c", "e"]
+    four = prod.trace(Average().attack([models[n] for n in "abcd"]))
+    assert set(four.named) <= set("abcd")
+    assert prod.trace(fp_base[1]).accused == []

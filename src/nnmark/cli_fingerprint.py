@@ -55,7 +55,8 @@ def fingerprint() -> None:
 @click.option("--graph", type=click.Path(dir_okay=False), default=None,
               help="SNAP edge list of the customers' social graph (node ids are customer names)")
 @click.option("--crc-bits", default=15, show_default=True, help="community code length when --graph is given")
-@click.option("--code", default="ag:7", show_default=True, help="identity code: ag:Q, pg:Q, or ag:Qx2")
+@click.option("--code", default="ag:7", show_default=True,
+              help="identity code: ag:Q, pg:Q, ag:Qx2 (two codebooks) or ag:QrsL (L codebooks, Reed-Solomon chained)")
 @click.option("--layer", "layers", multiple=True, default=("conv4",), show_default=True,
               help="carrier layer(s), repeatable")
 @click.option("--train", "train_mode", type=click.Choice(["carrier", "all", "none"]), default="none",

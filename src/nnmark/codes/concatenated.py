@@ -64,6 +64,11 @@ class ConcatenatedDecoding:
     candidates: tuple[int, ...] = ()
     p_values: dict[int, float] = field(default_factory=dict)
 
+    @property
+    def ambiguous(self) -> tuple[int, ...]:
+        """Customers that qualified but could not be accused (a shortlist, never an accusation)."""
+        return () if self.status == "accused" else self.candidates
+
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "accused": list(self.accused), "candidates": list(self.candidates),
                 "p_values": {str(j): p for j, p in self.p_values.items()},

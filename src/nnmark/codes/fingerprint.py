@@ -4,8 +4,9 @@
 
 - the community relationship code (CRC, ``crc_bits`` bits) as ``±1`` values ``2 p - 1``;
 - the customer identity code (CIC): the AND-ACC fingerprint ``w_j`` of one codebook
-  (:class:`~nnmark.codes.andacc.AndAccCode`) or of two side by side
-  (:class:`~nnmark.codes.andacc.ProductAndAccCode`).
+  (:class:`~nnmark.codes.andacc.AndAccCode`), of two side by side
+  (:class:`~nnmark.codes.andacc.ProductAndAccCode`), or of several chained by a
+  Reed-Solomon outer code (:class:`~nnmark.codes.concatenated.ReedSolomonAndAccCode`).
 
 Tracing takes the extracted real vector of the same length: the CRC part is read
 by sign (for an average of copies: the colluders' majority bits, which points at
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nnmark.codes.andacc import AndAccCode, AndAccDecoding, ProductAndAccCode, ProductDecoding
+from nnmark.codes.concatenated import ConcatenatedDecoding, ReedSolomonAndAccCode
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class FingerprintTrace:
 
     crc_bits: np.ndarray
     crc_strength: np.ndarray
-    cic: AndAccDecoding | ProductDecoding
+    cic: AndAccDecoding | ProductDecoding | ConcatenatedDecoding
 
     @property
     def accused_codes(self) -> tuple[int, ...]:
@@ -57,7 +59,7 @@ class FingerprintLayout:
     crc_bits: length of the community code part (0 to leave it out).
     """
 
-    def __init__(self, cic: AndAccCode | ProductAndAccCode, crc_bits: int = 0) -> None:
+    def __init__(self, cic: AndAccCode | ProductAndAccCode | ReedSolomonAndAccCode, crc_bits: int = 0) -> None:
         if crc_bits < 0:
             raise ValueError("crc_bits must be >= 0")
         self.cic = cic
@@ -71,7 +73,9 @@ class FingerprintLayout:
     @property
     def n_codes(self) -> int:
         """Number of distinct identity codes (customers the layout can serve)."""
-        return self.cic.n_customers if isinstance(self.cic, ProductAndAccCode) else self.cic.n_codewords
+        if isinstance(self.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
+            return self.cic.n_customers
+        return self.cic.n_codewords
 
     def compose(self, code_index: int, crc: np.ndarray | None = None) -> np.ndarray:
         """``F`` (``(dim,)`` float64) for identity code ``code_index`` and the ``(crc_bits,)`` 0/1 community code."""
@@ -102,7 +106,7 @@ class FingerprintLayout:
         the paper's hard threshold. ``scale``: the carrier's calibrated gain.
         """
         crc, cic = self.split(y)
-        if isinstance(self.cic, ProductAndAccCode):
+        if isinstance(self.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
             dec = self.cic.decode(cic, issued=issued, tau=tau, scale=scale)
         else:
             dec = self.cic.decode(cic, tau=tau, scale=scale)

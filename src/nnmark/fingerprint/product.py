@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from nnmark.codes import AndAccCode, FingerprintLayout, ProductAndAccCode
+from nnmark.codes import AndAccCode, FingerprintLayout, ProductAndAccCode, ReedSolomonAndAccCode
 from nnmark.codes.andacc import DEFAULT_TAU, NULL_HYPOTHESIS
 from nnmark.fingerprint.carrier import FingerprintCarrier, FingerprintError
 from nnmark.fingerprint.issue import IssueConfig, correction_metrics, issue_copy
@@ -74,27 +74,42 @@ DECISION_RULE = (
 )
 
 
-def parse_code(spec: str) -> tuple[str, int, int]:
-    """``"ag:7"`` -> ``("ag", 7, 1)``; ``"pg:5"``; ``"ag:11x2"`` -> two codebooks side by side."""
-    m = re.fullmatch(r"\s*(ag|pg)\s*:\s*(\d+)\s*(?:x\s*([12]))?\s*", str(spec).lower())
-    if not m:
-        raise FingerprintError(f"code must look like ag:7, pg:5 or ag:11x2 (two codebooks), got {spec!r}")
-    return m.group(1), int(m.group(2)), int(m.group(3) or 1)
+def parse_code(spec: str) -> tuple[str, int, int, str]:
+    """``"ag:7"`` -> ``("ag", 7, 1, "")``; ``"pg:5"``; ``"ag:11x2"`` -> two codebooks side by side
+    (``"x"``); ``"ag:11rs4"`` -> four codebooks chained by a Reed-Solomon outer code (``"rs"``,
+    :class:`~nnmark.codes.ReedSolomonAndAccCode`: traces up to 3 colluders among 17,161 customers)."""
+    m = re.fullmatch(r"\s*(ag|pg)\s*:\s*(\d+)\s*(?:(x|rs)\s*(\d+))?\s*", str(spec).lower())
+    if not m or (m.group(3) == "x" and m.group(4) not in ("1", "2")) or (m.group(3) == "rs" and int(m.group(4)) < 2):
+        raise FingerprintError(f"code must look like ag:7, pg:5, ag:11x2 (two codebooks) or ag:11rs4 (four "
+                               f"codebooks chained by a Reed-Solomon code), got {spec!r}")
+    parts = int(m.group(4) or 1)
+    return m.group(1), int(m.group(2)), parts, (m.group(3) or "") if parts > 1 else ""
 
 
 def build_layout(key: Key, code: str, crc_bits: int = 0) -> FingerprintLayout:
     """The fingerprint layout ``CRC || CIC`` of a code spec (see :func:`parse_code`) under ``key``."""
-    family, q, halves = parse_code(code)
+    family, q, parts, outer = parse_code(code)
     sub = key.child("fingerprint/code")
     try:
-        cic: AndAccCode | ProductAndAccCode
-        if halves == 1:
+        cic: AndAccCode | ProductAndAccCode | ReedSolomonAndAccCode
+        if parts == 1:
             cic = AndAccCode.from_key(sub, family, q)
-        else:
+        elif outer == "x":
             cic = ProductAndAccCode.from_key(sub, family, q)
+        else:
+            cic = ReedSolomonAndAccCode.from_key(sub, family, q, parts=parts)
     except ValueError as exc:
         raise FingerprintError(f"code {code!r}: {exc}") from None
     return FingerprintLayout(cic, crc_bits)
+
+
+def _decoding_parts(dec: Any) -> list[Any]:
+    """The per-codebook decodings inside a trace's identity-code decoding."""
+    if hasattr(dec, "parts"):
+        return list(dec.parts)
+    if hasattr(dec, "half_a"):
+        return [dec.half_a, dec.half_b]
+    return [dec]
 
 
 def _slug(name: str) -> str:
@@ -249,7 +264,7 @@ class Product:
                             issue=issue_cfg.to_dict(), registry_url=registry_url, created_at=time.time())
         save_key_file(root / KEY_NAME, KeyFile(key=key, scheme=KEY_SCHEME, params={"product": cfg.name}))
         cic = layout.cic
-        codes = cic.issue_order() if isinstance(cic, ProductAndAccCode) else cic.n_codewords
+        codes = cic.issue_order() if isinstance(cic, ProductAndAccCode) else layout.n_codes
         url = registry_url or database_url(root / REGISTRY_NAME)
         reg = Registry.create(url, product=cfg.name, base_sha256=cfg.base_sha256, key_id=key.key_id,
                               code_family=cfg.to_dict(), codes=codes)
@@ -462,6 +477,8 @@ class Product:
 
     def _halves(self) -> list[AndAccCode]:
         cic = self.layout.cic
+        if isinstance(cic, ReedSolomonAndAccCode):
+            return list(cic.parts)
         return [cic.a, cic.b] if isinstance(cic, ProductAndAccCode) else [cic]
 
     def estimate_gain(self, y: np.ndarray) -> float:
@@ -488,11 +505,11 @@ class Product:
     def _decode(self, model: nn.Module, tau: float | None = None, gain: float | None = None):
         y = self.carrier.extract(model)
         issued = None
-        if isinstance(self.layout.cic, ProductAndAccCode):
+        if isinstance(self.layout.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
             issued = np.fromiter(self.registry.assigned_codes(include_reserved=True), dtype=np.int64)
         if tau is None and self.config.decoder == "structural":
             tr = self.layout.trace(y, issued=issued, tau=None)
-            halves = [tr.cic] if not hasattr(tr.cic, "half_a") else [tr.cic.half_a, tr.cic.half_b]
+            halves = _decoding_parts(tr.cic)
             gains = [h.gain for h in halves if h.gain is not None]
             return tr, float(np.mean(gains)) if gains else None
         g = self.estimate_gain(y) if gain is None else float(gain)
@@ -541,7 +558,7 @@ class Product:
         ev: dict[str, Any] = {"decoder": dec.to_dict(), "decoder_name": self.config.decoder, "tau": self.config.tau,
                               "scale": self.config.scale,
                               "code": self.config.code, "key_id": self.config.key_id}
-        halves = [dec] if not hasattr(dec, "half_a") else [dec.half_a, dec.half_b]
+        halves = _decoding_parts(dec)
         margins = []
         for h in halves:
             c, z = h.coefficients, h.zero_set
