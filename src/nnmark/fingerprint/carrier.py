@@ -172,7 +172,7 @@ class FingerprintCarrier:
 
 @torch.no_grad()
 def activation_metric(model: nn.Module, layer: str, images: torch.Tensor, ridge: float = 0.1,
-                      batch_size: int = 256) -> torch.Tensor | None:
+                      batch_size: int = 64) -> torch.Tensor | None:
     """The inverse metric ``M^+`` (``(width, width)`` float64) for an output-preserving correction of a
     conv layer's filter-mean carrier, measured on ``images`` (``(n, C, H, W)``, the vendor's data).
 
