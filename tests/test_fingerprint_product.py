@@ -321,3 +321,17 @@ def test_reed_solomon_chained_codebooks(fp_base, digits, tmp_path):
     four = prod.trace(Average().attack([models[n] for n in "abcd"]))
     assert set(four.named) <= set("abcd")
     assert prod.trace(fp_base[1]).accused == []
+
+
+def test_code_split_over_layers_in_proportion_to_their_width(fp_base):
+    from nnmark.fingerprint import plan_chunks
+
+    model = fp_base[1]  # digits CNN: conv2 and conv3 filter means 288 values each, conv4 576
+    assert plan_chunks(model, ["conv4"], 121) == [("conv4", 0, 121)]
+    assert plan_chunks(model, ["conv3", "conv4"], 484) == [("conv3", 0, 161), ("conv4", 161, 484)]
+    chunks = plan_chunks(model, ["conv2", "conv3", "conv4"], 1152)  # every value used: each layer full
+    assert [(c[2] - c[1]) for c in chunks] == [288, 288, 576]
+    with pytest.raises(FingerprintError, match="hold only 1152"):
+        plan_chunks(model, ["conv2", "conv3", "conv4"], 1153)
+    with pytest.raises(FingerprintError, match="repeat"):
+        plan_chunks(model, ["conv4", "conv4"], 10)

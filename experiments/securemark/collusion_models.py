@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--correction", default="activation", choices=["activation", "min-norm"])
     ap.add_argument("--decoder", default="structural", choices=["structural", "threshold"])
     ap.add_argument("--scale", type=float, default=2.0, help="fingerprint level s in X theta = s F (product default)")
+    ap.add_argument("--layers", default="conv4", help="carrier layers, comma-separated (code split in proportion)")
     ap.add_argument("--out", default="experiments/results/securemark")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -88,7 +89,7 @@ def main() -> None:
     for code in args.codes.split(","):
         prod = Product.create(work / code.replace(":", ""), work / "base.safetensors", key=Key.from_seed(code),
                               code=code, issue=IssueConfig(train=args.train, correction=args.correction),
-                              decoder=args.decoder, scale=args.scale)
+                              decoder=args.decoder, scale=args.scale, layers=tuple(args.layers.split(",")))
         names = [f"c{i:03d}" for i in range(args.copies)]
         prod.add_customers(names)
         models, issue_s = {}, []
@@ -156,8 +157,9 @@ def write_markdown(out: Path, rows, overhead, fidelity, args) -> None:
     s = summarise(rows)
     lines = ["# Model-level collusion tracing (mnist5k CNN, conv4 filter means)", "",
              f"Command: `OMP_NUM_THREADS=1 .venv/bin/python experiments/securemark/collusion_models.py "
-             f"--copies {args.copies} --trials {args.trials} --train {args.train} --correction {args.correction} "
-             f"--decoder {args.decoder} --scale {args.scale}`", "",
+             f"--codes {args.codes} --sizes {args.sizes} --copies {args.copies} --trials {args.trials} "
+             f"--train {args.train} --correction {args.correction} "
+             f"--decoder {args.decoder} --scale {args.scale} --layers {args.layers}`", "",
              f"{args.copies} copies issued per code, {args.trials} random coalitions per K and attack. "
              "detection = mean fraction of colluders named; false alarm = trials naming any innocent.", "",
              "## Fidelity of issued copies (test accuracy)", "", "| code | base | copies mean | min | max |",

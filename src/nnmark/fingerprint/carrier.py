@@ -37,14 +37,19 @@ class FingerprintError(NNMarkError):
 
 
 def plan_chunks(model: nn.Module, layers: Sequence[str], dim: int) -> list[tuple[str, int, int]]:
-    """Split ``dim`` fingerprint entries over ``layers`` in order, each layer taking at most its carrier width.
+    """Split ``dim`` fingerprint entries over ``layers`` in proportion to their carrier widths
+    (largest remainders; consecutive chunks in the order given).
 
-    Returns ``[(layer, start, stop), ...]`` (only layers that receive entries). Raises
-    :class:`FingerprintError` when the layers hold fewer than ``dim`` values in total.
+    Returns ``[(layer, start, stop), ...]`` (only layers that receive entries). Proportional
+    rather than first-come: the correction constrains ``n_i`` of a layer's ``w_i`` filter-mean
+    values, and a layer filled to its width loses all freedom (measured: 484 entries over
+    conv3 + conv4 of the mnist5k CNN, conv3 filled first, left copies at 29-37% accuracy).
+    Raises :class:`FingerprintError` when the layers hold fewer than ``dim`` values in total.
     """
     if not layers:
         raise FingerprintError("give at least one carrier layer")
-    out, start = [], 0
+    if len(set(layers)) != len(layers):
+        raise FingerprintError(f"carrier layers repeat: {', '.join(layers)}")
     widths = {}
     for name in layers:
         try:
@@ -52,16 +57,22 @@ def plan_chunks(model: nn.Module, layers: Sequence[str], dim: int) -> list[tuple
         except SchemeError as exc:
             raise FingerprintError(str(exc)) from None
         widths[name] = carrier_width(model, name)
-        if start < dim:
-            stop = min(dim, start + widths[name])
-            out.append((name, start, stop))
-            start = stop
-    if start < dim:
+    total = sum(widths.values())
+    if total < dim:
         have = ", ".join(f"{n}: {w}" for n, w in widths.items())
         raise FingerprintError(
-            f"the fingerprint has {dim} entries but the carrier layer(s) hold only {sum(widths.values())} values "
+            f"the fingerprint has {dim} entries but the carrier layer(s) hold only {total} values "
             f"({have}); choose a smaller code (e.g. ag:7 = 49 entries) or add layers"
         )
+    share = {n: dim * w / total for n, w in widths.items()}
+    counts = {n: int(v) for n, v in share.items()}
+    for n in sorted(widths, key=lambda n: (counts[n] - share[n], list(widths).index(n)))[: dim - sum(counts.values())]:
+        counts[n] += 1
+    out, start = [], 0
+    for name in layers:
+        if counts[name]:
+            out.append((name, start, start + counts[name]))
+            start += counts[name]
     return out
 
 
@@ -72,7 +83,8 @@ class FingerprintCarrier:
     ----------
     key: the product key (the projections derive from it; never stored here).
     model: a model of the product's architecture (only its layer shapes are read).
-    layers: carrier layer names, filled in order (default ``("conv4",)``).
+    layers: carrier layer names (default ``("conv4",)``); the fingerprint is split over them in
+        proportion to their widths (:func:`plan_chunks`).
     dim: fingerprint length ``len(F)``.
     scale: level ``s`` of a ``+1`` entry (default 1.0).
     strength: ``mu`` of the regulariser used while fine-tuning (default 2,000: the issue's CPU trial).
