@@ -8,6 +8,12 @@
 3. Serve each model (marked, attacked, and an independently trained clean model)
    from a separate ``nnmark serve`` process over HTTP on 127.0.0.1 and verify
    ownership through the API only, with a fixed query budget.
+4. White-box: train a model carrying a Wang-AUTO mark (512 bits in conv4), let the
+   thief fine-tune it (FTAL), and verify the saved weights files (safetensors, never
+   unpickled) with the exact block-permutation test.
+5. Fingerprints: issue six customers their own copy of the plain model (AG(2,7)
+   codes, SQLite registry), let three of them average their copies and fine-tune
+   the average, and trace the result back to exactly those three.
 
 The demo key is derived from a public seed so the output is reproducible; real
 keys come from ``Key.generate()``.
@@ -27,10 +33,10 @@ from typing import Any
 from nnmark.attacks import build_attack
 from nnmark.data import load_splits
 from nnmark.errors import NNMarkError
-from nnmark.io import save_model
+from nnmark.io import load_model, save_model
 from nnmark.keys import Key
 from nnmark.models import model_spec
-from nnmark.schemes import TriggerSetWatermark, load_scheme
+from nnmark.schemes import TriggerSetWatermark, WangAuto, load_scheme
 from nnmark.serving.client import HTTPOracle
 from nnmark.train import TrainConfig, accuracy, seeded_model, train
 
@@ -125,6 +131,8 @@ def run_demo(dataset: str = "mnist5k", epochs: int | None = None, workdir: str |
                 "model": label, "test_accuracy": accuracy(model, splits.test), "url": url,
                 "expected_owned": should_own, "verdict": verdict.to_dict(),
             })
+        whitebox = _whitebox_stage(console, splits, spec, n_epochs, independent, thief_data, work, alpha, dataset)
+        fingerprints = _fingerprint_stage(console, splits, clean, independent, thief_data, work, dataset)
         result = {
             "dataset": dataset, "epochs": n_epochs, "scheme": scheme.scheme_label,
             "triggers": len(scheme.images), "labels": scheme.label_mode, "alpha": alpha,
@@ -132,7 +140,10 @@ def run_demo(dataset: str = "mnist5k", epochs: int | None = None, workdir: str |
             "clean_accuracy": accuracy(clean, splits.test), "marked_accuracy": accuracy(marked, splits.test),
             "train_seconds_plain": rec_clean.seconds, "train_seconds_marked": rec_marked.seconds,
             "train_time_ratio": rec_marked.seconds / rec_clean.seconds,
-            "models": rows, "all_as_expected": all(r["verdict"]["owned"] == r["expected_owned"] for r in rows),
+            "models": rows, "whitebox": whitebox, "fingerprints": fingerprints,
+            "all_as_expected": all(r["verdict"]["owned"] == r["expected_owned"] for r in rows)
+            and all(r["verdict"]["owned"] == r["expected_owned"] for r in whitebox)
+            and all(r["named"] == r["expected"] for r in fingerprints["traces"]),
             "wall_seconds": time.perf_counter() - t0,
         }
     finally:
@@ -151,6 +162,73 @@ def run_demo(dataset: str = "mnist5k", epochs: int | None = None, workdir: str |
                       f"{v['statistic']}/{v['n']}", f"{v['p_value']:.2e}", word)
     console.print(table)
     console.print(f"H0: {rows[0]['verdict']['null_hypothesis']}")
+    wb = Table(title=f"Ownership verified from the weights file (wang-auto, 512 bits, alpha={alpha:g})")
+    for col in ("suspect", "test acc", "matched bits", "p-value", "verdict"):
+        wb.add_column(col, justify="right" if col not in ("suspect", "verdict") else "left")
+    for r in result["whitebox"]:
+        v = r["verdict"]
+        wb.add_row(r["model"], f"{r['test_accuracy']:.2%}", f"{v['statistic']}/{v['n']}", f"{v['p_value']:.2e}",
+                   "OWNED" if v["owned"] else "not owned")
+    console.print(wb)
+    fp = result["fingerprints"]
+    ft = Table(title=f"Traitor tracing ({fp['code']}, {fp['customers']} customers issued, base "
+                     f"{fp['base_accuracy']:.2%}, copies {fp['copy_accuracy_min']:.2%}-{fp['copy_accuracy_max']:.2%})")
+    for col in ("suspect", "test acc", "status", "named", "expected"):
+        ft.add_column(col)
+    for r in fp["traces"]:
+        ft.add_row(r["suspect"], f"{r['test_accuracy']:.2%}", r["status"], ", ".join(r["named"]) or "-",
+                   ", ".join(r["expected"]) or "-")
+    console.print(ft)
     console.print(f"all verdicts as expected: {result['all_as_expected']}; "
                   f"wall time {result['wall_seconds']:.0f} s")
     return result
+
+
+def _whitebox_stage(console: Any, splits: Any, spec: dict, n_epochs: int, independent: Any, thief_data: Any,
+                    work: Path, alpha: float, dataset: str) -> list[dict[str, Any]]:
+    """Stage 4: a Wang-AUTO mark, stolen and fine-tuned, verified from saved weights files."""
+    model = seeded_model(spec, 3)
+    wang = WangAuto.create(Key.from_seed("nnmark-demo-wang"), model, layer="conv4", bits=512)
+    console.print("white-box: training a model with a wang-auto mark (512 bits in conv4)")
+    wang.embed(model, splits.train, TrainConfig(epochs=n_epochs, seed=3), description="train-to-embed (wang)")
+    wang.save(work / "wang.key")
+    wang = load_scheme(work / "wang.key", expect="wang-auto")
+    stolen = build_attack("ftal", epochs=20).attack(model, thief_data)
+    rows = []
+    for i, (label, m, expected) in enumerate((("wang-marked", model, True), ("FTAL (Adam, 20 epochs)", stolen, True),
+                                              ("independent clean model", independent, False))):
+        path = save_model(work / f"whitebox{i}.safetensors", m, {"data": dataset})
+        suspect, _ = load_model(path)
+        rows.append({"model": label, "test_accuracy": accuracy(suspect, splits.test), "expected_owned": expected,
+                     "verdict": wang.verify(suspect, alpha=alpha).to_dict()})
+    return rows
+
+
+def _fingerprint_stage(console: Any, splits: Any, clean: Any, independent: Any, thief_data: Any, work: Path,
+                       dataset: str) -> dict[str, Any]:
+    """Stage 5: issue fingerprinted copies of the plain model, trace an averaged and fine-tuned collusion."""
+    from nnmark.attacks import Average
+    from nnmark.fingerprint import Product
+
+    base = save_model(work / "vendor-base.safetensors", clean, {"data": dataset})
+    prod = Product.create(work / "shop", base, key=Key.from_seed("nnmark-demo-fingerprints"), code="ag:7")
+    names = [f"customer-{c}" for c in "ABCDEF"]
+    prod.add_customers(names)
+    console.print(f"fingerprints: issuing {len(names)} copies (AG(2,7) codes, registry {prod.registry.url})")
+    copies = {n: load_model(prod.issue(n).model_path)[0] for n in names}
+    colluders = ["customer-B", "customer-D", "customer-E"]
+    avg = Average().attack([copies[n] for n in colluders])
+    stolen = build_attack("ftal", epochs=5).attack(avg, thief_data)
+    traces = []
+    for label, m, expected in (("one leaked copy (customer-C)", copies["customer-C"], ["customer-C"]),
+                               ("average of B, D, E, fine-tuned", stolen, colluders),
+                               ("independent clean model", independent, [])):
+        rep = prod.trace(m)
+        traces.append({"suspect": label, "test_accuracy": accuracy(m, splits.test), "status": rep.status,
+                       "named": sorted(rep.named), "expected": expected,
+                       "p_values": {a.customer: a.p_value for a in rep.accused}})
+    accs = [accuracy(m, splits.test) for m in copies.values()]
+    prod.registry.close()
+    return {"code": "ag:7", "customers": len(names), "base_accuracy": accuracy(clean, splits.test),
+            "copy_accuracy_min": min(accs), "copy_accuracy_max": max(accs), "traces": traces}
+
