@@ -611,8 +611,7 @@ class WangScheme(WhiteBoxScheme):
                                        "blocks": self.blocks, "block_units": self.block_units,
                                        "block_p_values": res["p"], "orders_per_block": res["orders"],
                                        "exhaustive": res["exhaustive"], "smallest_possible_p": floor})
-        how = ("all " if res["exhaustive"] else f"{res['orders'] - 1} keyed random ") + \
-            f"{'' if not res['exhaustive'] else str(res['orders']) + ' '}orders"
+        how = f"all {res['orders']} orders" if res["exhaustive"] else f"{res['orders'] - 1} keyed random orders"
         null = (f"the model was not trained with this key and shares no ancestor with the marked model (not even "
                 f"its random initialisation), so its layer {self.layer!r} is as likely to come out with its input "
                 f"units in any order (exchangeable units: i.i.d. initialisation and a permutation-equivariant "
