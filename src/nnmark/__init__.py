@@ -13,9 +13,29 @@ The pieces (see the README for a tour):
 - :mod:`nnmark.serving` -- an HTTP prediction server and a budgeted client.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from nnmark.errors import NNMarkError
-from nnmark.keys import Key
-from nnmark.stats import Verdict
+
+if TYPE_CHECKING:
+    from nnmark.keys import Key
+    from nnmark.stats import Verdict
 
 __all__ = ["Key", "NNMarkError", "Verdict"]
 __version__ = "0.1.0"
+
+# ``Key`` and ``Verdict`` pull in torch and scipy (about 2 s); they are imported on first use so
+# that ``nnmark --help`` and light tools that only need ``nnmark.errors`` start at once.
+_LAZY = {"Key": "nnmark.keys", "Verdict": "nnmark.stats"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nnmark' has no attribute {name!r}")

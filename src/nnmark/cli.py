@@ -280,7 +280,12 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        # One line like every other error (click's own show() prints usage and a hint on several).
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        msg = " ".join(exc.format_message().split())
+        click.echo(f"error: {msg}{hint}", err=True)
         sys.exit(2)
     except NNMarkError as exc:
         if debug:

@@ -106,7 +106,7 @@ def _run_ray(product: str, key_file: str | None, batches: list[list[str]], worke
     try:
         import ray
     except ImportError:
-        raise FingerprintError("the ray engine needs the 'ray' package (pip install ray)") from None
+        raise FingerprintError("the ray engine needs the 'ray' package: pip install 'nnmark[ray]'") from None
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
