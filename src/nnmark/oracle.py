@@ -1,7 +1,9 @@
-"""Oracles: anything that answers a batch of images with predicted labels.
+"""Oracles: anything that answers a batch of images with the model's visible outputs.
 
-Black-box verification only needs ``oracle(x) -> labels`` for images ``x`` of shape
-``(N, C, H, W)`` (float32 in [0, 1]) and labels ``(N,)`` (int64). A local model is
+Black-box verification only needs ``oracle(x) -> outputs`` for images ``x`` of shape
+``(N, C, H, W)`` (float32 in [0, 1]); the outputs are what the host's task shows a
+caller (:meth:`nnmark.tasks.Task.read`): labels ``(N,)`` (int64) for a classifier,
+images ``(N, C', H', W')`` in [0, 1] for an image-to-image network. A local model is
 wrapped by :class:`LocalOracle`; a remote prediction API by
 :class:`nnmark.serving.client.HTTPOracle`. Both count the queries (images) they
 answered, and refuse to exceed a query budget.
@@ -15,11 +17,12 @@ import torch
 from torch import nn
 
 from nnmark.errors import OracleError
+from nnmark.tasks import Task, get_task, task_of
 
 
 @runtime_checkable
 class Oracle(Protocol):
-    """A black-box classifier: images ``(N, C, H, W)`` -> labels ``(N,)``."""
+    """A black box: images ``(N, C, H, W)`` -> outputs (labels ``(N,)`` or images)."""
 
     queries_used: int
 
@@ -31,10 +34,13 @@ class QueryBudgetExceeded(OracleError):
 
 
 class LocalOracle:
-    """Wraps a local model as an oracle, with an optional query budget (images)."""
+    """Wraps a local model as an oracle, with an optional query budget (images).
 
-    def __init__(self, model: nn.Module, budget: int | None = None) -> None:
+    ``task``: how outputs are read (default: the model's task, see :func:`nnmark.tasks.task_of`)."""
+
+    def __init__(self, model: nn.Module, budget: int | None = None, task: Task | str | None = None) -> None:
         self.model = model.eval()
+        self.task = task_of(model) if task is None else get_task(task)
         self.budget = budget
         self.queries_used = 0
         self.requests = 0
@@ -47,4 +53,4 @@ class LocalOracle:
             )
         self.queries_used += len(x)
         self.requests += 1
-        return self.model(x).argmax(1)
+        return self.task.read(self.model(x))

@@ -23,6 +23,7 @@ from torch import nn
 
 from nnmark.data.dataset import ImageDataset
 from nnmark.models import build_model
+from nnmark.tasks import Task, get_task, task_of
 
 
 class TrainingHook:
@@ -99,7 +100,7 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, w: torch.Tenso
     (so weights of 1 give the usual mean)."""
     if w is None:
         return F.cross_entropy(logits, y)
-    return (F.cross_entropy(logits, y, reduction="none") * w).sum() / len(y)
+    return get_task("classification").loss(logits, y, w)
 
 
 def _augment(hook: TrainingHook, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
@@ -142,10 +143,14 @@ def train(
     hooks: Sequence[TrainingHook] = (),
     params: Iterable[torch.nn.Parameter] | None = None,
     description: str = "training",
+    task: Task | str | None = None,
 ) -> TrainRecord:
     """Train ``model`` in place on ``data``; return a :class:`TrainRecord`.
 
     ``params``: the parameters to optimise (default: all of the model's).
+    ``task``: the loss and the validation figure (default: :func:`nnmark.tasks.task_of` the model --
+    classification unless the model says otherwise; for an image-to-image task ``data.y`` holds the
+    target images and ``val_accuracy`` records the validation PSNR in dB).
     ``hooks``: scheme hooks, applied in order. Shuffling is seeded by
     ``config.seed``, so the same inputs give the same model.
     """
@@ -155,12 +160,13 @@ def train(
     # caller's global random state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _train(model, data, cfg, val, hooks, params, description)
+        return _train(model, data, cfg, val, hooks, params, description,
+                      task_of(model) if task is None else get_task(task))
 
 
 def _train(model: nn.Module, data: ImageDataset, cfg: TrainConfig, val: ImageDataset | None,
            hooks: Sequence[TrainingHook], params: Iterable[torch.nn.Parameter] | None,
-           description: str) -> TrainRecord:
+           description: str, task: Task) -> TrainRecord:
     record = TrainRecord(config=asdict(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model.parameters() if params is None else params, cfg)
@@ -192,7 +198,7 @@ def _train(model: nn.Module, data: ImageDataset, cfg: TrainConfig, val: ImageDat
                 w = None
                 for h in hooks:
                     x, y, w = _augment(h, x, y, w, step)
-                loss = weighted_cross_entropy(model(x), y, w)
+                loss = task.loss(model(x), y, w)
                 for h in hooks:
                     extra = h.loss(model)
                     if extra is not None:
@@ -211,7 +217,7 @@ def _train(model: nn.Module, data: ImageDataset, cfg: TrainConfig, val: ImageDat
             for h in hooks:
                 h.on_epoch_end(model, epoch)
             if val is not None:
-                acc = accuracy(model, val)
+                acc = task.fidelity(model, val.x, val.y)
                 record.val_accuracy.append(acc)
                 if acc > best_acc:
                     best_acc, stale, record.best_epoch = acc, 0, epoch + 1
@@ -245,8 +251,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
 
 
 def accuracy(model: nn.Module, data: ImageDataset) -> float:
-    """Fraction of ``data`` classified correctly."""
-    return float((predict(model, data.x) == data.y).float().mean())
+    """Fraction of ``data`` classified correctly (the classification task's fidelity)."""
+    return get_task("classification").fidelity(model, data.x, data.y, batch_size=512)
 
 
 def seeded_model(spec: dict[str, Any], seed: int) -> nn.Module:
