@@ -96,3 +96,19 @@ def test_builtin_references_are_lazy_strings():
     broken = Component("scheme", "broken", "nnmark.no_such_module:Thing")
     with pytest.raises(ComponentError, match="cannot be loaded"):
         broken.load()
+
+
+def test_list_parameters():
+    p = Param("weights", list, None, "per-copy weights", optional=True, item=float, low=-10)
+    assert p.parse("1, -1,0.5") == [1.0, -1.0, 0.5]
+    assert p.parse([1, 2]) == [1.0, 2.0]
+    assert p.parse(None) is None
+    assert p.type_name == "list[float] | None"
+    with pytest.raises(ParamError):
+        p.parse("1,x")
+    with pytest.raises(ParamError):
+        p.parse("-11")
+    with pytest.raises(ParamError):
+        p.parse(3.0)
+    with pytest.raises(TypeError):
+        Param("w", list, None, "no item type", optional=True)

@@ -13,7 +13,8 @@ doc). That single declaration is what
   :meth:`Params.help` for people).
 
 Types are the plain ones a command line can carry: ``int``, ``float``, ``str``,
-``bool``. A default of ``None`` with ``optional=True`` means "chosen from the model
+``bool``, and ``list`` of one of those (``item``), written ``a,b,c`` on a command line
+or as a JSON/YAML list. A default of ``None`` with ``optional=True`` means "chosen from the model
 or data at build time" -- the doc line says how.
 
 Example::
@@ -34,7 +35,8 @@ from typing import Any
 
 from nnmark.errors import NNMarkError
 
-TYPES: dict[type, str] = {int: "int", float: "float", str: "str", bool: "bool"}
+TYPES: dict[type, str] = {int: "int", float: "float", str: "str", bool: "bool", list: "list"}
+SCALARS = (int, float, str, bool)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -47,7 +49,8 @@ class ParamError(NNMarkError):
 class Param:
     """One declared parameter.
 
-    ``type``: ``int``, ``float``, ``str`` or ``bool``. ``default``: the value used when the
+    ``type``: ``int``, ``float``, ``str``, ``bool`` or ``list`` (of ``item``, a scalar type; bounds and
+    choices then apply to each item). ``default``: the value used when the
     parameter is not given (``None`` only with ``optional=True``). ``low`` / ``high``:
     inclusive bounds for numbers. ``choices``: the allowed values (strings, compared
     case-sensitively). ``doc``: one line, with the unit where there is one.
@@ -61,10 +64,13 @@ class Param:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     optional: bool = False
+    item: type | None = None
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
             raise TypeError(f"parameter {self.name!r}: unsupported type {self.type!r}")
+        if (self.type is list) != (self.item is not None) or (self.item is not None and self.item not in SCALARS):
+            raise TypeError(f"parameter {self.name!r}: a list needs a scalar item type (and only a list has one)")
         if self.default is None and not self.optional:
             raise TypeError(f"parameter {self.name!r}: a None default needs optional=True")
         if self.default is not None:
@@ -72,7 +78,7 @@ class Param:
 
     @property
     def type_name(self) -> str:
-        name = TYPES[self.type]
+        name = f"list[{TYPES[self.item]}]" if self.item is not None else TYPES[self.type]
         return f"{name} | None" if self.optional else name
 
     def parse(self, value: Any) -> Any:
@@ -82,61 +88,30 @@ class Param:
                              and self.type is not str):
             if self.optional:
                 return None
-            raise ParamError(f"parameter {self.name!r} needs a {TYPES[self.type]} value")
+            raise ParamError(f"parameter {self.name!r} needs a {self.type_name} value")
+        if self.item is not None:
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ParamError(f"parameter {self.name!r} must be a {self.type_name}, got {value!r}")
+            return [self._check(self._typed(self.item, v, value), v) for v in items]
+        return self._check(self._typed(self.type, value, value), value)
+
+    def _typed(self, t: type, value: Any, shown: Any) -> Any:
         try:
-            out = self._convert(value)
+            return _convert(t, value)
         except (TypeError, ValueError):
-            raise ParamError(f"parameter {self.name!r} must be a {TYPES[self.type]}, got {value!r}") from None
+            raise ParamError(f"parameter {self.name!r} must be a {self.type_name}, got {shown!r}") from None
+
+    def _check(self, out: Any, value: Any) -> Any:
         if self.choices is not None and out not in self.choices:
             raise ParamError(f"parameter {self.name!r} must be one of {', '.join(map(str, self.choices))}, "
                              f"got {out!r}")
-        if self.type in (int, float):
+        if isinstance(out, (int, float)) and not isinstance(out, bool):
             if self.low is not None and out < self.low:
                 raise ParamError(f"parameter {self.name!r} must be >= {self.low}, got {out!r}")
             if self.high is not None and out > self.high:
                 raise ParamError(f"parameter {self.name!r} must be <= {self.high}, got {out!r}")
         return out
-
-    def _convert(self, value: Any) -> Any:
-        t = self.type
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError(value)
-        if t is int:
-            if isinstance(value, bool):
-                raise TypeError(value)
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError(value)
-                return int(value)
-            if isinstance(value, int):
-                return value
-            text = str(value).strip()
-            try:
-                return int(text)
-            except ValueError:
-                f = float(text)  # "1e3" is a fine integer on a command line
-                if not f.is_integer():
-                    raise
-                return int(f)
-        if t is float:
-            if isinstance(value, bool):
-                raise TypeError(value)
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError(value)
-            return out
-        if isinstance(value, (dict, list, tuple)):
-            raise TypeError(value)
-        return str(value)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able declaration: name, type, default, bounds, choices, doc."""
@@ -159,6 +134,44 @@ class Param:
             hi = "" if self.high is None else f" <= {self.high:g}"
             extra = f"; {lo}{self.name}{hi}"
         return f"{self.name} ({self.type_name}, default {self.default!r}{extra}): {self.doc}"
+
+
+def _convert(t: type, value: Any) -> Any:
+    """``value`` as scalar type ``t`` (strings parsed the way a command line writes them)."""
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(value)
+    if isinstance(value, bool) or isinstance(value, (dict, list, tuple)):
+        raise TypeError(value)
+    if t is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        try:
+            return int(text)
+        except ValueError:
+            f = float(text)  # "1e3" is a fine integer on a command line
+            if not f.is_integer():
+                raise
+            return int(f)
+    if t is float:
+        out = float(value)
+        if not math.isfinite(out):
+            raise ValueError(value)
+        return out
+    return str(value)
 
 
 class Params:
