@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnmark.data.dataset import ImageDataset
+from nnmark.data import load_data
 from nnmark.oracle import LocalOracle
 from nnmark.tasks import Classification, ImageToImage, TaskError, get_task, task_of
 from nnmark.train import TrainConfig, train
@@ -26,14 +26,9 @@ class Denoiser(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def noisy_digits(digits):
-    gen = torch.Generator().manual_seed(0)
-
-    def pairs(ds: ImageDataset) -> ImageDataset:
-        noisy = (ds.x + 0.2 * torch.randn(ds.x.shape, generator=gen)).clamp(0, 1)
-        return ImageDataset(noisy, ds.x.clone(), 0, f"{ds.name}/denoise")
-
-    return pairs(digits.train), pairs(digits.test)
+def noisy_digits():
+    splits = load_data("digits-denoise")
+    return splits.train, splits.test
 
 
 def test_task_lookup():
@@ -81,3 +76,17 @@ def test_classification_oracle_unchanged(digits):
     labels = oracle(digits.test.x[:5])
     assert labels.dtype == torch.int64 and labels.shape == (5,)
     assert torch.equal(labels, model(digits.test.x[:5]).argmax(1))
+
+
+def test_dataset_names_resolve_through_the_registry(tmp_path):
+    from nnmark.errors import DataError
+
+    pairs = load_data("digits-denoise")
+    assert pairs.train.y.shape == pairs.train.x.shape and pairs.train.num_classes == 0
+    assert float((pairs.train.x - pairs.train.y).abs().mean()) > 0.05
+    with pytest.raises(DataError, match="known: .*mnist5k"):
+        load_data("imagenet")
+    with pytest.raises(DataError, match="needs a directory"):
+        load_data("cifar10")
+    with pytest.raises(DataError, match="takes no directory"):
+        load_data(f"digits:{tmp_path}")

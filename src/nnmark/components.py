@@ -121,7 +121,16 @@ BUILTIN: dict[str, dict[str, Component]] = {
         "average": "nnmark.attacks.collusion:Average",
     }),
     "code": {},
-    "dataset": {},
+    "dataset": _builtin("dataset", {
+        "digits": "nnmark.data.resolve:digits",
+        "digits28": "nnmark.data.resolve:digits28",
+        "mnist5k": "nnmark.data.resolve:mnist5k",
+        "digits-denoise": "nnmark.data.resolve:digits_denoise",
+        "mnist5k-denoise": "nnmark.data.resolve:mnist5k_denoise",
+        "mnist-idx": "nnmark.data.resolve:mnist_idx",
+        "cifar10": "nnmark.data.resolve:cifar10",
+        "cifar100": "nnmark.data.resolve:cifar100",
+    }),
     "architecture": {},
 }
 
