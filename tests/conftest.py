@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -44,3 +48,37 @@ def noise_marked(digits):
     scheme = TriggerSetWatermark.create(Key.from_seed("tests-owner"), model, digits, generator="noise", n=100)
     scheme.embed(model, digits.train, TrainConfig(epochs=MARK_EPOCHS, seed=0, progress=False))
     return scheme, model
+
+
+@dataclass
+class CliResult:
+    """What one ``nnmark`` invocation printed and returned (like ``subprocess.CompletedProcess``)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run ``nnmark ARGS`` in this process through the real entry point (``nnmark.cli.main``: its exit codes
+    and one-line error handling), capturing stdout and stderr. Tests that need a separate process (exit
+    codes of crashes, tracebacks, servers) use ``subprocess`` instead."""
+    from nnmark.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            torch.set_num_threads(threads)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The in-process ``nnmark`` runner (:func:`run_cli`)."""
+    return run_cli
