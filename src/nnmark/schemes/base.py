@@ -10,7 +10,20 @@ everything random is derived from the key. It offers:
   :meth:`query` (oracle -> evidence);
 - :meth:`Scheme.verify` -- model or oracle -> :class:`~nnmark.stats.Verdict`;
 - :meth:`Scheme.save` / :func:`load_scheme` -- a key file (mode 0600) from which
-  the scheme is rebuilt exactly.
+  the scheme is rebuilt exactly, and its public commitment record (see
+  :mod:`nnmark.commitment`).
+
+Commitments: every subclass's ``verify`` is wrapped (in ``__init_subclass__``) by
+:func:`nnmark.commitment.verify_with_commitment`, so that every verdict states whether
+the key was fixed before the suspect existed. A scheme loaded from a key file is
+evidence only with a matching, intact commitment record (otherwise ``owned`` is False
+with status ``uncommitted-key``, ``commitment-mismatch``, ...); a scheme built in this
+process and never committed is verified as before, its verdict marked ``in-memory``
+(``details["evidence"]`` False). ``verify`` accepts two keywords besides the scheme's
+own: ``suspect_seen_at`` (an ISO 8601 date/time, or datetime: a commitment that is not
+earlier is refused; an uncommitted in-memory key too) and ``allow_uncommitted`` (also
+report the raw statistic of a refused key, as ``details["unverified_p_value"]``; still
+not owned).
 
 Schemes register themselves by name in :data:`SCHEMES` so the CLI and configs can
 build them from a string.
@@ -18,13 +31,25 @@ build them from a string.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from nnmark.commitment import (
+    Commitment,
+    CommitmentBinding,
+    commit_key,
+    default_record_path,
+    key_digest,
+    read_record,
+    resolve_log_path,
+    verify_with_commitment,
+)
 from nnmark.data.dataset import ImageDataset
 from nnmark.errors import KeyFileError
 from nnmark.keyfile import KeyFile, load_key_file, save_key_file
@@ -48,11 +73,20 @@ class Scheme(ABC):
     name: ClassVar[str] = ""
     access: ClassVar[str] = "black-box"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        raw = cls.__dict__.get("verify")
+        if raw is not None and not getattr(raw, "__isabstractmethod__", False) \
+                and not getattr(raw, "_nnmark_commitment", False):
+            cls.verify = _with_commitment(raw)  # type: ignore[method-assign]
+
     def __init__(self, key: Key) -> None:
         self.key = key
         # The architecture spec the scheme was embedded into (set by embed / load),
         # so that a key used on another architecture is reported clearly.
         self.model_spec: dict[str, Any] | None = None
+        # Its commitment (built in this process until saved / loaded; see nnmark.commitment).
+        self.commitment = CommitmentBinding()
 
     @classmethod
     def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> Scheme:
@@ -77,7 +111,14 @@ class Scheme(ABC):
     # -- verification ---------------------------------------------------------
     @abstractmethod
     def verify(self, target: Any, *, alpha: float = 1e-6, **kwargs: Any) -> Verdict:
-        """Test ``target`` (a model, or an oracle for black-box schemes)."""
+        """Test ``target`` (a model, or an oracle for black-box schemes). Subclasses implement
+        the raw statistical test; the commitment rule (module docs) is applied around it, with
+        the extra keywords ``suspect_seen_at`` and ``allow_uncommitted``."""
+
+    def evidence_refusal(self) -> tuple[str, str] | None:
+        """``(status, reason)`` when this key can never be evidence, whatever its commitment
+        (e.g. a projection key with a custom target); default ``None``."""
+        return None
 
     # -- persistence ----------------------------------------------------------
     @abstractmethod
@@ -94,20 +135,50 @@ class Scheme(ABC):
                     material: dict[str, torch.Tensor]) -> Scheme:
         """Rebuild from a key file's contents."""
 
-    def save(self, path: str | Path) -> None:
-        """Write the key file (mode 0600) that rebuilds this scheme."""
+    def key_file(self) -> KeyFile:
+        """The key file content that rebuilds this scheme (secret, name, params with the
+        architecture spec, material)."""
         params = dict(self.params())
         if self.model_spec is not None:
             params["model_spec"] = self.model_spec
-        save_key_file(path, KeyFile(self.key, self.name, params, self.material()))
+        return KeyFile(self.key, self.name, params, self.material())
+
+    def key_digest(self) -> str:
+        """``key_sha256`` of :meth:`key_file` (what a commitment covers)."""
+        return key_digest(self.key_file())
+
+    def save(self, path: str | Path, *, commit: bool = True, model_file: str | Path | None = None,
+             model_sha256: str | None = None, log: str | Path | None = None) -> Commitment | None:
+        """Write the key file (mode 0600) that rebuilds this scheme and, with ``commit``
+        (default), commit it: the public record ``<path>.commit.json`` and an entry in the
+        commitment log (``log``; default :func:`~nnmark.commitment.resolve_log_path`).
+        ``model_file`` / ``model_sha256``: the marked model the key was made for, recorded in
+        the commitment. Returns the record (``None`` without ``commit``)."""
+        kf = self.key_file()
+        save_key_file(path, kf)
+        if not commit:
+            return None
+        digest = key_digest(kf)
+        record = commit_key(path, kf, model_file=model_file, model_sha256=model_sha256, log=log)
+        self.commitment = CommitmentBinding(origin="memory", record=record, record_path=default_record_path(path),
+                                            log_path=resolve_log_path(path, log), file_digest=digest,
+                                            state_digest=digest)
+        return record
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key={self.key!r})"
 
 
-def load_scheme(path: str | Path, expect: str | None = None) -> Scheme:
+def load_scheme(path: str | Path, expect: str | None = None, *, commitment: str | Path | None = None,
+                log: str | Path | None = None) -> Scheme:
     """Rebuild a scheme from its key file. ``expect``: the scheme family the caller
-    needs (e.g. ``"trigger"``); a key file for another scheme is a clear error."""
+    needs (e.g. ``"trigger"``); a key file for another scheme is a clear error.
+
+    ``commitment``: the key's commitment record (default ``<path>.commit.json`` when it
+    exists; a record named explicitly must exist). ``log``: the commitment log to check it
+    against (default :func:`~nnmark.commitment.resolve_log_path`; skipped if absent). A key
+    without a record loads, but its verdicts are refused (``uncommitted-key``).
+    :class:`~nnmark.commitment.CommitmentError` for a malformed record."""
     kf = load_key_file(path, expect_scheme=expect)
     cls = SCHEMES.get(kf.scheme)
     if cls is None:
@@ -119,4 +190,33 @@ def load_scheme(path: str | Path, expect: str | None = None) -> Scheme:
     except (KeyError, TypeError, ValueError) as exc:
         raise KeyFileError(f"{path}: invalid parameters for {kf.scheme!r}: {exc}") from None
     scheme.model_spec = spec
+    record_path = Path(commitment) if commitment is not None else default_record_path(path)
+    record = read_record(record_path) if commitment is not None or record_path.exists() else None
+    scheme.commitment = CommitmentBinding(origin="file", record=record, record_path=record_path,
+                                          log_path=resolve_log_path(path, log), file_digest=key_digest(kf),
+                                          state_digest=scheme.key_digest())
     return scheme
+
+
+def _with_commitment(raw: Any) -> Any:
+    """Wrap a scheme's raw ``verify`` with the commitment rule (re-entrant calls, e.g. a
+    subclass calling ``super().verify``, run the raw test only)."""
+
+    @functools.wraps(raw)
+    def verify(self: Scheme, target: Any, *args: Any, suspect_seen_at: str | datetime | date | None = None,
+               allow_uncommitted: bool = False, **kwargs: Any) -> Verdict:
+        if getattr(self, "_nnmark_verifying", False):
+            return raw(self, target, *args, **kwargs)
+
+        def run() -> Verdict:
+            self._nnmark_verifying = True
+            try:
+                return raw(self, target, *args, **kwargs)
+            finally:
+                self._nnmark_verifying = False
+
+        return verify_with_commitment(self, run, alpha=float(kwargs.get("alpha", 1e-6)),
+                                      suspect_seen_at=suspect_seen_at, allow_uncommitted=bool(allow_uncommitted))
+
+    verify._nnmark_commitment = True  # type: ignore[attr-defined]
+    return verify

@@ -13,6 +13,16 @@ the bits are the signs (``F_hat > 0``). ``F`` is by default a keyed random ±1 c
 (a message ``m`` modulated as ``2m - 1``); a given real vector (e.g. a customer's
 anti-collusion fingerprint) can be embedded instead with ``target=``.
 
+Custom targets are not evidence. A target that is not derived from the key can be
+chosen after seeing any model -- ``F = sign(X theta)`` of a clean model matches every
+bit (measured: p = 9e-78 for 256 bits of a clean MLP) -- so :meth:`ProjectionRegularizer.verify`
+of a custom-target key always refuses (status ``custom-target``, ``owned`` False), with the
+read-out (BER, correlation) still in the details; even a committed one, since nnmark
+cannot tell a target fixed in advance from one fitted afterwards without a trusted date.
+``target=`` stays for carrying codes whose evidence is tested elsewhere: the fingerprint
+carrier (:mod:`nnmark.fingerprint.carrier`) writes customer codes with it and traces them
+with its own tests. Only the keyed ±1 code is ownership evidence.
+
 Defaults: ``strength`` (mu) 2.0 -- the paper's mu = 0.2 pulls a tenth as hard and,
 with ``X`` ~ N(0, 1), left codes of a few hundred entries short of their signs
 within a normal CPU-scale training run here. The MSE pins ``X theta`` to exact
@@ -74,7 +84,8 @@ class ProjectionRegularizer(WhiteBoxScheme):
     layer: name of the conv / linear layer that carries the code.
     bits: code length ``l`` (at most the carrier width); ignored when ``target`` is given.
     width: number of carrier values of the layer (set by :meth:`create`).
-    target: the real code ``F`` ``(l,)`` to embed; default: keyed random ±1.
+    target: the real code ``F`` ``(l,)`` to embed; default: keyed random ±1. A custom
+        target is never ownership evidence: :meth:`verify` refuses it (module docs).
     strength: ``mu`` (default 2.0).
     reduce: carrier, ``"auto"`` / ``"mean"`` / ``"flat"``.
     strict_capacity: refuse ``bits > width`` (default); ``False`` allows it for
@@ -155,11 +166,20 @@ class ProjectionRegularizer(WhiteBoxScheme):
         """Bits ``F_hat > 0`` (``(l,)`` 0/1 int64)."""
         return (self.extract_real(model) > 0).astype(np.int64)
 
+    def evidence_refusal(self) -> tuple[str, str] | None:
+        """A custom target is never ownership evidence (see the module docs)."""
+        if not self.custom_target:
+            return None
+        return ("custom-target", "this projection key carries a custom target code, which is not derived from the "
+                                 "key's secret and could have been fitted to the suspect (sign(X theta) matches every "
+                                 "bit of any model); only the keyed +-1 code is evidence")
+
     def verify(self, target: nn.Module, *, alpha: float = 1e-6, **kwargs: Any) -> Verdict:
         """Binomial bit-match test of the signs of ``F_hat`` against those of ``F``
         (entries where ``F == 0`` carry no bit and are skipped). H0: the model was
         not marked with this key -- ``X`` is drawn independently of the model, so
-        each sign matches with probability 1/2."""
+        each sign matches with probability 1/2. A custom-target key is refused
+        (:meth:`evidence_refusal`); the read-out stays in the details."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
         if not isinstance(target, nn.Module):
