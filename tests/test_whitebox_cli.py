@@ -8,6 +8,10 @@ with one thread (the machine's cores are shared; two threads are much slower her
 
 Wang's verdict is an exact block-permutation test (every order of each block's
 8 units, well under a second); all claims are checked at the default --alpha 1e-6.
+
+Key commitments (``embed`` writes ``KEY.commit.json`` and a log entry; ``verify`` checks
+them, refusing keys without a matching, early enough record) are checked at the end, with
+``nnmark`` run in this process to spare interpreter start-ups.
 """
 
 from __future__ import annotations
@@ -147,3 +151,70 @@ def test_key_for_another_architecture(base):
         assert embed(d, "uchida", "uchida-scratch", "--epochs", "2").returncode == 0
     p = run("verify", str(d / "cnn.safetensors"), "--key", str(d / "uchida-scratch.key"))
     assert_one_line_error(p, r"another architecture")
+
+
+# --------------------------------------------------------------------------- key commitments
+def run_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`nnmark ARGS` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from nnmark.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out = capsys.readouterr()
+    return int(exc.value.code or 0), out.out, out.err
+
+
+def _committed(base: Path, scheme: str = "uchida") -> tuple[Path, Path]:
+    tag = f"{scheme}-scratch"
+    if not (base / f"{tag}.key").exists():  # when run alone
+        assert embed(base, scheme, tag, "--epochs", "10").returncode == 0
+    return base / f"{tag}.key", base / f"{tag}.safetensors"
+
+
+def test_embed_commits_the_key(base):
+    from nnmark.commitment import CommitmentLog, read_record
+    from nnmark.io import file_sha256
+
+    key, model = _committed(base)
+    record_file = Path(str(key) + ".commit.json")
+    rec = read_record(record_file)
+    doc = json.loads(key.read_text())
+    assert rec.model_sha256 == file_sha256(model) and rec.key_id == doc["key_id"] and rec.scheme == "uchida"
+    assert doc["secret"] not in record_file.read_text() and "secret" not in json.loads(record_file.read_text())
+    log = CommitmentLog(base / "commitments.db")
+    assert log.verify().ok and log.find(rec.record_sha256) is not None
+
+
+def test_verify_reports_and_checks_the_commitment(base, capsys, tmp_path):
+    key, model = _committed(base)
+    code, out, _ = run_here(capsys, "verify", str(model), "--key", str(key), "--json")
+    v = json.loads(out)
+    c = v["details"]["commitment"]
+    assert code == 0 and v["owned"] and v["details"]["status"] == "committed" and v["details"]["evidence"]
+    assert c["matches_key"] and c["suspect_is_committed_model"] and c["log"]["chain_intact"]
+    assert "was committed at " + c["committed_at"] in v["null_hypothesis"]
+    # a suspect first seen before the key was committed: refused
+    code, out, _ = run_here(capsys, "verify", str(model), "--key", str(key), "--json",
+                            "--suspect-seen-at", "2020-01-01")
+    v = json.loads(out)
+    assert code == 1 and not v["owned"] and v["details"]["status"] == "committed-after-suspect" and v["p_value"] == 1
+    # the key without its record (a thief's key, a lost record): refused, loudly
+    bare = tmp_path / "bare.key"
+    bare.write_bytes(key.read_bytes())
+    code, out, err = run_here(capsys, "verify", str(model), "--key", str(bare))
+    assert code == 1 and "NOT EVIDENCE -- refused (uncommitted-key)" in out and "OWNED" not in out
+    code, out, err = run_here(capsys, "verify", str(model), "--key", str(bare), "--json", "--allow-uncommitted")
+    v = json.loads(out)
+    assert code == 1 and not v["owned"] and v["details"]["unverified_p_value"] < 1e-6 and err.startswith("WARNING:")
+    # the record given explicitly; a key file altered after it was committed
+    doc = json.loads(key.read_text())
+    doc["params"]["strength"] = 0.5
+    bare.write_text(json.dumps(doc))
+    code, out, _ = run_here(capsys, "verify", str(model), "--key", str(bare), "--json",
+                            "--commitment", str(key) + ".commit.json")
+    assert code == 1 and json.loads(out)["details"]["status"] == "commitment-mismatch"
+    # bad input: one-line errors, exit 2
+    code, _, err = run_here(capsys, "verify", str(model), "--key", str(key), "--commitment", str(tmp_path / "none"))
+    assert code == 2 and "commitment record not found" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_here(capsys, "verify", str(model), "--key", str(key), "--suspect-seen-at", "last tuesday")
+    assert code == 2 and "ISO 8601" in err

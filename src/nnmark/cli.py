@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,19 @@ def _spec(arch: str, splits: Any) -> dict[str, Any]:
               help="key file to write (mode 0600; keep it secret)")
 @click.option("--key-seed", default=None, help="derive the key from this public seed (demos/tests only)")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="marked model file to write")
+@click.option("--commitment-log", type=click.Path(dir_okay=False), default=None,
+              help="commitment log to append to (default: $NNMARK_COMMITMENT_LOG, else commitments.db beside "
+                   "the key file)")
 def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tuple[str, ...],
           epochs: int | None, lr: float, seed: int, references: int, key_out: str, key_seed: str | None,
-          out: str) -> None:
-    """Embed a watermark: train a marked model, or fine-tune one into a finished model."""
+          out: str, commitment_log: str | None) -> None:
+    """Embed a watermark: train a marked model, or fine-tune one into a finished model.
+
+    The key is committed when it is written: KEY_OUT.commit.json (public: no secret) holds the
+    SHA-256 of the whole key file, of the marked model file, and the UTC time, and the same record
+    is appended to a hash-chained commitment log. Publish the record (or have it timestamped by a
+    third party): a verdict is evidence only for a key fixed before the suspect existed.
+    """
     from nnmark.data import load_data
     from nnmark.io import load_model, save_model
     from nnmark.keys import Key
@@ -142,11 +152,14 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
             raise NNMarkError("a fixed-label trigger set needs --references >= 1 for its null")
         rate = sch.calibrate(refs)
         click.echo(f"null hit rate measured on {len(refs)} reference models: {rate:.4f}")
-    sch.save(key_out)
     acc = accuracy(model, splits.test)
     save_model(out, model, {"data": data or "mnist5k", "training": rec.to_dict(), "test_accuracy": acc,
                             "parent": meta.get("sha256") if base else None})
+    record = sch.save(key_out, model_file=out, log=commitment_log)
+    assert record is not None
     click.echo(f"saved {out}: test accuracy {acc:.4f}; key {key.key_id} written to {key_out} (mode 0600)")
+    click.echo(f"key committed at {record.committed_at}: record {key_out}.commit.json (public), record SHA-256 "
+               f"{record.record_sha256} -- publish it or have it timestamped to date the key")
 
 
 # --------------------------------------------------------------------------- verify
@@ -160,19 +173,37 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
 @click.option("--timeout", default=10.0, show_default=True, help="seconds per HTTP request")
 @click.option("--retries", default=2, show_default=True, help="retries on connection errors / 5xx")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
+@click.option("--commitment", "commitment", type=click.Path(dir_okay=False), default=None,
+              help="the key's commitment record (default: KEY.commit.json beside the key file)")
+@click.option("--commitment-log", type=click.Path(dir_okay=False), default=None,
+              help="commitment log to check the record against (default: $NNMARK_COMMITMENT_LOG, else "
+                   "commitments.db beside the key file; skipped if absent)")
+@click.option("--suspect-seen-at", default=None, metavar="ISO-DATE",
+              help="when the suspect was first seen (e.g. 2026-05-01 or 2026-05-01T12:00Z, UTC unless an "
+                   "offset is given): a key committed at or after it is refused")
+@click.option("--allow-uncommitted", is_flag=True,
+              help="for a refused key (no / mismatching / late commitment) also report the raw statistic, "
+                   "with a warning; it is still not evidence (exit 1)")
 def verify(suspect: str | None, key_path: str, url: str | None, queries: int, alpha: float,
-           budget: int | None, timeout: float, retries: int, as_json: bool) -> int:
+           budget: int | None, timeout: float, retries: int, as_json: bool, commitment: str | None,
+           commitment_log: str | None, suspect_seen_at: str | None, allow_uncommitted: bool) -> int:
     """Test a suspect model (a file, or --url of its API) for the owner's mark.
 
-    Exit code 0 when owned, 1 when not.
+    A verdict is evidence only for a key fixed before the suspect existed: the key's commitment
+    record must match the key file (and predate --suspect-seen-at, if given). A key without one,
+    or with one that does not match, is refused: not owned, exit 1.
+
+    Exit code 0 when owned, 1 when not (or refused).
     """
-    from nnmark.io import load_model
+    from nnmark.commitment import parse_time
+    from nnmark.io import file_sha256, load_model
     from nnmark.schemes import load_scheme
 
     if (suspect is None) == (url is None):
         raise NNMarkError("give exactly one of a SUSPECT model file or --url")
-    sch = load_scheme(key_path)
-    kwargs: dict[str, Any] = {"alpha": alpha}
+    seen = parse_time(suspect_seen_at) if suspect_seen_at is not None else None
+    sch = load_scheme(key_path, commitment=commitment, log=commitment_log)
+    kwargs: dict[str, Any] = {"alpha": alpha, "suspect_seen_at": seen, "allow_uncommitted": allow_uncommitted}
     if sch.access == "black-box":
         kwargs["queries"] = queries
     if url is not None:
@@ -185,11 +216,29 @@ def verify(suspect: str | None, key_path: str, url: str | None, queries: int, al
     else:
         target, _ = load_model(suspect, expect_spec=None)
     verdict = sch.verify(target, **kwargs)
+    cdet = verdict.details.get("commitment")
+    if suspect is not None and isinstance(cdet, dict):
+        digest = file_sha256(suspect)
+        cdet = {**cdet, "suspect_sha256": digest,
+                "suspect_is_committed_model": cdet.get("model_sha256") is not None and cdet["model_sha256"] == digest}
+        verdict = replace(verdict, details={**verdict.details, "commitment": cdet})
+    refused = verdict.details.get("refused")
+    if refused and "warning" in verdict.details:
+        click.echo(f"WARNING: {verdict.details['warning']}", err=True)
     if as_json:
         click.echo(verdict.to_json(indent=2))
     else:
-        click.echo(verdict.summary())
+        if refused:
+            click.echo(f"{verdict.scheme}: NOT EVIDENCE -- refused ({verdict.details['status']}): {refused}")
+            if "unverified_p_value" in verdict.details:
+                click.echo(f"  unverified statistic {verdict.statistic:g}/{verdict.n}, "
+                           f"p = {verdict.details['unverified_p_value']:.3g} (not evidence)")
+        else:
+            click.echo(verdict.summary())
         click.echo(f"  H0: {verdict.null_hypothesis}")
+        if isinstance(cdet, dict) and cdet.get("record_sha256"):
+            click.echo(f"  key commitment: {cdet.get('status')}; record {cdet.get('record')} "
+                       f"(SHA-256 {cdet['record_sha256']}), committed at {cdet.get('committed_at')}")
     return 0 if verdict.owned else 1
 
 
