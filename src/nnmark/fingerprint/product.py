@@ -262,7 +262,12 @@ class Product:
                             crc_bits=int(crc_bits), scale=float(scale), tau=float(tau), decoder=decoder,
                             alpha=float(alpha), data=data,
                             issue=issue_cfg.to_dict(), registry_url=registry_url, created_at=time.time())
-        save_key_file(root / KEY_NAME, KeyFile(key=key, scheme=KEY_SCHEME, params={"product": cfg.name}))
+        key_file = KeyFile(key=key, scheme=KEY_SCHEME, params={"product": cfg.name})
+        save_key_file(root / KEY_NAME, key_file)
+        # commit the product key: key.json.commit.json (public) + commitments.db in the directory
+        from nnmark.commitment import commit_key
+
+        commit_key(root / KEY_NAME, key_file, model_sha256=cfg.base_sha256)
         cic = layout.cic
         codes = cic.issue_order() if isinstance(cic, ProductAndAccCode) else layout.n_codes
         url = registry_url or database_url(root / REGISTRY_NAME)
