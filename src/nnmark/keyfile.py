@@ -30,9 +30,12 @@ from safetensors.torch import save as st_save
 
 from nnmark.errors import KeyFileError
 from nnmark.keys import Key
+from nnmark.safejson import JSONLimitError
+from nnmark.safejson import loads as safe_json_loads
 
 FORMAT = "nnmark-key"
 VERSION = 1
+MAX_KEY_FILE_BYTES = 256 << 20  # key material (trigger images, secret networks) is at most a few MB
 
 
 @dataclass
@@ -90,15 +93,18 @@ def load_key_file(path: str | Path, expect_scheme: str | None = None) -> KeyFile
     missing, malformed, or (when ``expect_scheme`` is given) made for another scheme."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_KEY_FILE_BYTES + 1)  # bounded: never more than the limit
     except FileNotFoundError:
         raise KeyFileError(f"key file not found: {path}") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyFileError(f"{path} is not an nnmark key file (not JSON)") from None
+        doc = safe_json_loads(raw, max_bytes=MAX_KEY_FILE_BYTES, what="key file")
+    except JSONLimitError as exc:
+        if "not valid" in str(exc):
+            raise KeyFileError(f"{path} is not an nnmark key file (not JSON)") from None
+        raise KeyFileError(f"{path}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KeyFileError(f"{path} is not an nnmark key file (format field missing)")
     if doc.get("version") != VERSION:

@@ -52,9 +52,12 @@ from nnmark.keyfile import KeyFile, load_key_file, save_key_file
 from nnmark.keys import Key
 from nnmark.registry import IssuedCopy, RecoveryReport, Registry, RegistryNotFoundError
 from nnmark.registry.store import database_url
+from nnmark.safejson import JSONLimitError
+from nnmark.safejson import loads as safe_json_loads
 
 CONFIG_NAME = "product.json"
 KEY_NAME = "key.json"
+MAX_CONFIG_BYTES = 1 << 20  # product.json: public parameters, a few KB
 BASE_NAME = "base.safetensors"
 REGISTRY_NAME = "registry.db"
 COPIES_DIR = "copies"
@@ -292,9 +295,12 @@ class Product:
             if not cfg_path.is_file():
                 raise FingerprintError(f"{root} is not a fingerprint product directory (no {CONFIG_NAME})")
             try:
-                cfg = ProductConfig.from_dict(json.loads(cfg_path.read_text()))
-            except json.JSONDecodeError:
-                raise FingerprintError(f"{cfg_path} is not valid JSON") from None
+                with cfg_path.open("rb") as fh:
+                    cfg = ProductConfig.from_dict(safe_json_loads(fh.read(MAX_CONFIG_BYTES + 1),
+                                                                  max_bytes=MAX_CONFIG_BYTES, what=str(cfg_path)))
+            except JSONLimitError as exc:
+                raise FingerprintError(str(exc) if "not valid" not in str(exc)
+                                       else f"{cfg_path} is not valid JSON") from None
             url = cfg.registry_url or database_url(root / REGISTRY_NAME)
         else:
             if "://" not in text and not Path(text).exists():
