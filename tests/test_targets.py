@@ -215,6 +215,8 @@ def test_cnn_float_forms_read_back_exactly(cnn, cnn_files, form):
     assert check_readout(target.weights(), _floats(cnn), {}) == 0.0
     kinds = {"nnmark": "nnmark-file", "bare-safetensors": "safetensors-state-dict", "pt": "torch-state-dict"}
     assert target.describe()["kind"] == kinds.get(form, "onnx")
+    json.dumps(target.describe())  # JSON-able, for verdicts
+    assert open_target(target) is target
     if form == "onnx-dynamo":  # read through the external-data checks, then held inline
         assert cnn_files[form].with_suffix(".onnx.data").exists()
         assert all(not t.external_data for t in target.proto.graph.initializer)
@@ -224,6 +226,7 @@ def test_cnn_float_forms_read_back_exactly(cnn, cnn_files, form):
 def test_cnn_onnx_int8_reads_back_within_half_a_step(cnn, cnn_files, digits, form):
     target = open_target(cnn_files[form])
     info = target.describe()
+    json.dumps(info)
     modes = info["dequantized"]
     weights = [k for k in _floats(cnn) if k.endswith(".weight")]
     assert set(weights) <= set(modes)  # every weight was stored as int8 and dequantised
@@ -385,6 +388,45 @@ def test_user_net_int8_copies(user_net, user_exports, tmp_path):
     tq = open_target(quantize_torch_dynamic(user_net))
     modes = {"tok.weight": "per-tensor", "head.weight": "per-tensor"}
     assert 0.0 < check_readout(tq.weights(), _floats(user_net), modes) <= 1 + 1e-4
+
+
+def test_dequantize_linear_by_hand(tmp_path):
+    """Per-channel uint8 with zero points, blocked int8, and a scale that does not fit, against hand values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    q1 = np.array([[10, 12, 0], [200, 255, 190]], np.uint8)
+    s1, z1 = np.array([0.5, 2.0], np.float32), np.array([10, 200], np.uint8)
+    q2 = np.array([[1, -2, 3, 4], [-5, 6, 7, -8]], np.int8)
+    s2, z2 = np.array([[0.1, 0.2], [0.3, 0.4]], np.float32), np.array([[0, 1], [-1, 0]], np.int8)
+    inits = {"lin.weight_quantized": q1, "lin.weight_scale": s1, "lin.weight_zero_point": z1,
+             "onnx::MatMul_5": q2, "s2": s2, "z2": z2,
+             "bad_quantized": np.ones((2, 2), np.int8), "bad_scale": np.ones(3, np.float32)}
+    nodes = [
+        helper.make_node("DequantizeLinear", ["lin.weight_quantized", "lin.weight_scale", "lin.weight_zero_point"],
+                         ["w1"], axis=0),
+        helper.make_node("Gemm", ["x", "w1"], ["y"], name="/lin/Gemm", transB=1),
+        helper.make_node("DequantizeLinear", ["onnx::MatMul_5", "s2", "z2"], ["w2"], axis=1, block_size=2),
+        helper.make_node("MatMul", ["y", "w2"], ["z"], name="/proj/MatMul"),
+        helper.make_node("DequantizeLinear", ["bad_quantized", "bad_scale"], ["w3"], axis=0),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4]),
+                               helper.make_tensor_value_info("w3", TensorProto.FLOAT, [2, 2])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    path = tmp_path / "hand.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    target = open_target(path)
+    w = target.weights()
+    assert set(w) == {"lin.weight", "proj.weight"}
+    lin = (q1.astype(np.float64) - z1[:, None]) * s1[:, None]
+    assert np.allclose(w["lin.weight"].numpy(), lin, rtol=1e-6)
+    proj = (q2 - np.repeat(z2, 2, axis=1).astype(np.float64)) * np.repeat(s2, 2, axis=1)
+    assert np.allclose(w["proj.weight"].numpy(), proj.T, rtol=1e-6)
+    info = target.describe()
+    assert info["dequantized"]["lin.weight"] == "uint8 per-channel axis 0 (DequantizeLinear)"
+    assert info["dequantized"]["proj.weight"] == "int8 per-block 2 axis 1 (DequantizeLinear)"
+    assert info["renamed"] == {"proj.weight": "onnx::MatMul_5 (transposed)"}
+    assert "3 scales for axis 0" in info["skipped"]["bad_quantized"]
 
 
 # -- hostile and malformed files -------------------------------------------------------------------------------------

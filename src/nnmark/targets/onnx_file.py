@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from nnmark.targets.base import Target, TargetError, one_line
 from nnmark.targets.factory import build_from_factory, load_into
 from nnmark.targets.onnx_weights import OnnxWeights, read_onnx_weights
 from nnmark.targets.readers import file_size
+
+if TYPE_CHECKING:
+    from nnmark.targets.onnx_oracle import OnnxOracle
 
 MAX_ONNX_BYTES = 2 << 30  # protobuf cannot hold more
 MAX_EXTERNAL_BYTES = 4 << 30
@@ -179,7 +182,7 @@ class OnnxTarget(Target):
                 state[k] = v
         return load_into(model, state, self.factory, str(self.path))
 
-    def oracle(self, budget: int | None = None):
+    def oracle(self, budget: int | None = None) -> OnnxOracle:
         from nnmark.targets.onnx_oracle import OnnxOracle
 
         return OnnxOracle(self.proto, budget=budget, threads=self.threads, task=self.task, source=str(self.path))

@@ -234,8 +234,33 @@ def _weight_axis(rule: str, node: Any, q: np.ndarray) -> int:
     return q.ndim - 1  # "last": per output column of a (K, N) matrix
 
 
+def _params_for(g: _Graph, name: str, node: Any, slot: int, aux: set[str]) -> tuple | None:
+    """(scale, zero point, axis, block size, op) for initialiser ``name`` at input ``slot`` of ``node``;
+    ``None`` when that input is not a quantised weight; ``ValueError`` when its scales cannot be found."""
+    q = g.arrays[name]
+    spec = next((w for w in _WEIGHT_QUANT.get(node.op_type, []) if w[0] == slot), None)
+    bias = _BIAS_QUANT.get(node.op_type)
+    if spec:
+        scale = g.array(node, spec[1])
+        if scale is None and spec[1] is None and name.endswith("_quantized"):
+            scale_name = name.removesuffix("_quantized") + "_scale"  # onnxruntime's dynamic quantiser
+            scale = g.arrays.get(scale_name)
+            if scale is not None:
+                aux.add(scale_name)
+        if scale is None:
+            raise ValueError(f"no constant scale for {node.op_type} {node.name!r}")
+        block = int(_attr(node, "block_size", 0)) if node.op_type == "DequantizeLinear" else 0
+        return scale, g.array(node, spec[2]), _weight_axis(spec[3], node, q), block, node.op_type
+    if bias and slot == bias[0]:
+        xs, ws = g.array(node, bias[1]), g.array(node, bias[2])
+        if xs is None or ws is None:
+            raise ValueError(f"no constant scales for the bias of {node.op_type} {node.name!r}")
+        return np.asarray(xs, np.float64) * np.asarray(ws, np.float64), None, 0, 0, node.op_type
+    return None
+
+
 def _quant_params(g: _Graph, aux: set[str]) -> tuple[dict[str, tuple], dict[str, str]]:
-    """Initialiser -> (scale, zero point, axis, block size, how) for every quantised weight, and the failures."""
+    """Initialiser -> (scale, zero point, axis, block size, op) for every quantised weight, and the failures."""
     found: dict[str, tuple] = {}
     failed: dict[str, str] = {}
     for name in g.order:  # scales and zero points are not weights
@@ -244,36 +269,18 @@ def _quant_params(g: _Graph, aux: set[str]) -> tuple[dict[str, tuple], dict[str,
             if data is not None and slot not in data:
                 aux.add(name)
     for name in g.order:
-        q = g.arrays[name]
-        if q.dtype.kind not in "iu":
+        if g.arrays[name].dtype.kind not in "iu":
             continue
         for node, slot in g.consumers.get(name, []):
-            spec = next((w for w in _WEIGHT_QUANT.get(node.op_type, []) if w[0] == slot), None)
-            bias = _BIAS_QUANT.get(node.op_type)
-            if spec:
-                scale = g.array(node, spec[1])
-                if scale is None and spec[1] is None and name.endswith("_quantized"):
-                    scale_name = name[: -len("_quantized")] + "_scale"
-                    scale = g.arrays.get(scale_name)
-                    if scale is not None:
-                        aux.add(scale_name)
-                if scale is None:
-                    failed[name] = f"no constant scale for {node.op_type} {node.name!r}"
-                    continue
-                zp = g.array(node, spec[2])
-                axis = _weight_axis(spec[3], node, q)
-                block = int(_attr(node, "block_size", 0)) if node.op_type == "DequantizeLinear" else 0
-                found[name] = (scale, zp, axis, block, node.op_type)
-            elif bias and slot == bias[0]:
-                xs, ws = g.array(node, bias[1]), g.array(node, bias[2])
-                if xs is None or ws is None:
-                    failed[name] = f"no constant scales for the bias of {node.op_type} {node.name!r}"
-                    continue
-                found[name] = (np.asarray(xs, np.float64) * np.asarray(ws, np.float64), None, 0, 0,
-                               node.op_type)
-            else:
+            try:
+                params = _params_for(g, name, node, slot, aux)
+            except (ValueError, TypeError) as exc:
+                failed.setdefault(name, one_line(exc))
                 continue
-            break
+            if params is not None:
+                found[name] = params
+                failed.pop(name, None)
+                break
     return found, failed
 
 
@@ -300,7 +307,7 @@ def read_onnx_weights(model: Any) -> OnnxWeights:
             scale, zp, axis, block, op = quant[name]
             try:
                 arr = dequantize(arr, scale, zp, axis, block)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 out.skipped[name] = f"cannot dequantise: {exc}"
                 continue
             how = _describe_quant(g.arrays[name], scale, axis, block, op)
