@@ -55,6 +55,23 @@ def test_verify_marked_and_clean(journey):
     assert secret not in p.stdout + p.stderr
 
 
+def test_embed_commits_the_key(journey):
+    """`embed` writes the public commitment record beside the key; it names the marked model file."""
+    import hashlib
+
+    d = journey
+    rec = json.loads((d / "owner.key.commit.json").read_text())
+    key = json.loads((d / "owner.key").read_text())
+    assert rec["format"] == "nnmark-key-commitment" and rec["key_id"] == key["key_id"]
+    assert rec["model_sha256"] == hashlib.sha256((d / "marked.safetensors").read_bytes()).hexdigest()
+    assert key["secret"] not in json.dumps(rec) and (d / "commitments.db").is_file()
+    # the clean model checked with the committed key: a valid commitment, and not owned
+    p = run("verify", str(d / "clean.safetensors"), "--key", str(d / "owner.key"), "--json")
+    v = json.loads(p.stdout)
+    assert p.returncode == 1 and v["details"]["status"] == "committed" and not v["owned"]
+    assert v["details"]["commitment"]["suspect_is_committed_model"] is False
+
+
 def test_attack_then_verify(journey):
     d = journey
     p = run("attack", str(d / "marked.safetensors"), "--attack", "prune", "--param", "fraction=0.7",
