@@ -43,6 +43,7 @@ from nnmark.commitment import (
     LOG_BROKEN,
     MISMATCH,
     UNCOMMITTED,
+    CommitmentError,
     CommitmentLog,
     default_record_path,
     read_record,
@@ -243,6 +244,16 @@ def test_altered_key_or_record_is_refused(world, tmp_path):
     assert loaded.verify(model).owned
     loaded.strength = 3.0
     assert loaded.verify(model).details["status"] == MISMATCH
+
+
+def test_malformed_record_is_a_one_line_error(world, tmp_path):
+    _owner_marked(world, tmp_path)
+    rec = default_record_path(tmp_path / "owner.key")
+    for text in ("[" * 100_000, "{}", "not json", json.dumps({"format": "nnmark-key-commitment", "version": 1})):
+        rec.write_text(text)
+        with pytest.raises(CommitmentError, match=r"commit\.json") as exc:
+            load_scheme(tmp_path / "owner.key")
+        assert len(str(exc.value).splitlines()) == 1
 
 
 def test_commitment_log_is_append_only_and_chained(world, tmp_path):

@@ -94,6 +94,8 @@ from nnmark.errors import NNMarkError
 from nnmark.keyfile import FORMAT as KEY_FORMAT
 from nnmark.keyfile import VERSION as KEY_VERSION
 from nnmark.keyfile import KeyFile
+from nnmark.safejson import JSONLimitError
+from nnmark.safejson import loads as safe_json_loads
 from nnmark.stats import Verdict
 
 RECORD_FORMAT = "nnmark-key-commitment"
@@ -305,12 +307,10 @@ def read_record(path: str | Path) -> Commitment:
         raise CommitmentError(f"commitment record not found: {path}") from None
     except OSError as exc:
         raise CommitmentError(f"cannot read commitment record {path}: {exc.strerror}") from None
-    if len(raw) > MAX_RECORD_BYTES:
-        raise CommitmentError(f"{path} is not an nnmark key commitment record (over {MAX_RECORD_BYTES} bytes)")
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CommitmentError(f"{path} is not an nnmark key commitment record (not JSON)") from None
+        doc = safe_json_loads(raw, max_bytes=MAX_RECORD_BYTES, max_depth=8, what="its JSON")
+    except JSONLimitError as exc:
+        raise CommitmentError(f"{path} is not an nnmark key commitment record ({exc})") from None
     return Commitment.from_dict(doc, where=str(path))
 
 
