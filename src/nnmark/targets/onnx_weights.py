@@ -292,6 +292,13 @@ def _describe_quant(q: np.ndarray, scale: np.ndarray, axis: int, block: int, op:
 
 def read_onnx_weights(model: Any) -> OnnxWeights:
     """The read-out of ``model`` (an ``onnx.ModelProto`` whose tensors are all inline; see the module docstring)."""
+    try:
+        return _read(model)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:  # a malformed graph
+        raise TargetError(f"cannot read the ONNX graph's weights: {type(exc).__name__}: {one_line(exc)}") from None
+
+
+def _read(model: Any) -> OnnxWeights:
     g = _Graph(model.graph)
     aux: set[str] = set()
     quant, failed = _quant_params(g, aux)
@@ -316,6 +323,9 @@ def read_onnx_weights(model: Any) -> OnnxWeights:
                 base, arr = base.removesuffix("_Transposed"), arr.T
                 how += ", stored transposed"
         elif arr.dtype.kind != "f":
+            continue
+        if base in pending:
+            out.skipped[name] = f"a second tensor for {base!r} (kept {pending[base][2]!r})"
             continue
         pending[base] = (np.ascontiguousarray(arr, dtype=np.float32), how, name)
     taken = {k for k in pending if is_torch_name(k)}
