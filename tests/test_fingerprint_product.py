@@ -148,7 +148,8 @@ def test_activation_correction_preserves_outputs(fp_base, digits):
 
 def test_k_minus_1_colluders_of_ag11_after_finetune_and_k_refused(fp_base, digits, tmp_path):
     """(121,11,1): the average of k - 1 = 10 copies, fine-tuned by the attacker, still names exactly the ten;
-    the average of k = 11 copies (beyond the code's guarantee) is refused, nobody named."""
+    the average of k = 11 copies (beyond the code's guarantee) is refused by the code decoder, but each
+    colluder's own secret component still names exactly the eleven (and nobody else)."""
     prod = Product.create(tmp_path / "wide11", fp_base[0], key=Key.from_seed("ag11"), code="ag:11")
     names = [f"w{i:02d}" for i in range(12)]
     prod.add_customers(names)
@@ -164,7 +165,8 @@ def test_k_minus_1_colluders_of_ag11_after_finetune_and_k_refused(fp_base, digit
         assert sorted(report.named) == coalition, report.evidence
     big = Average().attack([models[n] for n in names[:11]])
     report = prod.trace(big)
-    assert report.accused == [] and report.status != "accused"
+    assert report.evidence["decoder_status"] != "accused"
+    assert sorted(report.named) == names[:11] and not any(a.code_named for a in report.accused)
 
 
 def test_threshold_decoder_still_available(fp_base, tmp_path):

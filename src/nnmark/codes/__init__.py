@@ -8,6 +8,7 @@
   up to L - 1 colluders traced exactly among p**2 customers.
 - :mod:`nnmark.codes.community` -- community relationship codes (NMF + LLE hashing).
 - :mod:`nnmark.codes.fingerprint` -- the layout ``F = CRC || CIC`` and tracing of an extracted vector.
+- :mod:`nnmark.codes.order` -- the secret, key-derived order in which a product hands out its codes.
 """
 
 from nnmark.codes.andacc import (
@@ -30,6 +31,7 @@ from nnmark.codes.community import (
 from nnmark.codes.concatenated import ConcatenatedDecoding, ReedSolomonAndAccCode
 from nnmark.codes.fingerprint import FingerprintLayout, FingerprintTrace
 from nnmark.codes.galois import GF
+from nnmark.codes.order import secret_issue_order
 
 __all__ = [
     "DEFAULT_TAU",
@@ -53,4 +55,5 @@ __all__ = [
     "neighbourhood_accuracy",
     "pair_accuracy",
     "projective_plane",
+    "secret_issue_order",
 ]

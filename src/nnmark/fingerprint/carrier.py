@@ -116,6 +116,11 @@ class FingerprintCarrier:
         return {"layers": list(self.layers), "chunks": [list(c) for c in self.chunks], "dim": self.dim,
                 "scale": self.scale, "strength": self.strength}
 
+    @property
+    def readers(self) -> list[ProjectionRegularizer]:
+        """One read-out per chunk (its ``X`` and layer; targets unused), in the order of :attr:`chunks`."""
+        return list(self._readers)
+
     # -- writing --------------------------------------------------------------------------
     def regularisers(self, fingerprint: np.ndarray, model: nn.Module) -> list[ProjectionRegularizer]:
         """One :class:`ProjectionRegularizer` per chunk, targeting ``scale * F`` (for fine-tuning hooks)."""
@@ -183,21 +188,12 @@ class FingerprintCarrier:
 
 
 @torch.no_grad()
-def activation_metric(model: nn.Module, layer: str, images: torch.Tensor, ridge: float = 0.1,
-                      batch_size: int = 64) -> torch.Tensor | None:
-    """The inverse metric ``M^+`` (``(width, width)`` float64) for an output-preserving correction of a
-    conv layer's filter-mean carrier, measured on ``images`` (``(n, C, H, W)``, the vendor's data).
-
-    Adding ``delta`` to every filter of a conv layer changes each output by ``delta . patch``, whose mean
-    square over the data is ``delta^T A delta`` with ``A`` the second moment of the layer's input patches
-    (unfolded with the layer's kernel, stride, padding and dilation). The metric is
-    ``M = A + ridge * (tr A / width) I`` restricted to the patches' range: directions the data never
-    excite (input channels that are always 0 -- dead ReLUs) are excluded, because there the change would be
-    free for an attacker to remove (prune those channels). ``ridge`` keeps part of the change isotropic;
-    the default 0.1 comes from a sweep 0.01-10 on five (121,11,1) copies of the mnist5k CNN (mean accuracy
-    drop 0.00 points at 0.1, 0.14 at 1, 0.18 at 10, and 0.18 for the minimum-norm change). Returns ``None`` for a
-    layer that is not a 2-d convolution (the caller falls back to the minimum-norm change).
-    """
+def patch_moment(model: nn.Module, layer: str, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor | None:
+    """The second moment ``A`` (``(width, width)`` float64) of a conv layer's input patches over ``images``
+    (``(n, C, H, W)``): the patches are unfolded with the layer's kernel, stride, padding and dilation, and
+    ``A = mean(patch patch^T)`` over every patch of every image. Adding ``delta`` to a filter changes its output by
+    ``delta . patch``, whose mean square is ``delta^T A delta``. ``None`` for a layer that is not an ungrouped 2-d
+    convolution. ``model`` is put in eval mode for the pass and restored."""
     mod = get_layer(model, layer)
     if not isinstance(mod, nn.Conv2d) or mod.groups != 1:
         return None
@@ -220,9 +216,39 @@ def activation_metric(model: nn.Module, layer: str, images: torch.Tensor, ridge:
     finally:
         handle.remove()
         model.train(was_training)
-    a = acc / max(count, 1)
-    evals, evecs = torch.linalg.eigh(a)
-    live = evals > evals.max() * 1e-9  # the patches' range (float64 round-off below)
+    return acc / max(count, 1)
+
+
+def live_eigen(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(eigenvalues, eigenvectors, live)`` of a patch moment ``A``: ``live`` marks the patches' range (eigenvalues
+    above ``1e-9`` of the largest; below that is float64 round-off of directions the data never excite, e.g. input
+    channels that are always 0 -- dead ReLUs)."""
+    evals, evecs = torch.linalg.eigh(moment)
+    return evals, evecs, evals > evals.max() * 1e-9
+
+
+@torch.no_grad()
+def activation_metric(model: nn.Module, layer: str, images: torch.Tensor, ridge: float = 0.1,
+                      batch_size: int = 64, moment: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The inverse metric ``M^+`` (``(width, width)`` float64) for an output-preserving correction of a
+    conv layer's filter-mean carrier, measured on ``images`` (``(n, C, H, W)``, the vendor's data).
+
+    Adding ``delta`` to every filter of a conv layer changes each output by ``delta . patch``, whose mean
+    square over the data is ``delta^T A delta`` with ``A`` the second moment of the layer's input patches
+    (:func:`patch_moment`). The metric is
+    ``M = A + ridge * (tr A / width) I`` restricted to the patches' range: directions the data never
+    excite (input channels that are always 0 -- dead ReLUs) are excluded, because there the change would be
+    free for an attacker to remove (prune those channels). ``ridge`` keeps part of the change isotropic;
+    the default 0.1 comes from a sweep 0.01-10 on five (121,11,1) copies of the mnist5k CNN (mean accuracy
+    drop 0.00 points at 0.1, 0.14 at 1, 0.18 at 10, and 0.18 for the minimum-norm change). Returns ``None`` for a
+    layer that is not a 2-d convolution (the caller falls back to the minimum-norm change). ``moment``: a
+    precomputed :func:`patch_moment` of the same layer and images (then ``images`` is not read).
+    """
+    a = patch_moment(model, layer, images, batch_size) if moment is None else moment
+    if a is None:
+        return None
+    width = a.shape[0]
+    evals, evecs, live = live_eigen(a)
     lam = ridge * float(evals.clamp(min=0).sum()) / width
     u_live = evecs[:, live]
     return (u_live / (evals[live] + lam)) @ u_live.T

@@ -21,7 +21,11 @@ regulariser. Here a copy starts from the vendor's finished base model:
    - ``correction="min-norm"``: ``X^+ r`` (the smallest weight change).
 
    The correction map is linear and depends only on the base model and the data, so the
-   weight average of copies carries the average of their fingerprints exactly.
+   weight average of copies carries the average of their fingerprints exactly -- and any combination of
+   copies with weights summing to 1 carries the same combination of their codes (a frame of an innocent);
+3. the customer's own secret component (:mod:`nnmark.fingerprint.own`, given as ``own_component``) is added
+   last: a keyed random direction in the carrier layers that the code read-out does not see (zero filter
+   mean), so the code stays exact and the tracer can ask for evidence of that customer's own copy.
 
 Measured on the mnist5k CNN, (121,11,1) code (``experiments/results/securemark/README.md``):
 the activation correction alone leaves every copy's test accuracy at the base's (16 of 16
@@ -95,13 +99,15 @@ class IssueConfig:
 @dataclass
 class IssueRecord:
     """What issuing one copy did: seconds, fine-tune steps, the correction's size, the residual
-    ``max |X theta / s - F|`` after issuing (0 up to float error with the correction)."""
+    ``max |X theta / s - F|`` after issuing (0 up to float error with the correction), and the norm of the
+    customer's own component added (0 without one)."""
 
     seconds: float
     steps: int
     correction_norm: float
     residual: float
     config: dict[str, Any] = field(default_factory=dict)
+    own_norm: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,13 +133,16 @@ def correction_metrics(base: nn.Module, carrier: FingerprintCarrier, data: Image
 
 def issue_copy(base: nn.Module, fingerprint: np.ndarray, carrier: FingerprintCarrier,
                data: ImageDataset | None = None, config: IssueConfig | None = None,
-               metrics: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, IssueRecord]:
+               metrics: dict[str, torch.Tensor] | None = None,
+               own_component: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, IssueRecord]:
     """A fingerprinted copy of ``base`` carrying ``fingerprint`` (``(carrier.dim,)``, the customer's ``F``).
 
     ``base`` is left untouched. ``data``: the vendor's training data, needed when
     ``config.train != "none"`` and for the ``"activation"`` correction (without data that correction
     falls back to the minimum-norm one). ``metrics``: precomputed :func:`correction_metrics` (computed
-    here when not given). Returns ``(copy in eval mode, record)``.
+    here when not given). ``own_component``: ``{layer: D}`` added to those layers' weights after the correction
+    (:meth:`nnmark.fingerprint.own.OwnComponents.component`; it leaves the code read-out unchanged). Returns
+    ``(copy in eval mode, record)``.
     """
     cfg = config or IssueConfig()
     if cfg.correct and metrics is None:
@@ -158,6 +167,13 @@ def issue_copy(base: nn.Module, fingerprint: np.ndarray, carrier: FingerprintCar
                     description="issue fingerprint")
         steps = rec.steps
     norm = carrier.correct(model, f, metrics) if cfg.correct else 0.0
+    own_norm = 0.0
+    if own_component:
+        with torch.no_grad():
+            for name, d in own_component.items():
+                w = get_layer(model, name).weight
+                w.add_(d.to(w.dtype).view(w.shape))
+                own_norm += float(d.double().pow(2).sum())
     model.eval()
     residual = float(np.max(np.abs(carrier.extract(model) - f)))
-    return model, IssueRecord(time.perf_counter() - start, steps, norm, residual, cfg.to_dict())
+    return model, IssueRecord(time.perf_counter() - start, steps, norm, residual, cfg.to_dict(), own_norm ** 0.5)

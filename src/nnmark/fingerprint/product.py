@@ -20,12 +20,22 @@ error aborts the reservation and removes the partial file, and
 :meth:`Product.recover` settles reservations left by killed issuers (completing those
 whose file exists *and* carries the reserved fingerprint).
 
+Every copy also carries its customer's own secret component (:mod:`nnmark.fingerprint.own`): a keyed
+random direction in the carrier layers that no other copy contains, and codes are handed out in a secret,
+key-derived order (:mod:`nnmark.codes.order`).
+
 Tracing (:meth:`Product.trace`) extracts the fingerprint with the carrier, decodes the
 identity code with the structural AND-ACC decoder (:mod:`nnmark.codes.andacc`; the paper's
-hard threshold on request) and maps the named codes to
-customers through the registry. It accuses only when the decoder's guard accepts and
-every named code belongs to an issued copy; the community code gives a shortlist,
-never an accusation. See :class:`TraceReport` for the statistics stated with it.
+hard threshold on request), maps the named codes to customers through the registry, and tests every
+issued customer's own component. It names a customer only when that test's exact p-value is at most
+``alpha / n_codes`` (:data:`DECISION_RULE`), so that whatever a coalition does with its copies -- any number
+of them, weights of any sign -- the probability that it gets any innocent customer named is at most
+``alpha``. Codes the decoder names whose holders' components are absent are listed as suspects, never
+accused; the community code gives a shortlist, never an accusation. See :class:`TraceReport`.
+
+Products created before the per-copy components (no ``own`` parameters) still open, issue and trace, but
+their copies carry nothing a frame cannot rebuild: their traces name nobody (status ``"unprotected"``) and
+list the decoder's codes as suspects; their registries keep the public order in which they were filled.
 """
 
 from __future__ import annotations
@@ -44,9 +54,18 @@ import numpy as np
 from torch import nn
 
 from nnmark.codes import AndAccCode, FingerprintLayout, ProductAndAccCode, ReedSolomonAndAccCode
-from nnmark.codes.andacc import DEFAULT_TAU, NULL_HYPOTHESIS
-from nnmark.fingerprint.carrier import FingerprintCarrier, FingerprintError
+from nnmark.codes.andacc import DEFAULT_TAU
+from nnmark.codes.order import secret_issue_order
+from nnmark.fingerprint.carrier import FingerprintCarrier, FingerprintError, patch_moment
 from nnmark.fingerprint.issue import IssueConfig, correction_metrics, issue_copy
+from nnmark.fingerprint.own import (
+    DEFAULT_RIDGE,
+    DEFAULT_STRENGTH,
+    OWN_NULL_HYPOTHESIS,
+    OwnComponents,
+    z_level,
+    z_to_p,
+)
 from nnmark.io import file_sha256, load_model, save_model, spec_difference
 from nnmark.keyfile import KeyFile, load_key_file, save_key_file
 from nnmark.keys import Key
@@ -66,14 +85,14 @@ KEY_SCHEME = "fingerprint"
 DECODERS = ("structural", "threshold")
 
 DECISION_RULE = (
-    "customers are named only when (1) the AND-ACC decoder accepts: structural decoder (default): the named "
-    "codewords are in every coalition of 1..k-1 codewords whose weighted average of +-1 codes, fitted by least "
-    "squares, explains the coefficients (blocks' union = a prefix of the sorted coefficients, every residual "
-    "below half the smallest level step, lack-of-fit p > 1e-3); threshold decoder: between 1 and k-1 "
-    "codewords whose blocks exactly cover the coefficients <= tau * gain, (2) every named code belongs to an "
-    "issued copy, and (3) "
-    "every named customer's p-value is <= alpha / (number of codes), so that under H0 the probability of "
-    "naming anyone is at most alpha (Bonferroni)"
+    "a customer is named only when the exact p-value of its own secret component, p_u = P[N(0,1) >= z_u] under "
+    "H0_u (the suspect was made without u's copy and without the key), is <= alpha / (number of codes); every "
+    "issued customer is tested, so the probability of naming any customer whose copy was not used is at most "
+    "alpha (Bonferroni), whatever was done with the other copies. The AND-ACC decoder (structural: the "
+    "codewords in every coalition of 1..k-1 whose weighted average of +-1 codes explains the coefficients; "
+    "threshold: between 1 and k-1 codewords whose blocks exactly cover the coefficients <= tau * gain) is "
+    "reported beside it (code_named); codes it names whose holders' components fail the test are suspects, "
+    "never accused. With scan=False only the decoder's codes are tested (named = decoded AND p_u <= alpha / n)"
 )
 
 
@@ -141,6 +160,8 @@ class ProductConfig:
     base_file: str = BASE_NAME
     created_at: float = 0.0
     format: str = FORMAT
+    own: dict[str, Any] = field(default_factory=dict)  # per-copy components: {} for products made before them
+    code_order: str = "public"  # "keyed" (secret, key-derived) for new products; "public" for older ones
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,29 +178,42 @@ class ProductConfig:
 
 @dataclass(frozen=True)
 class Accusation:
-    """A named customer: its code, community, and the p-value of its code's presence under the null."""
+    """A named customer: its code, community, and the evidence of its own copy.
+
+    ``p_value``: the exact p-value of the customer's own component under H0_u (:data:`OWN_NULL_HYPOTHESIS`),
+    ``z`` its statistic; ``code_named``: whether the AND-ACC decoder also named the customer's code, and
+    ``code_p_value`` the decoder's p-value of that code's presence (``None`` when it did not name it)."""
 
     customer: str
     code: int
     community: str | None
     p_value: float
+    z: float | None = None
+    code_named: bool = True
+    code_p_value: float | None = None
 
 
 @dataclass
 class TraceReport:
     """The result of tracing one suspect model (JSON-able through :meth:`to_dict`).
 
-    ``status``: ``"accused"`` (customers named), or why nobody is: the decoder's refusal
-    (structural decoder: ``"no-candidate"``: no prefix of the sorted coefficients is a union of 1..k-1
-    blocks, e.g. an unmarked model or a coalition of k or more; ``"unexplained"``: no coalition's levels
-    fit; threshold decoder: ``"too-many"``, ``"no-candidate"``, ``"unexplained"``, ``"empty-zero-set"``),
-    ``"ambiguous"`` (several explaining coalitions share nobody, or two codebooks: suspects but
-    nobody provable), or ``"unissued-code"`` (a named code belongs to no issued copy: nobody is
-    accused), ``"weak-evidence"`` (a named customer's p-value misses the gate ``alpha / n_codes``:
-    nobody is accused). ``accused``: the named customers with a p-value each under ``null_hypothesis``.
-    ``community_shortlist``: customers whose community code is near the extracted one (a lead,
-    never an accusation). ``verbatim_copy_of``: the customer whose issued file has exactly the
-    suspect's SHA-256, if any. ``evidence``: decoder details (coefficient margins, zero set).
+    ``status``: ``"accused"`` (customers named: their own components pass the gate, see
+    :data:`DECISION_RULE`), or why nobody is: ``"weak-evidence"`` (the decoder names issued codes, but their
+    holders' own components are absent -- a frame built from other copies, or noise: listed in
+    ``suspects``), ``"unissued-code"`` (a decoded code belongs to no issued copy), ``"unprotected"`` (a
+    product made before per-copy components: nothing can be proved against a frame, the decoder's codes
+    are listed in ``suspects``), or the decoder's refusal (structural decoder: ``"no-candidate"``: no prefix
+    of the sorted coefficients is a union of 1..k-1 blocks, e.g. an unmarked model or a coalition of k or
+    more; ``"unexplained"``: no coalition's levels fit; threshold decoder: ``"too-many"``,
+    ``"no-candidate"``, ``"unexplained"``, ``"empty-zero-set"``; ``"ambiguous"``: several explaining
+    coalitions share nobody, or two codebooks: suspects but nobody provable).
+    ``accused``: the named customers, each with its own component's exact p-value under
+    ``null_hypothesis`` (:data:`~nnmark.fingerprint.own.OWN_NULL_HYPOTHESIS`) and whether the decoder named
+    its code. ``suspects``: customers whose codes the decoder names but who are not accused, with their
+    components' ``z`` and ``p_value`` (never an accusation). ``community_shortlist``: customers whose
+    community code is near the extracted one (a lead, never an accusation). ``verbatim_copy_of``: the
+    customer whose issued file has exactly the suspect's SHA-256, if any. ``evidence``: decoder details
+    (coefficient margins, zero set, its own null hypothesis) and the own-component scan (``evidence["own"]``).
     """
 
     product: str
@@ -191,8 +225,9 @@ class TraceReport:
     community_shortlist: list[dict[str, Any]]
     verbatim_copy_of: str | None
     evidence: dict[str, Any]
-    null_hypothesis: str = NULL_HYPOTHESIS
+    null_hypothesis: str = OWN_NULL_HYPOTHESIS
     decision_rule: str = DECISION_RULE
+    suspects: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def named(self) -> list[str]:
@@ -220,6 +255,7 @@ class Product:
         self._carrier: FingerprintCarrier | None = None
         self._data = None
         self._correction_metrics: dict | None = None
+        self._own: OwnComponents | None = None
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -227,7 +263,8 @@ class Product:
                key: Key | None = None, code: str = "ag:7", crc_bits: int = 0, layers: Sequence[str] = ("conv4",),
                scale: float = 2.0, tau: float = DEFAULT_TAU, alpha: float = 1e-3, data: str | None = None,
                issue: IssueConfig | None = None, registry_url: str | None = None,
-               decoder: str = "structural") -> Product:
+               decoder: str = "structural", own_strength: float = DEFAULT_STRENGTH,
+               own_ridge: float = DEFAULT_RIDGE) -> Product:
         """Create a product directory from the vendor's base model file.
 
         ``key``: the product key (default: a fresh random one), written to ``key.json``
@@ -243,11 +280,17 @@ class Product:
         ``alpha``: family-wise level of the p-value gate (see :data:`DECISION_RULE`).
         ``data``: the dataset name used by fine-tuning issues (default: the base file's).
         ``registry_url``: a SQLAlchemy URL (default ``registry.db`` in the directory).
+        ``own_strength`` / ``own_ridge``: the per-copy secret components (:mod:`nnmark.fingerprint.own`; default
+        0.05: a 5 % RMS change of the carrier layers' pre-activations, ridge 10; ``own_strength=0`` makes a
+        product without them, whose traces never accuse -- for measurements only).
+        Codes are handed out in a secret key-derived order (:func:`~nnmark.codes.order.secret_issue_order`).
         Refuses an existing product directory.
         """
         root = Path(directory)
         if decoder not in DECODERS:
             raise FingerprintError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if not (own_strength >= 0 and own_ridge >= 0):
+            raise FingerprintError(f"own_strength and own_ridge must be >= 0, got {own_strength}, {own_ridge}")
         if (root / CONFIG_NAME).exists() or (root / KEY_NAME).exists():
             raise FingerprintError(f"a product already exists in {root}")
         base, meta = load_model(base_model)
@@ -264,15 +307,16 @@ class Product:
                             key_id=key.key_id, code=code, spec=dict(base.spec), layers=list(layers),
                             crc_bits=int(crc_bits), scale=float(scale), tau=float(tau), decoder=decoder,
                             alpha=float(alpha), data=data,
-                            issue=issue_cfg.to_dict(), registry_url=registry_url, created_at=time.time())
+                            issue=issue_cfg.to_dict(), registry_url=registry_url, created_at=time.time(),
+                            own={"strength": float(own_strength), "ridge": float(own_ridge)} if own_strength else {},
+                            code_order="keyed")
         key_file = KeyFile(key=key, scheme=KEY_SCHEME, params={"product": cfg.name})
         save_key_file(root / KEY_NAME, key_file)
         # commit the product key: key.json.commit.json (public) + commitments.db in the directory
         from nnmark.commitment import commit_key
 
         commit_key(root / KEY_NAME, key_file, model_sha256=cfg.base_sha256)
-        cic = layout.cic
-        codes = cic.issue_order() if isinstance(cic, ProductAndAccCode) else layout.n_codes
+        codes = secret_issue_order(key, layout.cic)
         url = registry_url or database_url(root / REGISTRY_NAME)
         reg = Registry.create(url, product=cfg.name, base_sha256=cfg.base_sha256, key_id=key.key_id,
                               code_family=cfg.to_dict(), codes=codes)
@@ -357,6 +401,28 @@ class Product:
             self._correction_metrics = correction_metrics(self.base_model, self.carrier, data, cfg) or {}
         return self._correction_metrics
 
+    @property
+    def own(self) -> OwnComponents | None:
+        """The per-copy secret components (:mod:`nnmark.fingerprint.own`; built once per product object), or
+        ``None`` for a product made before them. Their shaping uses the patch moments of the carrier layers on
+        the first ``metric_images`` training images of the product's data (unshaped without data)."""
+        if not self.config.own or not self.config.own.get("strength"):
+            return None
+        if self._own is None:
+            moments = {}
+            if self.config.data:
+                try:
+                    data = self._train_data()
+                except Exception as exc:  # noqa: BLE001 - any loader failure: say which data is missing
+                    raise FingerprintError(f"the per-copy components are shaped on the product's data "
+                                           f"{self.config.data!r}, which cannot be loaded ({exc})") from None
+                images = data.x[: self.issue_config.metric_images]
+                moments = {name: patch_moment(self.base_model, name, images) for name, _a, _b in self.carrier.chunks}
+            self._own = OwnComponents(self._key, self.base_model, self.carrier, moments,
+                                      strength=float(self.config.own["strength"]),
+                                      ridge=float(self.config.own.get("ridge", DEFAULT_RIDGE)))
+        return self._own
+
     def key_for_workers(self) -> Path:
         """Where issuing workers read the key (the file, never the secret itself)."""
         return self.root / KEY_NAME
@@ -438,7 +504,9 @@ class Product:
             data = self._train_data() if cfg.train != "none" else None
             if data is None and cfg.correct and cfg.correction == "activation" and self.config.data:
                 data = self._train_data()
-            model, rec = issue_copy(self.base_model, f, self.carrier, data, cfg, metrics=self._metrics(cfg, data))
+            own = self.own.component(res.code_index) if self.own is not None else None
+            model, rec = issue_copy(self.base_model, f, self.carrier, data, cfg, metrics=self._metrics(cfg, data),
+                                    own_component=own)
             save_model(path, model, {"data": self.config.data, "product": self.config.name,
                                      "issue": {"seconds": rec.seconds, "steps": rec.steps}})
             del model
@@ -514,6 +582,8 @@ class Product:
         return g if g > 0 else 1.0
 
     def _decode(self, model: nn.Module, tau: float | None = None, gain: float | None = None):
+        """``(code trace, gain, model read)``: the last is the model the carrier actually read (the own-component
+        test must read the same one)."""
         y = self.carrier.extract(model)
         issued = None
         if isinstance(self.layout.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
@@ -522,47 +592,77 @@ class Product:
             tr = self.layout.trace(y, issued=issued, tau=None)
             halves = _decoding_parts(tr.cic)
             gains = [h.gain for h in halves if h.gain is not None]
-            return tr, float(np.mean(gains)) if gains else None
+            return tr, float(np.mean(gains)) if gains else None, model
         g = self.estimate_gain(y) if gain is None else float(gain)
-        return self.layout.trace(y, issued=issued, tau=self.config.tau if tau is None else tau, scale=g), g
+        return self.layout.trace(y, issued=issued, tau=self.config.tau if tau is None else tau, scale=g), g, model
 
     def trace(self, suspect: str | Path | nn.Module, *, tau: float | None = None,
-              shortlist_size: int = 20) -> TraceReport:
-        """Trace a suspect model file (or model): see :class:`TraceReport`. ``tau``: use the hard-threshold
-        decoder at this threshold instead of the product's decoder."""
+              shortlist_size: int = 20, scan: bool = True, weighting: str = "adaptive") -> TraceReport:
+        """Trace a suspect model file (or model): see :class:`TraceReport` and :data:`DECISION_RULE`.
+
+        ``tau``: use the hard-threshold decoder at this threshold instead of the product's decoder.
+        ``scan``: test every issued customer's own component (default), or only the decoder's codes
+        (``False``: named = decoded AND passing). ``weighting``: the own-component read-out,
+        ``"adaptive"`` (default) or ``"plain"`` (:mod:`nnmark.fingerprint.own`); either keeps the null exact.
+        """
         if isinstance(suspect, nn.Module):
             model, name, sha = suspect, "<model>", ""
             self.carrier.check_model(model)
         else:
             model, name, sha = self.load_suspect(suspect), str(suspect), file_sha256(suspect)
         verbatim = self.registry.find_by_sha256(sha) if sha else None
-        tr, gain = self._decode(model, tau)
+        tr, gain, model = self._decode(model, tau)
         holders = self.registry.assigned_codes(include_reserved=True)
         customers = {c.name: c for c in self.registry.customers()}
         dec = tr.cic
-        status = dec.status
-        accused: list[Accusation] = []
-        unissued = [int(c) for c in dec.accused if int(c) not in holders]
+        decoded = [int(c) for c in dec.accused]
+        unissued = [c for c in decoded if c not in holders]
         level = self.config.alpha / self.layout.n_codes
-        weak = [int(c) for c in dec.accused if not dec.p_values[c] <= level]
-        if unissued:
+        evidence = self._evidence(tr, unissued)
+        own = self.own
+        accused: list[Accusation] = []
+        suspects: list[dict[str, Any]] = []
+        if own is None:
+            suspects = [{"customer": holders[c], "code": c, "z": None, "p_value": None} for c in decoded
+                        if c in holders]
+            evidence["own"] = {"tested": 0, "reason": "this product's copies carry no per-copy components"}
+        else:
+            tested = sorted(holders) if scan else [c for c in decoded if c in holders]
+            z = own.z_scores(model, tested, weighting) if tested else np.zeros(0)
+            p = [z_to_p(float(v)) for v in z]
+            for c, zc, pc in zip(tested, z, p, strict=True):
+                cust = customers[holders[c]]
+                if pc <= level:
+                    accused.append(Accusation(cust.name, c, cust.community, pc, float(zc), c in decoded,
+                                              float(dec.p_values[c]) if c in decoded else None))
+                elif c in decoded:
+                    suspects.append({"customer": cust.name, "code": c, "z": float(zc), "p_value": pc})
+            named = {a.code for a in accused}
+            others = np.array([zc for c, zc in zip(tested, z, strict=True) if c not in named])
+            evidence["own"] = {"tested": len(tested), "scan": bool(scan), "weighting": weighting,
+                               "level": level, "max_z_not_named": float(others.max()) if others.size else None,
+                               "z_level": z_level(level), **own.params()}
+        accused.sort(key=lambda a: a.customer)
+        if accused:
+            status = "accused"
+        elif own is None:
+            status = "unprotected"
+        elif unissued:
             status = "unissued-code"
-        elif weak:
+        elif suspects:
             status = "weak-evidence"
         else:
-            for c in dec.accused:
-                cust = customers[holders[int(c)]]
-                accused.append(Accusation(cust.name, int(c), cust.community, float(dec.p_values[c])))
+            status = dec.status
+            if status == "accused":  # decoded codes, none issued-and-tested (scan=False with nothing issued)
+                status = "weak-evidence"
         ambiguous = [holders[int(c)] for c in getattr(dec, "ambiguous", ()) if int(c) in holders]
-        evidence = self._evidence(tr, unissued)
         shortlist = self._shortlist(tr, customers, shortlist_size) if self.config.crc_bits else []
         evidence["gain"] = gain
         evidence["alpha"] = self.config.alpha
         evidence["p_value_level"] = level
-        if weak:
-            evidence["weak_codes"] = weak
-        return TraceReport(self.config.name, name, sha, status, accused if not (unissued or weak) else [], ambiguous,
-                           shortlist, verbatim.customer if verbatim else None, evidence)
+        evidence["decoder_status"] = dec.status
+        return TraceReport(self.config.name, name, sha, status, accused, ambiguous, shortlist,
+                           verbatim.customer if verbatim else None, evidence, suspects=suspects)
 
     def _evidence(self, tr, unissued: list[int]) -> dict[str, Any]:
         dec = tr.cic
