@@ -23,6 +23,13 @@ models trained without the mark and takes p0 = the largest one-sided 99.9%
 Clopper-Pearson upper bound among them; the verdict says so. Verifying an
 uncalibrated fixed-label mark is an error rather than a guess.
 
+Both nulls hold for triggers fixed before the suspect existed. The trigger images are
+key material (cut from the owner's data, not derived from the seed): images a model
+already labels as the keyed labels can be picked after the fact (measured: 30 of 30
+hits on each of 10 clean MLPs, p ~ 2e-29). So a verdict counts only for a key file
+committed before the suspect existed (:mod:`nnmark.commitment`; ``save`` commits it,
+``verify`` checks it).
+
 Training cost
 -------------
 The hook adds ``per_batch`` trigger samples to every clean batch, so a step costs

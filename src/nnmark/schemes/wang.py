@@ -22,7 +22,11 @@ optimiser (``net_lr``, 1e-3), stepped in the hook's ``after_step`` on the host's
 updated weights. The host's gradient does not touch the secret network.
 
 After training, the secret network and the selection are key material: they are
-saved in the key file (safetensors inside) and never shipped with the model.
+saved in the key file (safetensors inside) and never shipped with the model. Nothing
+in them derives from the key's seed, so a secret network can be trained on any model
+after the fact (``finalize`` on a clean MLP's own carrier: "owned" at p ~ 3e-25, all
+10 of 10 tried): a verdict is evidence only for a key file committed before the suspect
+existed (:mod:`nnmark.commitment`; ``save`` commits it, ``verify`` checks it).
 
 Honest verdicts -- why the secret network is block-structured
 -------------------------------------------------------------
