@@ -274,3 +274,27 @@ def test_own_component_null_is_exact(weighting):
         z = own.z_scores(m, range(10, 3010), weighting)
         assert abs(z.mean()) < 0.1 and abs(z.std() - 1.0) < 0.06, (z.mean(), z.std())
         assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_scan_names_the_framers_and_scan_off_needs_the_decoder(full_shop):
+    """In the 13-copy frame the seven copies weighted +1 keep their own components (at 1/sqrt(13) of a copy's
+    strength), the six weighted -1 carry theirs negated: the scan names exactly the seven, the decoder names the
+    framed innocent, whose component is absent (a suspect, never accused). With ``scan=False`` only decoded codes
+    are tested: nobody is named. A plain average of three copies is named either way."""
+    prod, by_code, _base, _ = full_shop
+    classes = parallel_classes(prod.layout.cic)
+    plus, minus, target = classes[2], classes[5][1:], classes[5][0]
+    frame = affine_combination([by_code[c][1] for c in plus + minus], [1.0] * Q + [-1.0] * (Q - 1))
+    report = prod.trace(frame)
+    assert sorted(report.named) == sorted(by_code[c][0] for c in plus)
+    assert not any(a.code_named for a in report.accused)
+    assert [s["customer"] for s in report.suspects] == [by_code[target][0]]
+    assert report.suspects[0]["p_value"] > prod.config.alpha / prod.layout.n_codes
+    off = prod.trace(frame, scan=False)
+    assert off.accused == [] and off.status == "weak-evidence"
+    three = sorted(by_code)[10:13]
+    avg = Average().attack([by_code[c][1] for c in three])
+    for s in (True, False):
+        rep = prod.trace(avg, scan=s)
+        assert sorted(rep.named) == sorted(by_code[c][0] for c in three)
+        assert all(a.code_named for a in rep.accused)

@@ -601,8 +601,9 @@ class Product:
         """Trace a suspect model file (or model): see :class:`TraceReport` and :data:`DECISION_RULE`.
 
         ``tau``: use the hard-threshold decoder at this threshold instead of the product's decoder.
-        ``scan``: test every issued customer's own component (default), or only the decoder's codes
-        (``False``: named = decoded AND passing). ``weighting``: the own-component read-out,
+        ``scan``: test the own component of every customer holding a complete issued copy (default), or only
+        the decoder's codes (``False``: named = decoded AND passing); codes the decoder names are always tested.
+        The gate is ``alpha / n_codes`` either way. ``weighting``: the own-component read-out,
         ``"adaptive"`` (default) or ``"plain"`` (:mod:`nnmark.fingerprint.own`); either keeps the null exact.
         """
         if isinstance(suspect, nn.Module):
@@ -627,7 +628,9 @@ class Product:
                         if c in holders]
             evidence["own"] = {"tested": 0, "reason": "this product's copies carry no per-copy components"}
         else:
-            tested = sorted(holders) if scan else [c for c in decoded if c in holders]
+            # every customer who was handed a copy (complete issues), plus any decoded code still reserved
+            delivered = self.registry.assigned_codes(include_reserved=False) if scan else {}
+            tested = sorted(set(delivered) | {c for c in decoded if c in holders})
             z = own.z_scores(model, tested, weighting) if tested else np.zeros(0)
             p = [z_to_p(float(v)) for v in z]
             for c, zc, pc in zip(tested, z, p, strict=True):

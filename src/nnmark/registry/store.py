@@ -7,6 +7,11 @@ their community), the codes (``codebook``, ``idx``) with the order in which to
 hand them out (``rank``), which customer holds which code, and every issued
 model file with its SHA-256 and timestamps.
 
+The order is part of the secret: fingerprint products fill it with a key-derived permutation of the codes
+(:func:`nnmark.codes.order.secret_issue_order`), so that a coalition cannot tell its codes from its place
+in the issue order. The registry stores the ranks, never the key; registries filled in the natural order
+before that keep it (it is read, never rewritten).
+
 Issuing protocol (crash-safe)
 -----------------------------
 1. ``res = reg.reserve_code(customer, planned_path=path)`` -- one transaction
@@ -275,7 +280,7 @@ class Registry:
 
         ``codes``: the number ``n`` of codes (indices ``0..n-1`` handed out in that
         order) or the code indices in the order to hand them out (e.g.
-        :meth:`nnmark.codes.ProductAndAccCode.issue_order`). ``code_family``: plain
+        :func:`nnmark.codes.order.secret_issue_order`, as products do). ``code_family``: plain
         JSON-able parameters (e.g. ``code.params()``). ``key_id`` is the public key
         identifier (:attr:`nnmark.keys.Key.key_id`), never the secret.
         Refuses to overwrite an existing registry.
