@@ -26,12 +26,21 @@ inside ``Z`` are *exactly* the colluders: one matrix-vector product
 (``Z @ N == k``). An unmarked model demodulates to about 0, which puts every
 point in ``Z`` and would name every customer; the guard therefore accepts only
 when between 1 and ``k - 1`` customers are named *and* ``Z`` equals the union of
-their blocks. With an error-free threshold the guard can never accept an
-innocent customer, whatever the coalition size: the named set always contains
-every colluder, so a coalition of ``k`` or more is rejected rather than
-mis-traced. Errors can only come from coefficients landing on the wrong side of
-``tau`` (noise, attacks, coalitions of 14 or more); the experiments in
+their blocks. With an error-free threshold and an *average* of copies (non-negative
+weights) the guard can never accept an innocent customer, whatever the coalition size:
+the named set always contains every colluder, so such a coalition of ``k`` or more is
+rejected rather than mis-traced. Errors can only come from coefficients landing on the
+wrong side of ``tau`` (noise, attacks, coalitions of 14 or more); the experiments in
 ``experiments/securemark`` measure them.
+
+Not for weights of both signs: the fingerprint is linear in the code, so copies combined
+with weights summing to 1, some negative, carry any code their weights add up to -- in
+AG(2, q) the lines of a parallel class sum to the same vector, so one class at +1 and the
+next class minus a line at -1 carry exactly that line's code, and every decoder here names
+that (innocent) line's holder. No decoder can tell such a frame from a copy; a product
+therefore names a customer only on evidence of that customer's own secret component
+(:mod:`nnmark.fingerprint.own`), and this module's decoders only say which codes the
+coefficients look like.
 
 Structural decoder (the default): no threshold, no gain estimate
 ----------------------------------------------------------------
@@ -78,7 +87,8 @@ point in it enters later than the prefix ends -- one running maximum. Only the
 prefixes that are exact unions of 1..k-1 blocks (rare: see below) get the
 ``O(v)`` level check. Runtime ``O(v log v + b k)``, tens of microseconds for (121,11,1).
 
-Why it never names an innocent, noise-free, whatever the coalition size: for a
+Why it never names an innocent, noise-free, whatever the size of an averaging coalition (positive
+weights; not a combination with negative weights, see above): for a
 (v, k, 1) design from AG(2,q), ``q >= 3``, ``sum_{T} w_j e_j = sum_{S} u_j e_j`` with
 positive weights and ``1 <= |S| <= k - 1`` forces ``T = S`` (and ``w = u``). (With
 ``e_j = 1 - 2 N_j``: ``N x = ((sum w - sum u) / 2) 1`` for ``x = w_T - u_S``; the solutions

@@ -11,7 +11,10 @@
 Tracing takes the extracted real vector of the same length: the CRC part is read
 by sign (for an average of copies: the colluders' majority bits, which points at
 their community -- a shortlist, never an accusation) and the CIC part is decoded
-exactly with the guarded AND-ACC decoder, which alone names customers.
+exactly with the guarded AND-ACC decoder, which says whose codes the coefficients carry.
+Because the fingerprint is linear in the code, a combination of other copies can carry an
+innocent's code (a frame); a product names a customer only on evidence of that customer's
+own secret component (:mod:`nnmark.fingerprint.own`).
 """
 
 from __future__ import annotations
