@@ -8,16 +8,17 @@ for the second architecture. Models are trained once per session.
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
 
+from nnmark.alignment import UnitSignature
 from nnmark.attacks.finetune import FineTune
 from nnmark.attacks.prune import prune_by_magnitude
 from nnmark.data import load_splits
 from nnmark.errors import KeyFileError, SchemeError
+from nnmark.keyfile import load_key_file
 from nnmark.keys import Key
 from nnmark.models import model_spec
 from nnmark.schemes import SCHEMES, load_scheme
@@ -205,9 +206,10 @@ def test_key_file_round_trip(marked, tmp_path, name):
     loaded = load_scheme(path, expect=name)
     assert type(loaded) is type(scheme) and loaded.model_spec == scheme.model_spec
     np.testing.assert_array_equal(loaded.extract(model), scheme.extract(model))
-    doc = json.loads(path.read_text())
     assert "fc1.weight" not in path.read_text()  # no model tensors in the key
-    assert bool(doc["material"]) == name.startswith("wang")
+    material = load_key_file(path).material  # secret tensors: Wang's network, and every key's unit signature
+    assert bool(UnitSignature.strip(material)) == name.startswith("wang")
+    assert loaded.reference is not None and "align.meta" in material
 
 
 def test_registered_under_their_names():

@@ -10,6 +10,8 @@ registered by name in :data:`ATTACKS` so configs and the CLI can build it::
 from nnmark.attacks.base import ATTACKS, Attack, build_attack
 from nnmark.attacks.collusion import Average, average_models
 from nnmark.attacks.finetune import FineTune
+from nnmark.attacks.obfuscate import Permute, PermuteRescale, Rescale
 from nnmark.attacks.prune import Prune, prune_by_magnitude
 
-__all__ = ["ATTACKS", "Attack", "Average", "FineTune", "Prune", "average_models", "build_attack", "prune_by_magnitude"]
+__all__ = ["ATTACKS", "Attack", "Average", "FineTune", "Permute", "PermuteRescale", "Prune", "Rescale",
+           "average_models", "build_attack", "prune_by_magnitude"]

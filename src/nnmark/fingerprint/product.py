@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from nnmark.alignment import align_to_model
 from nnmark.codes import AndAccCode, FingerprintLayout, ProductAndAccCode, ReedSolomonAndAccCode
 from nnmark.codes.andacc import DEFAULT_TAU
 from nnmark.codes.order import secret_issue_order
@@ -584,6 +585,9 @@ class Product:
     def _decode(self, model: nn.Module, tau: float | None = None, gain: float | None = None):
         """``(code trace, gain, model read)``: the last is the model the carrier actually read (the own-component
         test must read the same one)."""
+        # undo hidden-unit permutations / rescalings toward the base (nnmark.alignment; prod.align = False: off)
+        model, self.alignment = align_to_model(model, self.base_model, self._key.child("alignment"),
+                                               carriers=list(self.config.layers), enabled=getattr(self, "align", True))
         y = self.carrier.extract(model)
         issued = None
         if isinstance(self.layout.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
@@ -620,6 +624,7 @@ class Product:
         unissued = [c for c in decoded if c not in holders]
         level = self.config.alpha / self.layout.n_codes
         evidence = self._evidence(tr, unissued)
+        evidence["alignment"] = self.alignment.to_dict()
         own = self.own
         accused: list[Accusation] = []
         suspects: list[dict[str, Any]] = []

@@ -87,6 +87,9 @@ class Scheme(ABC):
         self.model_spec: dict[str, Any] | None = None
         # Its commitment (built in this process until saved / loaded; see nnmark.commitment).
         self.commitment = CommitmentBinding()
+        # The marked model's unit signature (nnmark.alignment.UnitSignature), kept in the key file's
+        # material so that verify can undo hidden-unit permutations / rescalings; None: none recorded.
+        self.reference: Any = None
 
     @classmethod
     def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> Scheme:
@@ -141,7 +144,10 @@ class Scheme(ABC):
         params = dict(self.params())
         if self.model_spec is not None:
             params["model_spec"] = self.model_spec
-        return KeyFile(self.key, self.name, params, self.material())
+        material = dict(self.material())
+        if self.reference is not None:
+            material.update(self.reference.to_material())
+        return KeyFile(self.key, self.name, params, material)
 
     def key_digest(self) -> str:
         """``key_sha256`` of :meth:`key_file` (what a commitment covers)."""
@@ -185,9 +191,12 @@ def load_scheme(path: str | Path, expect: str | None = None, *, commitment: str 
         raise KeyFileError(f"{path}: unknown scheme {kf.scheme!r} (known: {', '.join(SCHEMES)})")
     params = dict(kf.params)
     spec = params.pop("model_spec", None)
+    from nnmark.alignment import AlignmentError, UnitSignature
+
     try:
-        scheme = cls.from_params(kf.key, params, kf.material)
-    except (KeyError, TypeError, ValueError) as exc:
+        scheme = cls.from_params(kf.key, params, UnitSignature.strip(kf.material))
+        scheme.reference = UnitSignature.from_material(kf.material)
+    except (KeyError, TypeError, ValueError, AlignmentError) as exc:
         raise KeyFileError(f"{path}: invalid parameters for {kf.scheme!r}: {exc}") from None
     scheme.model_spec = spec
     record_path = Path(commitment) if commitment is not None else default_record_path(path)

@@ -179,29 +179,78 @@ class WhiteBoxScheme(Scheme):
         if spec:
             self.model_spec = dict(spec)
 
+    def remember_reference(self, model: nn.Module, in_shape: tuple[int, ...] | None = None) -> None:
+        """Record the finished marked ``model``'s unit signature as this key's reference (saved
+        in the key file; see :mod:`nnmark.alignment`), so that :meth:`verify` can bring a
+        permuted / rescaled suspect back to this unit order. :meth:`embed` calls it; in your own
+        loop call it after training, before saving the key. ``in_shape``: the input shape
+        (default: the model spec's). A model whose layers form no chain gets no reference
+        (``reference_note`` says why) and is verified without alignment."""
+        from nnmark.alignment import AlignmentError, unit_signature
+
+        try:
+            self.reference = unit_signature(model, self.key.child("alignment"), in_shape=in_shape)
+            self.reference_note = ""
+        except AlignmentError as exc:
+            self.reference, self.reference_note = None, str(exc)
+
+    def align_target(self, target: nn.Module, align: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+        """``target`` brought to the reference's unit order and scales (a copy), or ``target``
+        itself when ``align`` is off, the key holds no reference, or no chain of layers is found;
+        and the report that goes into ``verdict.details["alignment"]``."""
+        from nnmark.alignment import align_model
+
+        if not align:
+            return target, {"alignment": "off", "reason": "turned off by the caller"}
+        if self.reference is None:
+            why = getattr(self, "reference_note", "") or "the key holds no unit signature (made before alignment)"
+            return target, {"alignment": "off", "reason": f"no reference: {why}; read in the model's own order"}
+        aligned, report = align_model(target, self.reference, self.key.child("alignment"), carriers=[self.layer])
+        return aligned, report.to_dict()
+
     def embed(self, model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, *,
               val: ImageDataset | None = None, description: str = "embedding") -> TrainRecord:
         """Train ``model`` on ``data`` with this scheme's hook, in place -- from scratch
-        (train-to-embed) or from a finished model (fine-tune-to-embed)."""
+        (train-to-embed) or from a finished model (fine-tune-to-embed) -- and record the marked
+        model's unit signature (:meth:`remember_reference`)."""
         self.check_model(model)
         self.remember_model(model)
-        return train(model, data, config, val=val, hooks=[self.training_hook()], description=description)
+        rec = train(model, data, config, val=val, hooks=[self.training_hook()], description=description)
+        self.remember_reference(model, getattr(data, "image_shape", None))
+        return rec
 
     def extract(self, model: nn.Module) -> np.ndarray:
         """The ``bits`` extracted bits (0/1 int64 array) of ``model``."""
         raise NotImplementedError
 
-    def verify(self, target: nn.Module, *, alpha: float = 1e-6, **kwargs: Any) -> Verdict:
+    def verify(self, target: nn.Module, *, alpha: float = 1e-6, align: bool = True, **kwargs: Any) -> Verdict:
         """Extract the bits of ``target`` and test them against the message.
 
         H0: the model was not marked with this key, so each extracted bit matches the
         key's uniformly drawn message bit with probability 1/2 independently
-        (``p = P[Binomial(bits, 1/2) >= matches]``); ``owned`` is ``p < alpha``."""
+        (``p = P[Binomial(bits, 1/2) >= matches]``); ``owned`` is ``p < alpha``.
+        ``align`` (default on): first bring ``target`` to the marked model's unit order and
+        scales (:meth:`align_target`); the verdict's null then says what that changes."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
         if not isinstance(target, nn.Module):
             raise SchemeError(f"{self.name} is a white-box scheme: verify needs the model's weights")
+        self.check_model(target)
+        target, alignment = self.align_target(target, align)
         bits = self.extract(target)
-        return bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha,
-                                 details={"matched_bits": int((bits == self.message).sum()),
-                                          "layer": self.layer, "key_id": self.key.key_id})
+        v = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha,
+                              details={"matched_bits": int((bits == self.message).sum()),
+                                       "layer": self.layer, "key_id": self.key.key_id, "alignment": alignment})
+        return with_alignment_null(v, alignment)
+
+
+def with_alignment_null(verdict: Verdict, alignment: dict[str, Any]) -> Verdict:
+    """``verdict`` with the alignment's effect on the null appended to its null hypothesis
+    (unchanged when the suspect was read in its own order)."""
+    from dataclasses import replace
+
+    from nnmark.alignment import ALIGNED_NULL
+
+    if alignment.get("alignment") != "on":
+        return verdict
+    return replace(verdict, null_hypothesis=f"{verdict.null_hypothesis}. {ALIGNED_NULL}")

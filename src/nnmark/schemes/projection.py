@@ -68,6 +68,7 @@ from nnmark.schemes.layers import (
     get_layer,
     resolve_reduce,
     unwrap,
+    with_alignment_null,
 )
 from nnmark.schemes.uchida import RegularizerHook
 from nnmark.stats import Verdict, bit_match_verdict
@@ -174,25 +175,29 @@ class ProjectionRegularizer(WhiteBoxScheme):
                                  "key's secret and could have been fitted to the suspect (sign(X theta) matches every "
                                  "bit of any model); only the keyed +-1 code is evidence")
 
-    def verify(self, target: nn.Module, *, alpha: float = 1e-6, **kwargs: Any) -> Verdict:
+    def verify(self, target: nn.Module, *, alpha: float = 1e-6, align: bool = True, **kwargs: Any) -> Verdict:
         """Binomial bit-match test of the signs of ``F_hat`` against those of ``F``
         (entries where ``F == 0`` carry no bit and are skipped). H0: the model was
         not marked with this key -- ``X`` is drawn independently of the model, so
         each sign matches with probability 1/2. A custom-target key is refused
-        (:meth:`evidence_refusal`); the read-out stays in the details."""
+        (:meth:`evidence_refusal`); the read-out stays in the details. ``align``
+        (default on): read ``target`` after aligning it to the marked model's unit
+        order and scales (:meth:`~nnmark.schemes.layers.WhiteBoxScheme.align_target`)."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
         if not isinstance(target, nn.Module):
             raise SchemeError("projection is a white-box scheme: verify needs the model's weights")
+        self.check_model(target)
+        target, alignment = self.align_target(target, align)
         real = self.extract_real(target)
         used = (self.target != 0).numpy()
         corr = float(np.corrcoef(real, self.target.numpy())[0, 1]) if self.bits > 1 else float("nan")
         got = (real[used] > 0).astype(np.int64)
-        return bit_match_verdict(got, self.message[used], scheme=self.name, alpha=alpha,
-                                 details={"matched_bits": int((got == self.message[used]).sum()),
-                                          "layer": self.layer, "key_id": self.key.key_id,
-                                          "code_correlation": corr,
-                                          "mse": float(np.mean((real - self.target.numpy()) ** 2))})
+        return with_alignment_null(bit_match_verdict(
+            got, self.message[used], scheme=self.name, alpha=alpha,
+            details={"matched_bits": int((got == self.message[used]).sum()), "layer": self.layer,
+                     "key_id": self.key.key_id, "code_correlation": corr,
+                     "mse": float(np.mean((real - self.target.numpy()) ** 2)), "alignment": alignment}), alignment)
 
     # -- closed form -------------------------------------------------------------------
     @torch.no_grad()

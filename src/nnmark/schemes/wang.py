@@ -132,6 +132,7 @@ from nnmark.schemes.layers import (
     get_layer,
     unwrap,
     weighted_layers,
+    with_alignment_null,
 )
 from nnmark.stats import Verdict, bit_match_verdict
 from nnmark.train import TrainConfig, TrainingHook, TrainRecord, train
@@ -513,6 +514,7 @@ class WangScheme(WhiteBoxScheme):
                               f"{self.window} snapshots < {self.threshold}) before training ended; train longer, "
                               "raise threshold or set snapshot_steps")
         hook.finalize(model)
+        self.remember_reference(model, getattr(data, "image_shape", None))
         return rec
 
     # -- extraction ---------------------------------------------------------------------
@@ -580,7 +582,7 @@ class WangScheme(WhiteBoxScheme):
         return {"p": ps, "loss": losses, "orders": n_orders, "exhaustive": exhaustive}
 
     def verify(self, target: nn.Module, *, alpha: float = 1e-6, permutations: int = MC_PERMUTATIONS,
-               **kwargs: Any) -> Verdict:
+               align: bool = True, **kwargs: Any) -> Verdict:
         """Exact block-permutation test of the secret network's output (see the module docs).
 
         Each block's statistic is its watermark loss (Eq. 1 over its bits) on the suspect's
@@ -603,6 +605,8 @@ class WangScheme(WhiteBoxScheme):
             raise SchemeError(f"alpha = {alpha:g} is below the smallest p-value this test can give on layer "
                               f"{self.layer!r} ({floor:.3g}: {self.blocks} block(s) of {self.block_units} units); "
                               "use a larger alpha or a layer with more input units")
+        self.check_model(target)
+        target, alignment = self.align_target(target, align)
         bits = self.extract(target)
         res = self.block_pvalues(target, int(permutations))
         p = combine_block_pvalues(res["p"])
@@ -614,7 +618,8 @@ class WangScheme(WhiteBoxScheme):
                                        "test_statistic": "watermark loss per block",
                                        "blocks": self.blocks, "block_units": self.block_units,
                                        "block_p_values": res["p"], "orders_per_block": res["orders"],
-                                       "exhaustive": res["exhaustive"], "smallest_possible_p": floor})
+                                       "exhaustive": res["exhaustive"], "smallest_possible_p": floor,
+                                       "alignment": alignment})
         how = f"all {res['orders']} orders" if res["exhaustive"] else f"{res['orders'] - 1} keyed random orders"
         null = (f"the model was not trained with this key and shares no ancestor with the marked model (not even "
                 f"its random initialisation), so its layer {self.layer!r} is as likely to come out with its input "
@@ -626,7 +631,8 @@ class WangScheme(WhiteBoxScheme):
                 f"{self.blocks} (p >= {floor:.3g}). The extractor is trained on the message, so its bits are NOT "
                 f"independent coin flips under H0 and no binomial p-value is given; a claim also needs more than "
                 f"half of the bits to match")
-        return replace(v, p_value=float(p), owned=bool(p < alpha and 2 * matched > self.bits), null_hypothesis=null)
+        return with_alignment_null(replace(v, p_value=float(p), owned=bool(p < alpha and 2 * matched > self.bits),
+                                           null_hypothesis=null), alignment)
 
     # -- persistence ----------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

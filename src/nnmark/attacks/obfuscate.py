@@ -1,0 +1,130 @@
+"""Function-preserving obfuscation: permute and rescale hidden units.
+
+A thief who knows that white-box marks are read in a fixed weight order can re-order every
+hidden layer's units and rescale them across their ReLUs without changing a single output
+(see :mod:`nnmark.alignment` for the symmetries and the chain of layers they apply to):
+
+- :class:`Permute` (``"permute"``): a seeded uniform random permutation of every hidden layer
+  (conv channels, dense units; batch-norm parameters and running statistics with them; across
+  a flatten each channel moves as ``h * w`` inputs of the first dense layer);
+- :class:`Rescale` (``"rescale"``): every hidden unit's pre-activation times a seeded ``s``,
+  log-uniform in ``[low, high]`` (default ``[0.01, 100]``), the next layer's inputs divided by
+  it; a conv followed by batch norm is scaled twice -- the norm's affine parameters by ``s``
+  and the conv itself by an independent ``t`` with the norm's running statistics adjusted;
+- :class:`PermuteRescale` (``"permute-rescale"``): both.
+
+The attacks need no data and work in eval-mode semantics (batch norm with running statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnmark.alignment import Chain, transform_units, unit_chain
+from nnmark.attacks.base import Attack, register_attack
+from nnmark.data.dataset import ImageDataset
+
+
+def _layers(chain: Chain, layers: list[str] | None) -> list[str]:
+    if layers is None:
+        return chain.names
+    unknown = sorted(set(layers) - set(chain.names))
+    if unknown:
+        raise ValueError(f"not hidden layers of the model: {', '.join(unknown)} (hidden: {', '.join(chain.names)})")
+    return list(layers)
+
+
+def random_permutations(chain: Chain, seed: int, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+    """A seeded uniform random permutation ``(units,)`` for each hidden layer (default: all)."""
+    rng = np.random.default_rng([int(seed), 0x5E12])
+    return {link.name: rng.permutation(link.units) for link in chain.links if link.name in _layers(chain, layers)}
+
+
+def random_scales(chain: Chain, seed: int, low: float, high: float, layers: list[str] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Seeded log-uniform scales in ``[low, high]`` per hidden unit: ``(post, pre)`` -- ``post`` for
+    every scalable hidden layer, ``pre`` (the conv inside a conv + batch norm) for those with a norm."""
+    if not 0 < low <= high:
+        raise ValueError(f"scales need 0 < low <= high, got [{low}, {high}]")
+    rng = np.random.default_rng([int(seed), 0x5CA1E])
+    wanted = _layers(chain, layers)
+    post, pre = {}, {}
+    for link in chain.links:
+        if link.name not in wanted:
+            continue
+        if link.scale_safe:
+            post[link.name] = np.exp(rng.uniform(np.log(low), np.log(high), link.units))
+        if link.bn:
+            pre[link.name] = np.exp(rng.uniform(np.log(low), np.log(high), link.units))
+    return post, pre
+
+
+class Permute(Attack):
+    """Permute the units of every hidden layer (or of ``layers``) of a copy of the model.
+    Parameters: ``seed`` (default 0), ``layers`` (default: all hidden layers)."""
+
+    name = "permute"
+
+    def __init__(self, seed: int = 0, layers: list[str] | None = None) -> None:
+        self.seed, self.layers = int(seed), layers
+
+    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
+        stolen = copy.deepcopy(model)
+        chain = unit_chain(stolen)
+        return transform_units(stolen, chain, perms=random_permutations(chain, self.seed, self.layers)).eval()
+
+
+class Rescale(Attack):
+    """Rescale every hidden unit (or those of ``layers``) across its ReLU by a log-uniform factor in
+    ``[low, high]``. Parameters: ``low`` (0.01), ``high`` (100), ``seed`` (0), ``layers``."""
+
+    name = "rescale"
+
+    def __init__(self, low: float = 0.01, high: float = 100.0, seed: int = 0, layers: list[str] | None = None) -> None:
+        self.low, self.high, self.seed, self.layers = float(low), float(high), int(seed), layers
+
+    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
+        stolen = copy.deepcopy(model)
+        chain = unit_chain(stolen)
+        post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
+        return transform_units(stolen, chain, post=post, pre=pre).eval()
+
+
+class PermuteRescale(Attack):
+    """:class:`Permute` then :class:`Rescale` (same ``seed``, ``low``, ``high``, ``layers``)."""
+
+    name = "permute-rescale"
+
+    def __init__(self, low: float = 0.01, high: float = 100.0, seed: int = 0, layers: list[str] | None = None) -> None:
+        self.low, self.high, self.seed, self.layers = float(low), float(high), int(seed), layers
+
+    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
+        stolen = copy.deepcopy(model)
+        chain = unit_chain(stolen)
+        post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
+        return transform_units(stolen, chain, perms=random_permutations(chain, self.seed, self.layers),
+                               post=post, pre=pre).eval()
+
+
+@torch.no_grad()
+def max_output_change(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute difference between the outputs of ``a`` and ``b`` on ``x`` (eval mode),
+    relative to the largest output of ``a``."""
+    was_a, was_b = a.training, b.training
+    a.eval()
+    b.eval()
+    try:
+        ya, yb = a(x), b(x)
+    finally:
+        a.train(was_a)
+        b.train(was_b)
+    return float((ya - yb).abs().max() / ya.abs().max().clamp(min=1e-30))
+
+
+register_attack("permute", Permute)
+register_attack("rescale", Rescale)
+register_attack("permute-rescale", PermuteRescale)
