@@ -6,10 +6,11 @@ Every p-value nnmark reports is a probability over the key's randomness *for a k
 that is independent of the suspect*. A key whose contents can be chosen after seeing
 the suspect breaks that: a trained Wang secret network, trigger images picked from the
 owner's data, a custom projection target can each be fitted to any model after the
-fact (measured on clean MLPs: forged keys "owned" every one of them at p ~ 1e-25 to
-1e-77), and even a fully seed-derived key (Uchida) can be ground -- try seeds until one
-happens to match a given model. So an ownership claim needs proof that the key was
-fixed *before the suspect existed*: a commitment.
+fact (measured on 10 clean MLPs: forged keys "owned" every one of them, at p <= 3e-25
+for Wang, 2e-29 for trigger sets, 9e-78 for projection), and even a fully seed-derived
+key (Uchida) can be ground -- try seeds until one happens to match a given model. So an
+ownership claim needs proof that the key was fixed *before the suspect existed*: a
+commitment.
 
 What is committed
 -----------------
