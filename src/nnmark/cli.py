@@ -172,6 +172,10 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
 @click.option("--budget", default=None, type=int, help="hard cap on images sent to the API")
 @click.option("--timeout", default=10.0, show_default=True, help="seconds per HTTP request")
 @click.option("--retries", default=2, show_default=True, help="retries on connection errors / 5xx")
+@click.option("--protocol", type=click.Choice(["nnmark", "oip", "tfserving"]), default="nnmark", show_default=True,
+              help="the API's protocol: nnmark serve's POST /predict, the Open Inference Protocol (KServe v2: "
+                   "Triton, KServe, MLServer) or TF-Serving REST")
+@click.option("--model-name", default=None, help="the served model's name (oip, tfserving; or put it in the --url)")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
 @click.option("--commitment", "commitment", type=click.Path(dir_okay=False), default=None,
               help="the key's commitment record (default: KEY.commit.json beside the key file)")
@@ -186,7 +190,8 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
                    "with a warning; it is still not evidence (exit 1)")
 def verify(suspect: str | None, key_path: str, url: str | None, queries: int, alpha: float,
            budget: int | None, timeout: float, retries: int, as_json: bool, commitment: str | None,
-           commitment_log: str | None, suspect_seen_at: str | None, allow_uncommitted: bool) -> int:
+           commitment_log: str | None, suspect_seen_at: str | None, allow_uncommitted: bool,
+           protocol: str = "nnmark", model_name: str | None = None) -> int:
     """Test a suspect model (a file, or --url of its API) for the owner's mark.
 
     A verdict is evidence only for a key fixed before the suspect existed: the key's commitment
@@ -212,7 +217,8 @@ def verify(suspect: str | None, key_path: str, url: str | None, queries: int, al
                               "black-box (trigger-set) schemes")
         from nnmark.serving.client import HTTPOracle
 
-        target: Any = HTTPOracle(url, budget=budget, timeout=timeout, retries=retries)
+        target: Any = HTTPOracle(url, budget=budget, timeout=timeout, retries=retries, protocol=protocol,
+                                 model_name=model_name)
     else:
         target, _ = load_model(suspect, expect_spec=None)
     verdict = sch.verify(target, **kwargs)
@@ -279,12 +285,15 @@ def attack(model_path: str, name: str, params: tuple[str, ...], data: str | None
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, help="0 picks a free port")
 @click.option("--max-batch", default=256, show_default=True, help="most images per request")
+@click.option("--protocol", type=click.Choice(["nnmark", "oip"]), default="nnmark", show_default=True,
+              help="oip: also serve the Open Inference Protocol (KServe v2; binary tensors) for the model "
+                   "named after the file")
 @click.option("--verbose", is_flag=True, help="log every request")
-def serve(model_path: str, host: str, port: int, max_batch: int, verbose: bool) -> None:
-    """Serve a model's predictions over HTTP (JSON POST /predict)."""
+def serve(model_path: str, host: str, port: int, max_batch: int, protocol: str, verbose: bool) -> None:
+    """Serve a model's predictions over HTTP (JSON POST /predict; --protocol oip adds /v2/...)."""
     from nnmark.serving.server import serve_model_file
 
-    serve_model_file(model_path, host=host, port=port, max_batch=max_batch, verbose=verbose)
+    serve_model_file(model_path, host=host, port=port, max_batch=max_batch, verbose=verbose, protocol=protocol)
 
 
 # --------------------------------------------------------------------------- demo

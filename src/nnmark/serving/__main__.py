@@ -1,4 +1,4 @@
-"""``python -m nnmark.serving MODEL [--host H] [--port P] [--max-batch B] [--verbose]``."""
+"""``python -m nnmark.serving MODEL [--host H] [--port P] [--max-batch B] [--protocol nnmark|oip] [--verbose]``."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ from nnmark.serving.server import DEFAULT_MAX_BATCH, serve_model_file
 @click.option("--max-body", default=None, type=click.IntRange(1), help="Most request body bytes "
               "[default: about max-batch x C*H*W x 32].")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Torch threads [default: min(4, cores)].")
+@click.option("--protocol", type=click.Choice(["nnmark", "oip"]), default="nnmark", show_default=True,
+              help="oip: also serve the Open Inference Protocol (KServe v2) for the model named after the file.")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 def main(model: str, host: str, port: int, max_batch: int, max_body: int | None, threads: int | None,
-         verbose: bool) -> None:
+         protocol: str, verbose: bool) -> None:
     """Serve MODEL (an nnmark .safetensors file) over HTTP: GET /health, POST /predict."""
     try:
         serve_model_file(model, host=host, port=port, max_batch=max_batch, verbose=verbose,
-                         max_body=max_body, threads=threads)
+                         max_body=max_body, threads=threads, protocol=protocol)
     except NNMarkError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -1,9 +1,13 @@
 """A budgeted HTTP client for a remote prediction API: :class:`HTTPOracle`.
 
-It speaks the protocol of :mod:`nnmark.serving.server` (``POST /predict`` with
-``{"images": [...]}`` -> ``{"labels": [...]}``) and behaves like any other
+It speaks one of the protocols of :mod:`nnmark.serving.protocols`: nnmark's own
+(``POST /predict`` with ``{"images": [...]}`` -> ``{"labels": [...]}``, as served by
+:mod:`nnmark.serving.server`), the Open Inference Protocol (KServe v2: Triton,
+KServe, MLServer) or TF-Serving's REST API. It behaves like any other
 :class:`nnmark.oracle.Oracle`: ``oracle(x)`` for images ``x`` ``(N, C, H, W)``
-returns int64 labels ``(N,)`` and counts the images it had answered.
+returns what the host's task reads (int64 labels ``(N,)`` for a classifier) and
+counts the images it had answered. Probes (``GET /health``, model metadata) are
+optional: whatever they answer, or if they are missing, the predictions are asked.
 
 Every network call has a timeout; connection errors, timeouts and 5xx answers are
 retried with exponential backoff, 4xx answers never. Every failure is an
@@ -12,7 +16,6 @@ retried with exponential backoff, 4xx answers never. Every failure is an
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +26,10 @@ import torch
 
 from nnmark.errors import OracleError
 from nnmark.oracle import QueryBudgetExceeded
+from nnmark.safejson import JSONLimitError
+from nnmark.safejson import loads as bounded_loads
+from nnmark.serving.protocols import ProtocolError, make_wire, read_outputs, split_url_path
+from nnmark.tasks import Task, get_task
 
 MAX_RESPONSE_BYTES = 8 << 20
 MAX_HEALTH_BYTES = 1 << 20
@@ -32,36 +39,59 @@ class _Retryable(Exception):
     """A failure worth another attempt (connection, timeout, 5xx)."""
 
 
+class _Unreachable(_Retryable):
+    """No connection could be made (refused, host not resolved)."""
+
+
+class EndpointUnreachable(OracleError):
+    """Every attempt to connect failed: the server is not there."""
+
+
 def _one_line(text: Any, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class HTTPOracle:
-    """An oracle backed by an nnmark prediction server (or any API speaking its JSON).
+    """An oracle backed by a prediction server speaking ``protocol``.
 
-    ``url``: the server's base URL (``http://host:port``; a trailing ``/predict``
-    is accepted). ``budget``: most images that may be queried in total (``None``:
+    ``url``: the server's base URL (``http://host:port``; a trailing ``/predict``,
+    ``/v2/models/NAME[/infer]`` or ``/v1/models/NAME[:predict]`` is accepted and names
+    the model). ``protocol``: ``"nnmark"`` (default), ``"oip"`` (Open Inference
+    Protocol) or ``"tfserving"``. ``model_name``: the served model's name (needed by
+    ``oip`` and ``tfserving`` unless the URL names it). ``task``: how answers are read
+    (default classification: labels, or the arg-max of scores). ``binary``: OIP tensor
+    encoding (``None``: binary if the server accepts it, else JSON). ``output``: which
+    output to read when the server answers several (default: the first).
+    ``budget``: most images that may be queried in total (``None``:
     unlimited); a call that would exceed it raises
     :class:`~nnmark.oracle.QueryBudgetExceeded` before anything is sent.
     ``timeout``: seconds allowed for each HTTP request as a whole (connect, send,
     answer). ``retries``: extra attempts after a connection error, timeout or 5xx
     answer (backoff ``backoff * 2**i`` seconds). ``batch_size``: most images per
-    request (also capped by the server's advertised ``max_batch``).
+    request (also capped by a batch limit the server advertises; a 413 answer
+    splits the batch).
 
     Counters: ``queries_used`` (images answered), ``requests`` (answered
-    ``/predict`` requests), ``attempts`` (HTTP attempts, including retries).
+    prediction requests), ``attempts`` (HTTP attempts, including retries and probes).
+    ``notes``: what the probes found or missed, and encoding fall-backs.
     """
 
     def __init__(self, url: str, budget: int | None = None, timeout: float = 10.0, retries: int = 2,
-                 batch_size: int = 64, backoff: float = 0.2) -> None:
+                 batch_size: int = 64, backoff: float = 0.2, *, protocol: str = "nnmark",
+                 model_name: str | None = None, task: Task | str | None = None, binary: bool | None = None,
+                 output: str | None = None) -> None:
         parts = urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise OracleError(f"not an http(s) URL: {_one_line(url, 100)!r}")
-        path = parts.path.rstrip("/")
-        if path.endswith("/predict"):
-            path = path[: -len("/predict")]
+        path, url_model, url_version = split_url_path(parts.path)
         self.base_url = f"{parts.scheme}://{parts.netloc}{path}"
+        try:
+            self.wire = make_wire(protocol, model_name or url_model, url_version, binary=binary, output=output)
+        except ProtocolError as exc:
+            raise OracleError(str(exc)) from None
+        self.protocol = protocol
+        self.task = get_task(task)
         if budget is not None and budget < 0:
             raise ValueError("budget must be >= 0")
         if timeout <= 0 or retries < 0 or batch_size < 1:
@@ -75,23 +105,36 @@ class HTTPOracle:
         self.requests = 0
         self.attempts = 0
         self._session = requests.Session()
-        self._info: dict[str, Any] | None = None
+        self._probed = False
+
+    @property
+    def notes(self) -> list[str]:
+        return self.wire.notes
 
     # -- public ---------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        """The server's ``GET /health`` answer (cached); ``{}`` if it has no such endpoint."""
-        if self._info is None:
-            status, payload = self._call("GET", "/health", None, MAX_HEALTH_BYTES)
-            if status == 200 and isinstance(payload, dict):
-                self._info = payload
-            elif status in (404, 405):
-                self._info = {}
-            else:
-                raise OracleError(self._http_error("GET /health", status, payload))
-        return self._info
+    def probe(self) -> None:
+        """Send the protocol's optional probes once (server limits, model metadata).
+
+        Any answer, or none, is fine: a missing endpoint, 404/405/501, a timeout, 5xx or
+        malformed JSON only leaves the defaults (and a line in :attr:`notes`). Only a
+        server that cannot be connected to at all raises :class:`EndpointUnreachable`.
+        """
+        if self._probed:
+            return
+        for path in self.wire.probes():
+            try:
+                status, headers, raw = self._call("GET", path, None, MAX_HEALTH_BYTES)
+            except EndpointUnreachable:
+                raise
+            except OracleError as exc:
+                self.wire.notes.append(f"GET {path}: {_one_line(exc)} (ignored)")
+                continue
+            self.wire.learn(path, status, headers, raw)
+        self._probed = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Labels ``(N,)`` int64 for images ``x`` ``(N, C, H, W)`` (float, values in [0, 1])."""
+        """What the task reads for images ``x`` ``(N, C, H, W)`` (float, values in [0, 1]):
+        labels ``(N,)`` int64 for a classifier, float32 images for an image-to-image host."""
         if x.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(x.shape)}")
         n = len(x)
@@ -101,17 +144,11 @@ class HTTPOracle:
             )
         if n == 0:
             return torch.zeros(0, dtype=torch.long)
-        info = self.health()
-        limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
-        step = self.batch_size
-        if isinstance(limits.get("max_batch"), int) and limits["max_batch"] >= 1:
-            step = min(step, limits["max_batch"])
-        max_body = limits.get("max_body_bytes") if isinstance(limits.get("max_body_bytes"), int) else None
-        arr = x.detach().to("cpu", torch.float32).numpy()
-        out: list[int] = []
-        for i in range(0, n, step):
-            out.extend(self._predict_chunk(arr[i : i + step], max_body))
-        return torch.tensor(out, dtype=torch.long)
+        self.probe()
+        step = min(self.batch_size, self.wire.max_batch or self.batch_size)
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        out = torch.from_numpy(np.concatenate([self._predict_chunk(arr[i : i + step]) for i in range(0, n, step)]))
+        return out if self.task.name == "classification" else self.task.read(out)  # labels are read already
 
     def close(self) -> None:
         self._session.close()
@@ -123,58 +160,89 @@ class HTTPOracle:
         self.close()
 
     # -- internals -------------------------------------------------------------------
-    def _predict_chunk(self, arr: np.ndarray, max_body: int | None) -> list[int]:
-        body = json.dumps({"images": arr.tolist()}, separators=(",", ":")).encode()
-        if max_body is not None and len(body) > max_body and len(arr) > 1:
-            half = len(arr) // 2  # split until each request fits the server's body limit
-            return self._predict_chunk(arr[:half], max_body) + self._predict_chunk(arr[half:], max_body)
-        status, payload = self._call("POST", "/predict", body, MAX_RESPONSE_BYTES)
+    def _predict_chunk(self, arr: np.ndarray) -> np.ndarray:
+        """The answer for one batch, read for the task (split when the server's limits ask for it)."""
+        try:
+            req = self.wire.encode(arr)
+        except ProtocolError as exc:
+            raise OracleError(f"cannot query {self.base_url}: {exc}") from None
+        max_body = self.wire.max_body
+        if max_body is not None and len(req.body) > max_body and len(arr) > 1:
+            return self._split(arr)  # until each request fits the server's body limit
+        tentative = self.wire.tentative  # an encoding the server has not confirmed: one try, then fall back
+        try:
+            status, headers, raw = self._call("POST", req.path, req.body, MAX_RESPONSE_BYTES, req.headers,
+                                              retries=0 if tentative else None)
+        except EndpointUnreachable:
+            raise
+        except OracleError as exc:
+            if tentative and self.wire.fall_back(0, _one_line(exc, 120)):
+                return self._predict_chunk(arr)
+            raise
+        if status == 413 and len(arr) > 1:
+            return self._split(arr)
         if status != 200:
-            raise OracleError(self._http_error("POST /predict", status, payload))
-        labels = payload.get("labels") if isinstance(payload, dict) else None
-        if not isinstance(labels, list):
-            raise OracleError(f"malformed answer from {self.base_url}/predict: no \"labels\" list")
-        if len(labels) != len(arr):
-            raise OracleError(f"malformed answer from {self.base_url}/predict: "
-                              f"{len(labels)} labels for {len(arr)} images")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-            raise OracleError(f"malformed answer from {self.base_url}/predict: labels are not all integers")
-        nc = (self._info or {}).get("num_classes")
-        if isinstance(nc, int) and nc > 0 and any(not 0 <= v < nc for v in labels):
-            raise OracleError(f"malformed answer from {self.base_url}/predict: label outside 0..{nc - 1}")
+            if self.wire.fall_back(status):  # e.g. binary tensors refused: send it again in JSON
+                return self._predict_chunk(arr)
+            raise OracleError(self._http_error(f"POST {req.path}", status, raw))
+        try:
+            out = read_outputs(self.wire.decode(headers, raw, len(arr), MAX_RESPONSE_BYTES), len(arr),
+                               self.task.name, self.wire.layout, self.wire.num_classes)
+        except ProtocolError as exc:
+            ctype = headers.get("Content-Type", "no content type")
+            raise OracleError(f"malformed answer from {self.base_url}{req.path} (HTTP {status}, {ctype}): "
+                              f"{exc}") from None
+        self.wire.confirm()
         self.queries_used += len(arr)
         self.requests += 1
-        return labels
+        return out
 
-    def _http_error(self, what: str, status: int, payload: Any) -> str:
-        detail = payload.get("error") if isinstance(payload, dict) else None
+    def _split(self, arr: np.ndarray) -> np.ndarray:
+        half = len(arr) // 2
+        return np.concatenate([self._predict_chunk(arr[:half]), self._predict_chunk(arr[half:])])
+
+    def _http_error(self, what: str, status: int, raw: bytes) -> str:
+        try:
+            payload = bounded_loads(raw, max_bytes=MAX_HEALTH_BYTES, what="error answer")
+        except JSONLimitError:
+            payload = None
+        detail = None
+        if isinstance(payload, dict):  # nnmark, OIP, TF-Serving: "error"; FastAPI servers: "detail"
+            detail = payload.get("error") or payload.get("detail")
         text = f": {_one_line(detail)}" if detail else ""
         return f"{what} at {self.base_url} failed with HTTP {status}{text}"
 
-    def _call(self, method: str, path: str, body: bytes | None, max_bytes: int) -> tuple[int, Any]:
-        """One request with retries; returns (status, parsed JSON or None for a 4xx without JSON)."""
+    def _call(self, method: str, path: str, body: bytes | None, max_bytes: int,
+              headers: dict[str, str] | None = None, retries: int | None = None) -> tuple[int, Any, bytes]:
+        """One request with ``retries`` (default: the oracle's); returns (status, response headers, body)."""
         url = self.base_url + path
-        last = ""
-        for attempt in range(self.retries + 1):
+        last, reachable = "", False
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             self.attempts += 1
             try:
-                return self._attempt(method, url, body, max_bytes)
+                return self._attempt(method, url, body, max_bytes, headers)
             except _Retryable as exc:
                 last = str(exc)
-        raise OracleError(f"{method} {url} failed after {self.retries + 1} attempts: {last}")
+                reachable = reachable or not isinstance(exc, _Unreachable)
+        error = OracleError if reachable else EndpointUnreachable
+        raise error(f"{method} {url} failed after {retries + 1} attempts: {last}")
 
-    def _attempt(self, method: str, url: str, body: bytes | None, max_bytes: int) -> tuple[int, Any]:
+    def _attempt(self, method: str, url: str, body: bytes | None, max_bytes: int,
+                 headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
         deadline = time.monotonic() + self.timeout
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = headers or {}
         try:
             resp = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
                                          stream=True, allow_redirects=False)
         except requests.exceptions.Timeout:
             raise _Retryable(f"timed out after {self.timeout:g} s") from None
         except requests.exceptions.ConnectionError as exc:
-            raise _Retryable(f"cannot connect ({_connection_reason(exc)})") from None
+            reason = _connection_reason(exc)
+            kind = _Unreachable if reason in ("connection refused", "host name not resolved") else _Retryable
+            raise kind(f"cannot connect ({reason})") from None
         except requests.exceptions.RequestException as exc:
             raise OracleError(f"{method} {url} failed: {_one_line(exc)}") from None
         try:
@@ -184,14 +252,7 @@ class HTTPOracle:
         status = resp.status_code
         if status >= 500:
             raise _Retryable(f"HTTP {status}")
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):
-            if status >= 400:
-                return status, None
-            raise OracleError(f"answer from {url} is not JSON (HTTP {status}, "
-                              f"{resp.headers.get('Content-Type', 'no content type')})") from None
-        return status, payload
+        return status, resp.headers, raw
 
     def _read_limited(self, resp: requests.Response, deadline: float, max_bytes: int, url: str) -> bytes:
         chunks, size = [], 0

@@ -9,6 +9,18 @@ Endpoints (all bodies are JSON, every error is ``{"error": "<one line>"}``):
   when ``C == 1``), finite numbers (pixel values in [0, 1] for nnmark's datasets) ->
   ``{"labels": [int, ...]}`` (``N`` labels).
 
+With ``protocol="oip"`` the same server also speaks the Open Inference Protocol
+(KServe v2 REST; the wire format is in :mod:`nnmark.serving.protocols`), for one
+model named ``model_name``: ``GET /v2`` (server metadata, extensions
+``["binary_tensor_data"]``), ``GET /v2/health/live`` and ``/v2/health/ready``,
+``GET /v2/models/{name}[/versions/1]`` (metadata: input ``"images"`` FP32
+``[-1, C, H, W]``; output ``"label"`` INT64 ``[-1]`` for a classifier, ``"image"``
+FP32 for an image-to-image model), ``GET /v2/models/{name}/ready`` and
+``POST /v2/models/{name}[/versions/1]/infer`` with the input in JSON ``data`` or as
+a binary tensor (``Inference-Header-Content-Length``); the output comes back in
+binary when the request asks for it (``binary_data_output`` or the output's
+``binary_data``), else as JSON ``data``. The same bounds apply.
+
 Bounds: a request declaring more than ``max_body_bytes`` (``Content-Length``) is
 answered 413 before its body is read; a request without ``Content-Length`` gets
 411; more than ``max_batch`` images gets 413; malformed JSON, a wrong shape,
@@ -39,6 +51,17 @@ import torch
 from torch import nn
 
 from nnmark.errors import NNMarkError
+from nnmark.serving.protocols import (
+    PROTOCOLS,
+    ProtocolError,
+    TensorSpec,
+    encode_infer_response,
+    oip_model_metadata,
+    oip_route,
+    oip_server_metadata,
+    parse_infer_request,
+)
+from nnmark.tasks import task_of
 
 DEFAULT_MAX_BATCH = 256
 # Bytes budgeted per pixel value in the JSON body: a float32 value written as a
@@ -81,7 +104,8 @@ class PredictionServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], model: nn.Module, *, max_batch: int, max_body: int,
-                 max_connections: int, verbose: bool) -> None:
+                 max_connections: int, verbose: bool, protocol: str = "nnmark", model_name: str = "model"
+                 ) -> None:
         spec = getattr(model, "spec", None) or {}
         in_shape = spec.get("in_shape")
         if not (isinstance(in_shape, (list, tuple)) and len(in_shape) == 3):
@@ -93,12 +117,15 @@ class PredictionServer(ThreadingHTTPServer):
         self.max_batch = int(max_batch)
         self.max_body = int(max_body)
         self.verbose = verbose
+        self.oip = protocol == "oip"
+        self.model_name = model_name
+        self.task = task_of(model)
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnmark-infer")
         self._slots = threading.BoundedSemaphore(max_connections)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         try:  # warm up (first-call allocations) before accepting requests
-            self._infer.submit(self._forward, np.zeros((1, *self.in_shape), dtype=np.float32)).result()
+            self._infer.submit(self._read_out, np.zeros((1, *self.in_shape), dtype=np.float32)).result()
         except BaseException:
             self.server_close()
             raise
@@ -129,6 +156,27 @@ class PredictionServer(ThreadingHTTPServer):
         with torch.no_grad():
             labels = self.model(torch.from_numpy(images)).argmax(1)
         return [int(v) for v in labels.tolist()]
+
+    # -- the Open Inference Protocol -----------------------------------------------------
+    @property
+    def oip_input(self) -> TensorSpec:
+        return TensorSpec("images", "FP32", [-1, *self.in_shape])
+
+    @property
+    def oip_output(self) -> TensorSpec:
+        if self.task.name == "classification":
+            return TensorSpec("label", "INT64", [-1])
+        return TensorSpec("image", "FP32", [-1, -1, -1, -1])
+
+    def read_out(self, images: np.ndarray) -> np.ndarray:
+        """What the model's task reads for a validated float32 batch ``(N, C, H, W)``:
+        int64 labels ``(N,)`` for a classifier, float32 images otherwise."""
+        return self._infer.submit(self._read_out, images).result()
+
+    def _read_out(self, images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = self.task.read(self.model(torch.from_numpy(images)))
+        return out.numpy().astype(np.int64 if self.task.name == "classification" else np.float32)
 
     def server_close(self) -> None:
         super().server_close()
@@ -168,10 +216,13 @@ class _Handler(BaseHTTPRequestHandler):
     # -- responses -------------------------------------------------------------------
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload, separators=(",", ":")).encode()
+        self._send_bytes(status, body, {"Content-Type": "application/json", **(headers or {})})
+
+    def _send_bytes(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """Send ``body`` with ``headers`` (which name its Content-Type) and its Content-Length."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -198,6 +249,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        if self.server.oip and (path == "/v2" or path.startswith("/v2/")):
+            self._route_oip(method, path)
+            return
         allowed = self._ROUTES.get(path)
         if allowed is None:
             self._discard_and_close()
@@ -224,6 +278,60 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             self.log_message("predicted %d images in %.1f ms", len(labels), 1e3 * (time.perf_counter() - started))
         self._send_json(200, {"labels": labels})
+
+    def _route_oip(self, method: str, path: str) -> None:
+        """The Open Inference Protocol's endpoints (see the module docstring)."""
+        route = oip_route(path)
+        if route is None:
+            self._discard_and_close()
+            self._send_json(404, {"error": f"unknown path {_one_line(path, 80)}"})
+            return
+        endpoint, name, version = route
+        allowed = "POST" if endpoint == "infer" else "GET"
+        if method != allowed:
+            self._discard_and_close()
+            self._send_json(405, {"error": f"{method} not allowed on {_one_line(path, 80)}; use {allowed}"},
+                            {"Allow": allowed})
+            return
+        srv = self.server
+        if name is not None and (name != srv.model_name or version not in (None, "1")):
+            self._discard_and_close()
+            self._send_json(404, {"error": f"unknown model {_one_line(name, 60)!r}"
+                                           + (f" version {_one_line(version, 20)!r}" if version else "")
+                                           + f"; this server has {srv.model_name!r} version 1"})
+            return
+        if endpoint == "server":
+            self._send_json(200, oip_server_metadata(_version()))
+        elif endpoint in ("live", "ready", "model-ready"):
+            self._send_json(200, {"live" if endpoint == "live" else "ready": True})
+        elif endpoint == "model":
+            self._send_json(200, oip_model_metadata(srv.model_name, srv.oip_input, srv.oip_output))
+        else:
+            self._oip_infer()
+
+    def _oip_infer(self) -> None:
+        srv, started = self.server, time.perf_counter()
+        try:
+            body = self._read_body()
+            req = parse_infer_request(body, self.headers, input_name=srv.oip_input.name, in_shape=srv.in_shape,
+                                      max_batch=srv.max_batch, output_name=srv.oip_output.name)
+            values = srv.read_out(req.images)
+        except _BadRequest as exc:
+            self._send_json(exc.status, {"error": _one_line(exc.message)})
+            return
+        except ProtocolError as exc:
+            self._send_json(exc.status, {"error": _one_line(exc)})
+            return
+        except Exception as exc:  # a bug, not the client's fault: answer 500, keep serving
+            print(f"nnmark serve: internal error: {_one_line(repr(exc))}", file=sys.stderr, flush=True)
+            self.close_connection = True
+            self._send_json(500, {"error": "internal server error"})
+            return
+        out, headers = encode_infer_response(srv.model_name, srv.oip_output.name, values,
+                                             request_id=req.request_id, binary=req.binary_output)
+        if srv.verbose:
+            self.log_message("OIP infer: %d images in %.1f ms", len(req.images), 1e3 * (time.perf_counter() - started))
+        self._send_bytes(200, out, headers)
 
     def _discard_and_close(self) -> None:
         """For requests we answer without reading their body: close the connection afterwards."""
@@ -342,6 +450,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
+def _version() -> str:
+    from nnmark import __version__
+
+    return str(__version__)
+
+
 def default_max_body(in_shape: tuple[int, int, int] | list[int], max_batch: int) -> int:
     """Body limit (bytes) for ``max_batch`` images of ``in_shape`` written as JSON floats."""
     return int(max_batch) * math.prod(int(v) for v in in_shape) * BYTES_PER_VALUE + BODY_OVERHEAD
@@ -356,6 +470,8 @@ def make_server(
     max_body: int | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     verbose: bool = False,
+    protocol: str = "nnmark",
+    model_name: str = "model",
 ) -> PredictionServer:
     """Bind a :class:`PredictionServer` for ``model`` (built by nnmark, so it has ``.spec``).
 
@@ -363,7 +479,9 @@ def make_server(
     ``server.url``). ``max_batch``: most images per request (default 256).
     ``max_body``: most body bytes (default :func:`default_max_body`, about
     ``max_batch * C*H*W * 32`` bytes). ``max_connections``: connections served at
-    once (default 64). The server is bound but not running: call
+    once (default 64). ``protocol``: ``"nnmark"`` (``/health``, ``/predict``) or ``"oip"``
+    (those and the Open Inference Protocol's ``/v2`` endpoints for the model
+    ``model_name``). The server is bound but not running: call
     ``serve_forever()`` (e.g. in a thread), then ``shutdown()`` and ``server_close()``.
     Raises :class:`ServeError` if the address cannot be bound.
     """
@@ -371,6 +489,10 @@ def make_server(
         raise ServeError(f"max_batch must be >= 1, got {max_batch}")
     if max_connections < 1:
         raise ServeError(f"max_connections must be >= 1, got {max_connections}")
+    if protocol not in ("nnmark", "oip"):
+        raise ServeError(f"cannot serve protocol {protocol!r}; choose nnmark or oip (known: {', '.join(PROTOCOLS)})")
+    if not model_name or "/" in model_name or any(ch.isspace() or not ch.isprintable() for ch in model_name):
+        raise ServeError(f"model name {model_name!r} must be non-empty, without '/', spaces or control characters")
     spec = getattr(model, "spec", None) or {}
     in_shape = spec.get("in_shape") or [1, 1, 1]
     body = default_max_body(in_shape, max_batch) if max_body is None else int(max_body)
@@ -378,7 +500,8 @@ def make_server(
         raise ServeError(f"max_body must be >= 1, got {body}")
     try:
         return PredictionServer((host, port), model, max_batch=max_batch, max_body=body,
-                                max_connections=max_connections, verbose=verbose)
+                                max_connections=max_connections, verbose=verbose, protocol=protocol,
+                                model_name=model_name)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -396,12 +519,16 @@ def serve_model_file(
     *,
     max_body: int | None = None,
     threads: int | None = None,
+    protocol: str = "nnmark",
+    model_name: str | None = None,
 ) -> None:
     """Load a model file safely (:func:`nnmark.io.load_model`) and serve it until SIGINT/SIGTERM.
 
     Prints one line with the URL once it accepts connections (``port=0``: a free
     port, shown in that line). ``threads``: torch intra-op threads for the forward
-    passes (default ``min(4, current setting)``). Raises
+    passes (default ``min(4, current setting)``). ``protocol``: ``"nnmark"`` or ``"oip"``
+    (see :func:`make_server`); ``model_name``: the OIP model name (default: the file's
+    stem, e.g. ``stolen`` for ``stolen.safetensors``). Raises
     :class:`~nnmark.errors.ModelFileError` for an unusable model file and
     :class:`ServeError` when the address cannot be bound; returns after a clean
     shutdown.
@@ -411,7 +538,9 @@ def serve_model_file(
     path = Path(path)
     model, _meta = load_model(path)
     torch.set_num_threads(max(1, threads if threads is not None else min(4, torch.get_num_threads())))
-    server = make_server(model, host, port, max_batch=max_batch, max_body=max_body, verbose=verbose)
+    name = model_name or "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem) or "model"
+    server = make_server(model, host, port, max_batch=max_batch, max_body=max_body, verbose=verbose,
+                         protocol=protocol, model_name=name)
 
     def _on_signal(signum: int, frame: Any) -> None:
         raise _Stop()
@@ -423,7 +552,9 @@ def serve_model_file(
             previous[sig] = signal.signal(sig, _on_signal)
     try:
         print(f"nnmark serve: {server.arch} model {path.name} at {server.url} "
-              f"(max batch {server.max_batch}, max body {server.max_body} bytes); Ctrl-C to stop", flush=True)
+              f"(max batch {server.max_batch}, max body {server.max_body} bytes)"
+              + (f"; Open Inference Protocol model {name!r} at {server.url}/v2/models/{name}" if server.oip else "")
+              + "; Ctrl-C to stop", flush=True)
         server.serve_forever(poll_interval=0.2)
     except (_Stop, KeyboardInterrupt):
         pass
