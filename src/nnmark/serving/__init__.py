@@ -2,9 +2,12 @@
 
 - :func:`~nnmark.serving.server.serve_model_file` / :func:`~nnmark.serving.server.make_server`:
   a bounded, threaded JSON prediction server (``GET /health``, ``POST /predict``);
-- :class:`~nnmark.serving.client.HTTPOracle`: an oracle with a query budget, timeouts and retries.
+- :class:`~nnmark.serving.client.HTTPOracle`: an oracle with a query budget, timeouts and retries,
+  speaking nnmark's ``/predict``, the Open Inference Protocol (KServe v2: Triton, KServe, MLServer)
+  or TF-Serving's REST API;
+- :mod:`~nnmark.serving.protocols`: those wire formats (binary OIP tensors included) as pure functions.
 
-Run a server with ``nnmark serve MODEL --port P`` or ``python -m nnmark.serving MODEL --port P``.
+Run a server with ``nnmark serve MODEL --port P [--protocol oip]`` or ``python -m nnmark.serving MODEL --port P``.
 """
 
 from nnmark.serving.client import HTTPOracle
