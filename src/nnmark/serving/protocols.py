@@ -354,6 +354,17 @@ class Wire(ABC):
         return payload if isinstance(payload, dict) else None
 
 
+def _answer_list(raw: bytes, key: str, n: int, max_bytes: int) -> list:
+    """The list ``key`` of a JSON answer object, one entry per image (``n``)."""
+    payload = parse_json(raw, "answer", max_bytes)
+    values = payload.get(key) if isinstance(payload, dict) else None
+    if not isinstance(values, list):
+        raise ProtocolError(f'no "{key}" list')
+    if len(values) != n:
+        raise ProtocolError(f"{len(values)} {key} for {n} images")
+    return values
+
+
 def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
@@ -382,12 +393,7 @@ class NNMarkWire(Wire):
         return Encoded("/predict", body, {"Content-Type": "application/json"})
 
     def decode(self, headers: Mapping[str, str], raw: bytes, n: int, max_bytes: int) -> np.ndarray:
-        payload = parse_json(raw, "answer", max_bytes)
-        labels = payload.get("labels") if isinstance(payload, dict) else None
-        if not isinstance(labels, list):
-            raise ProtocolError('no "labels" list')
-        if len(labels) != n:
-            raise ProtocolError(f"{len(labels)} labels for {n} images")
+        labels = _answer_list(raw, "labels", n, max_bytes)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
             raise ProtocolError("labels are not all integers")
         try:
@@ -571,12 +577,7 @@ class TFServingWire(Wire):
         return Encoded(path, ('{"instances":' + json_array(arr) + "}").encode(), {"Content-Type": "application/json"})
 
     def decode(self, headers: Mapping[str, str], raw: bytes, n: int, max_bytes: int) -> np.ndarray:
-        payload = parse_json(raw, "answer", max_bytes)
-        preds = payload.get("predictions") if isinstance(payload, dict) else None
-        if not isinstance(preds, list):
-            raise ProtocolError('no "predictions" list')
-        if len(preds) != n:
-            raise ProtocolError(f"{len(preds)} predictions for {n} images")
+        preds = _answer_list(raw, "predictions", n, max_bytes)
         if preds and isinstance(preds[0], dict):
             keys = list(preds[0])
             key = self.output or (keys[0] if len(keys) == 1 else None)

@@ -40,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -265,15 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, self.server.health())
             return
         started = time.perf_counter()
-        try:
-            labels = self._predict()
-        except _BadRequest as exc:
-            self._send_json(exc.status, {"error": _one_line(exc.message)})
-            return
-        except Exception as exc:  # a bug, not the client's fault: answer 500, keep serving
-            print(f"nnmark serve: internal error: {_one_line(repr(exc))}", file=sys.stderr, flush=True)
-            self.close_connection = True
-            self._send_json(500, {"error": "internal server error"})
+        labels = self._guarded(self._predict)
+        if labels is None:
             return
         if self.server.verbose:
             self.log_message("predicted %d images in %.1f ms", len(labels), 1e3 * (time.perf_counter() - started))
@@ -311,27 +305,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _oip_infer(self) -> None:
         srv, started = self.server, time.perf_counter()
-        try:
-            body = self._read_body()
-            req = parse_infer_request(body, self.headers, input_name=srv.oip_input.name, in_shape=srv.in_shape,
-                                      max_batch=srv.max_batch, output_name=srv.oip_output.name)
-            values = srv.read_out(req.images)
-        except _BadRequest as exc:
-            self._send_json(exc.status, {"error": _one_line(exc.message)})
-            return
-        except ProtocolError as exc:
-            self._send_json(exc.status, {"error": _one_line(exc)})
-            return
-        except Exception as exc:  # a bug, not the client's fault: answer 500, keep serving
-            print(f"nnmark serve: internal error: {_one_line(repr(exc))}", file=sys.stderr, flush=True)
-            self.close_connection = True
-            self._send_json(500, {"error": "internal server error"})
+        req = self._guarded(lambda: parse_infer_request(
+            self._read_body(), self.headers, input_name=srv.oip_input.name, in_shape=srv.in_shape,
+            max_batch=srv.max_batch, output_name=srv.oip_output.name))
+        values = None if req is None else self._guarded(lambda: srv.read_out(req.images))
+        if values is None:
             return
         out, headers = encode_infer_response(srv.model_name, srv.oip_output.name, values,
                                              request_id=req.request_id, binary=req.binary_output)
         if srv.verbose:
             self.log_message("OIP infer: %d images in %.1f ms", len(req.images), 1e3 * (time.perf_counter() - started))
         self._send_bytes(200, out, headers)
+
+    def _guarded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or ``None`` after answering its failure: 4xx for the client's, 500 for a bug (then
+        the server keeps serving)."""
+        try:
+            return fn()
+        except _BadRequest as exc:
+            self._send_json(exc.status, {"error": _one_line(exc.message)})
+        except ProtocolError as exc:
+            self._send_json(exc.status, {"error": _one_line(exc)})
+        except Exception as exc:  # a bug, not the client's fault
+            print(f"nnmark serve: internal error: {_one_line(repr(exc))}", file=sys.stderr, flush=True)
+            self.close_connection = True
+            self._send_json(500, {"error": "internal server error"})
+        return None
 
     def _discard_and_close(self) -> None:
         """For requests we answer without reading their body: close the connection afterwards."""
