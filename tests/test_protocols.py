@@ -271,7 +271,8 @@ def test_nnmark_serve_oip_and_verify_cli(capsys, owner, test_x) -> None:
     try:
         url = _wait_url(proc)
         for args in (["--url", url, "--protocol", "oip", "--model-name", "marked"],
-                     ["--url", url + "/v2/models/marked/infer", "--protocol", "oip"]):
+                     ["--url", url + "/v2/models/marked/infer", "--protocol", "oip"],
+                     ["--url", url]):  # nnmark's own /predict is served alongside
             code, out, err = _nnmark(capsys, "verify", *args, "--key", str(key), "--commitment-log",
                                      str(owner["log"]), "--budget", "20", "--json")
             assert code == 0, (out, err)
