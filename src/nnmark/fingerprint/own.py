@@ -65,7 +65,7 @@ function, i.e. the draws as independent). For any fixed ``a != 0`` and ``G ~ N(0
 exactly standard normal (rotational invariance), so conditionally on ``delta`` -- hence also
 unconditionally -- ``z_u ~ N(0, 1)`` and ``P[p_u <= t] = t`` for every ``t``, exactly, over the randomness
 of ``G_u``. Nothing about the coalition is assumed. (A suspect equal to the base on the carriers has ``a = 0``:
-``z = 0`` and ``p = 1``, no evidence.)
+it gets ``z = 0``, ``p = 1/2``: no evidence.)
 
 The tracer names a customer only when ``p_u <= alpha / n_codes``; by the union bound over the customers
 whose copies were not used, the probability that *any* of them is named is at most ``alpha`` (default
