@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from nnmark.attacks import ATTACKS, FineTune, Prune, build_attack, prune_by_magnitude
+from nnmark.attacks import Attack, AttackError, Average, FineTune, Prune, build_attack, prune_by_magnitude
+from nnmark.components import REGISTRY, ComponentError
 from nnmark.models import model_spec
+from nnmark.params import ParamError
 from nnmark.train import accuracy, seeded_model
 
 
@@ -74,11 +76,39 @@ def test_rtll_reinitialises_head(digits, clean_models):
 
 
 def test_registry_and_errors():
-    assert {"ftll", "ftal", "rtll", "rtal", "prune"} <= set(ATTACKS)
-    assert build_attack("FTAL", epochs=3).epochs == 3
-    with pytest.raises(ValueError, match="unknown attack"):
+    assert {"ftll", "ftal", "rtll", "rtal", "prune", "average", "permute", "rescale"} <= set(REGISTRY.names("attack"))
+    atk = build_attack("FTAL", epochs="3")
+    assert isinstance(atk, FineTune) and atk.epochs == 3 and atk.mode == "FTAL"
+    with pytest.raises(ComponentError, match="unknown attack"):
         build_attack("melt")
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ComponentError, match="fixes mode"):
+        build_attack("ftal", mode="RTAL")
+    with pytest.raises(ParamError, match="mode"):
         FineTune(mode="XX")
-    with pytest.raises(ValueError, match="attacker data"):
+    with pytest.raises(ParamError, match="valid: .*fraction"):
+        build_attack("prune", fractoin=0.5)
+    with pytest.raises(AttackError, match="attacker data"):
         FineTune().attack(seeded_model(model_spec("mlp", (1, 8, 8), 10), 0), None)
+    assert FineTune("rtll", 3).describe()["mode"] == "RTLL"  # positional in declaration order
+
+
+def test_every_registered_attack_declares_its_parameters():
+    for comp in REGISTRY.components("attack"):
+        cls = comp.load()
+        assert issubclass(cls, Attack), comp.name
+        names = cls.PARAMS.names()
+        assert "seed" in names, comp.name
+        assert cls.budget is None or cls.budget in names, comp.name
+        built = cls(**comp.resolve({}))  # every declared default builds
+        assert built.describe()["attack"] == cls.name
+
+
+def test_collusion_takes_several_models_and_single_model_attacks_refuse_them():
+    spec = model_spec("mlp", (1, 8, 8), 10)
+    a, b = seeded_model(spec, 0), seeded_model(spec, 1)
+    avg = build_attack("average", weights="1,3").attack([a, b])
+    assert torch.allclose(avg.head.weight, 0.25 * a.head.weight + 0.75 * b.head.weight, atol=1e-6)
+    with pytest.raises(AttackError, match="takes 1 model"):
+        build_attack("prune").attack([a, b])
+    with pytest.raises(AttackError, match="1 or more"):
+        Average().attack([])

@@ -250,33 +250,44 @@ def verify(suspect: str | None, key_path: str, url: str | None, queries: int, al
 
 # --------------------------------------------------------------------------- attack
 @cli.command()
-@click.argument("model_path", type=click.Path(dir_okay=False))
-@click.option("--attack", "name", required=True, help="ftll | ftal | rtll | rtal | prune")
+@click.argument("model_paths", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
+@click.option("--attack", "name", required=True, help="an attack's name (see `nnmark schemes`), e.g. ftal, prune, "
+              "average, permute-rescale")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="attack parameter, repeatable (e.g. epochs=20, fraction=0.7, order=random)")
+              help="attack parameter, repeatable (e.g. epochs=20, fraction=0.7, order=random); "
+                   "`nnmark schemes --kind attack` lists each attack's parameters")
 @click.option("--data", default=None, help="dataset the attacker draws from (default: the model's)")
 @click.option("--data-fraction", default=0.1, show_default=True,
               help="attacker data, as a fraction of the owner's training-set size")
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
-def attack(model_path: str, name: str, params: tuple[str, ...], data: str | None, data_fraction: float,
-           out: str) -> None:
-    """Attack a model (fine-tuning, pruning) and save the result."""
+def attack(model_paths: tuple[str, ...], name: str, params: tuple[str, ...], data: str | None,
+           data_fraction: float, out: str) -> None:
+    """Attack one model, or several (collusion: average), and save the result."""
     from nnmark.attacks import build_attack
     from nnmark.data import load_data
     from nnmark.io import load_model, save_model
-    from nnmark.train import accuracy
+    from nnmark.params import parse_assignments
+    from nnmark.tasks import task_of
 
-    model, meta = load_model(model_path)
+    atk = build_attack(name, **parse_assignments(params))
+    least, most = atk.models
+    if len(model_paths) < least or (most is not None and len(model_paths) > most):
+        raise NNMarkError(f"attack {name!r} takes {least if least == most else f'{least} or more'} model file(s), "
+                          f"got {len(model_paths)}")
+    loaded = [load_model(p) for p in model_paths]
+    models = [m for m, _ in loaded]
+    meta = loaded[0][1]
     splits = load_data(data or meta.get("data") or "mnist5k")
-    att_data = splits.attacker.take_fraction(min(1.0, data_fraction * len(splits.train) / len(splits.attacker)))
-    try:
-        atk = build_attack(name, **_parse_params(params))
-    except (ValueError, TypeError) as exc:
-        raise NNMarkError(str(exc)) from None
-    stolen = atk.attack(model, att_data)
-    acc = accuracy(stolen, splits.test)
-    save_model(out, stolen, {"data": meta.get("data"), "attack": atk.describe(), "test_accuracy": acc})
-    click.echo(f"saved {out}: {name} with {len(att_data)} attacker images; test accuracy {acc:.4f}")
+    att_data = None
+    if atk.needs_data or getattr(atk, "finetune_epochs", 0):
+        att_data = splits.attacker.take_fraction(min(1.0, data_fraction * len(splits.train) / len(splits.attacker)))
+    stolen = atk.attack(models, att_data)
+    task = task_of(stolen)
+    fidelity = task.fidelity(stolen, splits.test.x, splits.test.y)
+    save_model(out, stolen, {"data": meta.get("data"), "attack": atk.describe(), "test_fidelity": fidelity,
+                             "test_accuracy" if task.name == "classification" else "test_psnr": fidelity})
+    used = f" with {len(att_data)} attacker images" if att_data is not None else ""
+    click.echo(f"saved {out}: {name} on {len(models)} model(s){used}; test {task.fidelity_name} {fidelity:.4f}")
 
 
 # --------------------------------------------------------------------------- serve
@@ -313,15 +324,23 @@ def demo(dataset: str, epochs: int | None, workdir: str | None, as_json: bool) -
 
 
 @cli.command()
-def schemes() -> None:
-    """List the available schemes and attacks."""
-    from nnmark.attacks import ATTACKS
-    from nnmark.schemes import SCHEMES
+@click.option("--kind", type=click.Choice(["scheme", "attack", "code", "dataset", "architecture"]), default=None,
+              help="list only this kind of component")
+@click.option("--json", "as_json", is_flag=True, help="every component with its declared parameters, as JSON")
+def schemes(kind: str | None, as_json: bool) -> None:
+    """List the components (schemes, attacks, datasets, ...) by name, with their parameters."""
+    from nnmark.components import REGISTRY
 
-    for name, cls in sorted(SCHEMES.items()):
-        click.echo(f"scheme  {name:12s} {cls.access:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
-    for name in sorted(ATTACKS):
-        click.echo(f"attack  {name}")
+    if as_json:
+        _echo_json({"components": REGISTRY.describe(kind), "problems": REGISTRY.problems()})
+        return
+    for comp in REGISTRY.components(kind):
+        origin = "" if comp.origin == "nnmark" else f" [{comp.origin}]"
+        click.echo(f"{comp.kind:12s} {comp.name:16s} {comp.doc_line()}{origin}")
+        for p in comp.params:
+            click.echo(f"{'':30s}{p.summary()}")
+    for line in REGISTRY.problems():
+        click.echo(f"warning: {line}", err=True)
 
 
 from nnmark.cli_fingerprint import fingerprint  # noqa: E402

@@ -87,7 +87,7 @@ class Component:
         if self.doc:
             return self.doc
         text = (getattr(self.load(), "__doc__", "") or "").strip()
-        return text.splitlines()[0] if text else ""
+        return " ".join(text.split("\n\n")[0].split())
 
     def describe(self) -> dict[str, Any]:
         """JSON-able: kind, name, origin, doc, declared parameters, fixed defaults."""
@@ -119,6 +119,9 @@ BUILTIN: dict[str, dict[str, Component]] = {
         "rtal": ("nnmark.attacks.finetune:FineTune", {"mode": "RTAL"}),
         "prune": "nnmark.attacks.prune:Prune",
         "average": "nnmark.attacks.collusion:Average",
+        "permute": "nnmark.attacks.obfuscate:Permute",
+        "rescale": "nnmark.attacks.obfuscate:Rescale",
+        "permute-rescale": "nnmark.attacks.obfuscate:PermuteRescale",
     }),
     "code": {},
     "dataset": _builtin("dataset", {

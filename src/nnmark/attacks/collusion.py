@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nnmark.attacks.base import Attack, register_attack
+from nnmark.attacks.base import SEED, Attack
 from nnmark.data.dataset import ImageDataset
+from nnmark.params import Param, Params
 
 
 def average_models(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
@@ -57,18 +58,17 @@ def average_models(models: Sequence[nn.Module], weights: Sequence[float] | None 
 class Average(Attack):
     """Average the weights of the colluders' copies: ``attack([m1, ..., mK]) -> averaged model``.
 
-    ``weights``: optional per-copy weights (default equal). A single model is returned as a copy.
-    ``data`` is ignored (chain a fine-tuning or pruning attack for "average then fine-tune").
+    ``data`` is ignored (chain a fine-tuning or pruning attack for "average then fine-tune");
+    a single model is returned as a copy.
     """
 
     name = "average"
+    models = (1, None)
+    PARAMS = Params(
+        Param("weights", list, None, "non-negative weight per copy, normalised to sum 1 (default: equal)",
+              optional=True, item=float, low=0.0),
+        SEED,
+    )
 
-    def __init__(self, weights: Sequence[float] | None = None) -> None:
-        self.weights = None if weights is None else [float(x) for x in weights]
-
-    def attack(self, model: nn.Module | Sequence[nn.Module], data: ImageDataset | None = None) -> nn.Module:
-        models = [model] if isinstance(model, nn.Module) else list(model)
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
         return average_models(models, self.weights)
-
-
-register_attack("average", Average)

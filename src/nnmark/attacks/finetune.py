@@ -16,39 +16,42 @@ import copy
 import torch
 from torch import nn
 
-from nnmark.attacks.base import Attack, register_attack
+from nnmark.attacks.base import SEED, Attack
 from nnmark.data.dataset import ImageDataset
 from nnmark.models import head_of
+from nnmark.params import Param, Params
 from nnmark.train import TrainConfig, train
 
 MODES = ("FTLL", "FTAL", "RTLL", "RTAL")
 
 
 class FineTune(Attack):
-    """Fine-tune a copy of the model on the attacker's data.
-
-    Parameters: ``mode`` one of FTLL/FTAL/RTLL/RTAL; ``epochs`` (default 20);
-    ``max_batches`` (total optimisation steps, ``None`` = no limit); ``lr``
-    (default 1e-3); ``optimizer`` ``"adam"`` (default) or ``"sgd"``;
-    ``batch_size`` (default 64); ``seed`` (shuffling and head re-initialisation).
-    """
+    """Fine-tune a copy of the model on the attacker's data (FTLL / FTAL / RTLL / RTAL)."""
 
     name = "finetune"
+    needs_data = True
+    budget = "max_batches"
+    PARAMS = Params(
+        Param("mode", str, "FTAL", "which layers: FTLL / FTAL (fine-tune last / all), RTLL / RTAL (re-initialise "
+              "the head first)", choices=MODES),
+        Param("epochs", int, 20, "passes over the attacker's data", low=0),
+        Param("max_batches", int, None, "budget: optimisation steps in total (None: epochs decide)",
+              optional=True, low=0),
+        Param("lr", float, 1e-3, "learning rate", low=0.0),
+        Param("optimizer", str, "adam", "optimiser (sgd: with momentum)", choices=("adam", "sgd")),
+        Param("momentum", float, 0.9, "SGD momentum", low=0.0, high=1.0),
+        Param("weight_decay", float, 0.0, "L2 weight decay", low=0.0),
+        Param("batch_size", int, 64, "samples per step", low=1),
+        SEED,
+    )
 
-    def __init__(self, mode: str = "FTAL", epochs: int = 20, max_batches: int | None = None,
-                 lr: float = 1e-3, optimizer: str = "adam", batch_size: int = 64, seed: int = 0,
-                 progress: bool | None = False) -> None:
-        mode = mode.upper()
-        if mode not in MODES:
-            raise ValueError(f"fine-tuning mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.mode, self.epochs, self.max_batches = mode, int(epochs), max_batches
-        self.lr, self.optimizer, self.batch_size, self.seed = float(lr), optimizer, int(batch_size), int(seed)
-        self.progress = progress
+    def prepare(self, given: dict) -> dict:
+        if isinstance(given.get("mode"), str):
+            given = {**given, "mode": given["mode"].upper()}
+        return given
 
-    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
-        if data is None or len(data) == 0:
-            raise ValueError("fine-tuning needs attacker data")
-        stolen = copy.deepcopy(model)
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
+        stolen = copy.deepcopy(models[0])
         head = head_of(stolen)
         if self.mode.startswith("RT"):
             gen = torch.Generator().manual_seed(self.seed)
@@ -58,10 +61,7 @@ class FineTune(Attack):
                 head.bias.copy_(torch.empty_like(head.bias).uniform_(-bound, bound, generator=gen))
         params = head.parameters() if self.mode.endswith("LL") else stolen.parameters()
         cfg = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
-                          lr=self.lr, max_steps=self.max_batches, seed=self.seed, progress=self.progress)
+                          lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                          max_steps=self.max_batches, seed=self.seed, progress=False)
         train(stolen, data, cfg, params=params, description=f"attack {self.mode}")
         return stolen.eval()
-
-
-for _mode in MODES:
-    register_attack(_mode.lower(), FineTune, mode=_mode)

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from nnmark.alignment import Chain, transform_units, unit_chain
-from nnmark.attacks.base import Attack, register_attack
+from nnmark.attacks.base import SEED, Attack
 from nnmark.data.dataset import ImageDataset
+from nnmark.params import Param, Params
 
 
 def _layers(chain: Chain, layers: list[str] | None) -> list[str]:
@@ -63,32 +64,34 @@ def random_scales(chain: Chain, seed: int, low: float, high: float, layers: list
     return post, pre
 
 
+_LAYERS = Param("layers", list, None, "hidden layers to transform (default: every hidden layer)", optional=True,
+                item=str)
+_LOW = Param("low", float, 0.01, "smallest rescaling factor (log-uniform)", low=1e-12)
+_HIGH = Param("high", float, 100.0, "largest rescaling factor (log-uniform)", low=1e-12)
+
+
 class Permute(Attack):
-    """Permute the units of every hidden layer (or of ``layers``) of a copy of the model.
-    Parameters: ``seed`` (default 0), ``layers`` (default: all hidden layers)."""
+    """Permute the units of every hidden layer (or of ``layers``) of a copy of the model; the function is
+    unchanged."""
 
     name = "permute"
+    PARAMS = Params(SEED, _LAYERS)
 
-    def __init__(self, seed: int = 0, layers: list[str] | None = None) -> None:
-        self.seed, self.layers = int(seed), layers
-
-    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
-        stolen = copy.deepcopy(model)
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
+        stolen = copy.deepcopy(models[0])
         chain = unit_chain(stolen)
         return transform_units(stolen, chain, perms=random_permutations(chain, self.seed, self.layers)).eval()
 
 
 class Rescale(Attack):
     """Rescale every hidden unit (or those of ``layers``) across its ReLU by a log-uniform factor in
-    ``[low, high]``. Parameters: ``low`` (0.01), ``high`` (100), ``seed`` (0), ``layers``."""
+    ``[low, high]``; the function is unchanged."""
 
     name = "rescale"
+    PARAMS = Params(_LOW, _HIGH, SEED, _LAYERS)
 
-    def __init__(self, low: float = 0.01, high: float = 100.0, seed: int = 0, layers: list[str] | None = None) -> None:
-        self.low, self.high, self.seed, self.layers = float(low), float(high), int(seed), layers
-
-    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
-        stolen = copy.deepcopy(model)
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
+        stolen = copy.deepcopy(models[0])
         chain = unit_chain(stolen)
         post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
         return transform_units(stolen, chain, post=post, pre=pre).eval()
@@ -98,12 +101,10 @@ class PermuteRescale(Attack):
     """:class:`Permute` then :class:`Rescale` (same ``seed``, ``low``, ``high``, ``layers``)."""
 
     name = "permute-rescale"
+    PARAMS = Params(_LOW, _HIGH, SEED, _LAYERS)
 
-    def __init__(self, low: float = 0.01, high: float = 100.0, seed: int = 0, layers: list[str] | None = None) -> None:
-        self.low, self.high, self.seed, self.layers = float(low), float(high), int(seed), layers
-
-    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
-        stolen = copy.deepcopy(model)
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
+        stolen = copy.deepcopy(models[0])
         chain = unit_chain(stolen)
         post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
         return transform_units(stolen, chain, perms=random_permutations(chain, self.seed, self.layers),
@@ -123,8 +124,3 @@ def max_output_change(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         a.train(was_a)
         b.train(was_b)
     return float((ya - yb).abs().max() / ya.abs().max().clamp(min=1e-30))
-
-
-register_attack("permute", Permute)
-register_attack("rescale", Rescale)
-register_attack("permute-rescale", PermuteRescale)

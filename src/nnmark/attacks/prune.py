@@ -11,8 +11,9 @@ import copy
 import torch
 from torch import nn
 
-from nnmark.attacks.base import Attack, register_attack
+from nnmark.attacks.base import SEED, Attack
 from nnmark.data.dataset import ImageDataset
+from nnmark.params import Param, Params
 from nnmark.train import TrainConfig, TrainingHook, train
 
 ORDERS = ("smallest", "largest", "random")
@@ -93,24 +94,25 @@ class _KeepPruned(TrainingHook):
 
 
 class Prune(Attack):
-    """Prune a copy of the model, then optionally fine-tune it with the pruned
-    weights held at zero (sparse fine-tuning).
-
-    Parameters: ``fraction`` (default 0.7), ``order``, ``scope``, ``layers`` as in
-    :func:`prune_by_magnitude`; ``finetune_epochs`` (default 0: no fine-tuning),
-    ``lr`` (default 1e-3, Adam), ``seed``.
-    """
+    """Prune a copy of the model, then optionally fine-tune it with the pruned weights held at zero
+    (sparse fine-tuning); see :func:`prune_by_magnitude`."""
 
     name = "prune"
+    budget = "finetune_epochs"
+    PARAMS = Params(
+        Param("fraction", float, 0.7, "fraction of the conv/linear weights set to zero", low=0.0, high=1.0),
+        Param("order", str, "smallest", "which weights go first: smallest |w|, largest, random", choices=ORDERS),
+        Param("scope", str, "global", "rank all layers together or each layer alone", choices=("global", "layer")),
+        Param("layers", list, None, "module names to prune (default: every conv/linear layer)", optional=True,
+              item=str),
+        Param("finetune_epochs", int, 0, "budget: epochs of sparse fine-tuning afterwards (0: none)", low=0),
+        Param("lr", float, 1e-3, "fine-tuning learning rate (Adam)", low=0.0),
+        Param("batch_size", int, 64, "fine-tuning samples per step", low=1),
+        SEED,
+    )
 
-    def __init__(self, fraction: float = 0.7, order: str = "smallest", scope: str = "global",
-                 layers: list[str] | None = None, finetune_epochs: int = 0, lr: float = 1e-3,
-                 batch_size: int = 64, seed: int = 0) -> None:
-        self.fraction, self.order, self.scope, self.layers = float(fraction), order, scope, layers
-        self.finetune_epochs, self.lr, self.batch_size, self.seed = int(finetune_epochs), float(lr), batch_size, seed
-
-    def attack(self, model: nn.Module, data: ImageDataset | None = None) -> nn.Module:
-        stolen = copy.deepcopy(model)
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
+        stolen = copy.deepcopy(models[0])
         masks = prune_by_magnitude(stolen, self.fraction, self.order, self.scope, self.layers, self.seed)
         if self.finetune_epochs > 0:
             if data is None or len(data) == 0:
@@ -119,6 +121,3 @@ class Prune(Attack):
                               seed=self.seed, progress=False)
             train(stolen, data, cfg, hooks=[_KeepPruned(stolen, masks)], description="sparse fine-tune")
         return stolen.eval()
-
-
-register_attack("prune", Prune)
