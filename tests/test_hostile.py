@@ -13,14 +13,26 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
+import torch
+
+from nnmark.errors import OracleError
+from nnmark.io import save_model
+from nnmark.models import model_spec
+from nnmark.serving import HTTPOracle
+from nnmark.train import seeded_model
 
 MEMORY_SLACK_MB = 100.0  # the brief: refusing a crafted file costs < ~100 MB above the interpreter
 TIME_SLACK_S = 5.0  # refusing may take at most this long beyond the baseline child's run
@@ -317,3 +329,314 @@ def test_deep_key_file_and_product_config_are_refused(tmp_path: Path) -> None:
     (tmp_path / "product" / "product.json").write_text(deep)
     with pytest.raises(NNMarkError, match="nested deeper than 64"):
         Product.open(tmp_path / "product")
+
+
+# -- hostile endpoints: the client's overall deadline --------------------------------
+
+TRICKLE_GAP_S = 0.1  # one byte per gap: every read succeeds, so only an overall deadline ends it
+
+
+class Trickler:
+    """A hostile prediction API on a real local socket. GET gets a prompt 404 (an API without
+    /health) unless ``trickle_get``; POST gets, one byte every TRICKLE_GAP_S:
+
+    - ``body``: complete headers with ``Content-Length: 1000``, then the body;
+    - ``huge``: ``Content-Length: 10**12``, then the body;
+    - ``headers``: the status line and headers themselves.
+    """
+
+    def __init__(self, mode: str, trickle_get: bool = False) -> None:
+        self.mode, self.trickle_get = mode, trickle_get
+        self.posts = self.gets = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    body += conn.recv(65536)
+            except OSError:
+                return
+            if head.startswith(b"GET"):
+                self.gets += 1
+                if not self.trickle_get:
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                    return
+            else:
+                self.posts += 1
+            answer = {
+                "body": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+                "huge": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n",
+                "headers": b"",
+            }[self.mode]
+            try:
+                conn.sendall(answer)
+                trickle = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 100_000 if self.mode == "headers" else b" " * 100_000
+                for i in range(len(trickle)):
+                    if self.stop.wait(TRICKLE_GAP_S):
+                        return
+                    conn.sendall(trickle[i : i + 1])
+            except OSError:
+                return  # the client gave up
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def trickler() -> Iterator[Callable[..., Trickler]]:
+    made: list[Trickler] = []
+
+    def make(mode: str, trickle_get: bool = False) -> Trickler:
+        made.append(Trickler(mode, trickle_get))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.close()
+
+
+@pytest.mark.parametrize("mode", ["body", "headers", "huge"])
+def test_trickling_answer_ends_within_the_deadline(trickler: Callable[..., Trickler], mode: str) -> None:
+    t = trickler(mode)
+    timeout = 1.0
+    oracle = HTTPOracle(t.url, timeout=timeout, retries=2, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(OracleError) as err:
+        oracle(torch.zeros(2, 1, 8, 8))
+    elapsed = time.monotonic() - start
+    message = str(err.value)
+    print(f"{mode}: {elapsed:.2f} s: {message}")
+    assert "\n" not in message and t.posts == 1  # a trickle is not retried
+    if mode == "huge":  # refused from its Content-Length, before reading the body
+        assert "too large" in message and elapsed < 0.5 * timeout
+    else:
+        assert f"not complete within {timeout:g} s" in message and timeout <= elapsed < timeout + 0.5
+
+
+def test_trickling_probe_and_answer_end_within_their_deadlines(trickler: Callable[..., Trickler]) -> None:
+    t = trickler("body", trickle_get=True)
+    oracle = HTTPOracle(t.url, timeout=1.0, retries=2, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(OracleError, match="not complete within 1 s"):
+        oracle(torch.zeros(2, 1, 8, 8))
+    assert time.monotonic() - start < 2 * 1.0 + 0.5  # at most the probe's and the prediction's deadlines
+    assert t.gets == 1 and t.posts <= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = seeded_model(model_spec("mlp", (1, 8, 8), 10), 0)  # untrained: only the answers' timing matters
+    return save_model(tmp_path_factory.mktemp("hostile-serve") / "mlp.safetensors", model)
+
+
+def test_verify_url_against_a_trickling_endpoint_exits_2_within_its_timeout(
+        trickler: Callable[..., Trickler], tmp_path: Path) -> None:
+    from nnmark.data import load_splits
+    from nnmark.keys import Key
+    from nnmark.schemes.trigger_set import TriggerSetWatermark
+
+    key = tmp_path / "owner.key"
+    TriggerSetWatermark.create(Key.from_seed("hostile"), None, load_splits("digits"), n=20).save(key)
+    t = trickler("body")
+    timeout = 2.0
+
+    def verify(url: str, *extra: str) -> tuple[subprocess.CompletedProcess | None, float]:
+        start = time.monotonic()
+        try:
+            p = subprocess.run([sys.executable, "-m", "nnmark.cli", "verify", "--url", url, "--key", str(key),
+                                "--timeout", str(timeout), *extra], capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired:
+            p = None  # still running after 90 s
+        return p, time.monotonic() - start
+
+    # run beside a baseline that fails at once (nothing listens): same start-up, same load on the machine
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(verify, t.url)
+        fast = pool.submit(verify, f"http://127.0.0.1:{_free_port()}", "--retries", "0")
+        (p, elapsed), (b, base) = slow.result(), fast.result()
+    assert p is not None, "nnmark verify --url was still running after 90 s against a trickling endpoint"
+    print(f"verify --url: exit {p.returncode} after {elapsed:.2f} s (baseline {base:.2f} s): {p.stderr.strip()}")
+    assert b is not None and b.returncode == 2 and "connection refused" in b.stderr, b
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "not complete within 2 s" in lines[0]
+    assert elapsed - base < timeout + 2.0
+    assert t.posts == 1
+
+
+# -- slow clients against nnmark serve -------------------------------------------------
+
+REQUEST_TIMEOUT_S = 2.0
+LORIS = 80
+
+
+@pytest.fixture(scope="module")
+def served(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`python -m nnmark.serving` holding at most 64 connections, 2 s per request; stderr to a file."""
+    err_path = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "nnmark.serving", str(model_file), "--port", "0",
+                                 "--threads", "1", "--max-connections", "64",
+                                 "--request-timeout", str(REQUEST_TIMEOUT_S)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, (line, err_path.read_text())
+        url = line.split("at ", 1)[1].split()[0]
+        yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "stderr": err_path, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+
+
+def _predict_body(n: int = 2) -> bytes:
+    return json.dumps({"images": [[[[0.5] * 8] * 8] for _ in range(n)]}).encode()
+
+
+def test_slow_loris_beyond_the_connection_limit_does_not_block_normal_clients(served: dict) -> None:
+    port, stop = served["port"], threading.Event()
+    opened = [0]
+
+    def loris() -> None:
+        """Keep LORIS connections open, each sending one header byte at a time; reopen dropped ones."""
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            while len(socks) < LORIS:
+                s = socket.create_connection(("127.0.0.1", port), timeout=2)
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                s.setblocking(False)
+                socks.append(s)
+                opened[0] += 1
+            alive = []
+            for s in socks:
+                try:
+                    s.recv(4096)
+                    s.close()  # answered (408) or closed by the server
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                try:
+                    s.send(b"a")
+                    alive.append(s)
+                except OSError:
+                    s.close()
+            socks = alive
+            stop.wait(0.25)
+        for s in socks:
+            s.close()
+
+    thread = threading.Thread(target=loris, daemon=True)
+    thread.start()
+    latencies, failures = [], []
+    try:
+        time.sleep(0.5)  # the slow connections are in place
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S + 1.5  # past the first slow ones' deadline
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                h = requests.get(served["url"] + "/health", timeout=2)
+                r = requests.post(served["url"] + "/predict", data=_predict_body(), timeout=2)
+                if h.status_code != 200 or r.status_code != 200 or len(r.json()["labels"]) != 2:
+                    failures.append(f"HTTP {h.status_code}/{r.status_code}")
+            except requests.RequestException as exc:
+                failures.append(type(exc).__name__)
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    print(f"{len(latencies)} normal request pairs while {opened[0]} slow connections were opened: "
+          f"max {max(latencies):.3f} s")
+    assert not failures, failures[:5]
+    assert len(latencies) >= 10 and max(latencies) < 1.0
+    assert opened[0] > LORIS  # slow ones were dropped (408, or room made for new connections) and reopened
+
+
+def test_a_trickling_request_is_dropped_at_its_deadline(served: dict) -> None:
+    """One byte every 0.25 s: every read succeeds; only the per-request deadline ends it."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served["port"]), timeout=REQUEST_TIMEOUT_S + 5) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        s.setblocking(False)
+        data = b""
+        while time.monotonic() - start < REQUEST_TIMEOUT_S + 5:
+            try:
+                data = s.recv(4096)
+                break
+            except BlockingIOError:
+                pass
+            try:
+                s.send(b"a")
+            except OSError:
+                break
+            time.sleep(0.25)
+    elapsed = time.monotonic() - start
+    print(f"trickled head: {data[:30]!r} after {elapsed:.2f} s")
+    assert data.startswith(b"HTTP/1.1 408") and b"not complete within 2 s" in data
+    assert REQUEST_TIMEOUT_S - 0.1 <= elapsed < REQUEST_TIMEOUT_S + 1.0
+
+
+def _raw_exchange(port: int, request: bytes, half_close: bool, limit: float) -> tuple[bytes, float]:
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        s.sendall(request)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pass
+    return data, time.monotonic() - start
+
+
+def test_short_body_is_a_4xx_not_an_internal_error(served: dict) -> None:
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    held, held_s = _raw_exchange(served["port"], head + b'{"images":', False, REQUEST_TIMEOUT_S + 8)
+    ended, ended_s = _raw_exchange(served["port"], head + b'{"images":', True, REQUEST_TIMEOUT_S + 8)
+    print(f"held open: {held[:12]!r} after {held_s:.2f} s; ended: {ended[:12]!r} after {ended_s:.2f} s")
+    assert held.startswith(b"HTTP/1.1 408") and held_s < REQUEST_TIMEOUT_S + 1.0
+    assert b"not complete within 2 s" in held
+    assert ended.startswith(b"HTTP/1.1 400") and b"body ended after 10 of 1000 bytes" in ended and ended_s < 1.0
+    ok = requests.post(served["url"] + "/predict", data=_predict_body(), timeout=5)
+    assert ok.status_code == 200  # still serving
+    log = served["stderr"].read_text()
+    assert "internal error" not in log and "Traceback" not in log, log[-2000:]

@@ -9,9 +9,14 @@ returns what the host's task reads (int64 labels ``(N,)`` for a classifier) and
 counts the images it had answered. Probes (``GET /health``, model metadata) are
 optional: whatever they answer, or if they are missing, the predictions are asked.
 
-Every network call has a timeout; connection errors, timeouts and 5xx answers are
-retried with exponential backoff, 4xx answers never. Every failure is an
-:class:`~nnmark.errors.OracleError` with a one-line message.
+Every request has one overall deadline, ``timeout`` seconds for connecting,
+sending, the answer's headers and its body together
+(:func:`nnmark.serving.httpclient.fetch`), so a server that trickles its answer
+cannot hold the client past it; answers are bounded in size (a larger
+``Content-Length`` is refused before the body is read). Connection errors,
+timeouts without any answer and 5xx answers are retried with exponential backoff;
+4xx answers, and answers that started but did not complete in time, never. Every
+failure is an :class:`~nnmark.errors.OracleError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -21,13 +26,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-import requests
 import torch
 
 from nnmark.errors import OracleError
 from nnmark.oracle import QueryBudgetExceeded
 from nnmark.safejson import JSONLimitError
 from nnmark.safejson import loads as bounded_loads
+from nnmark.serving.httpclient import (
+    AnswerTooLarge,
+    CannotConnect,
+    ConnectionBroken,
+    DeadlineExceeded,
+    HTTPFailure,
+    Response,
+    fetch,
+)
 from nnmark.serving.protocols import ProtocolError, make_wire, read_outputs, split_url_path
 from nnmark.tasks import Task, get_task
 
@@ -67,7 +80,9 @@ class HTTPOracle:
     unlimited); a call that would exceed it raises
     :class:`~nnmark.oracle.QueryBudgetExceeded` before anything is sent.
     ``timeout``: seconds allowed for each HTTP request as a whole (connect, send,
-    answer). ``retries``: extra attempts after a connection error, timeout or 5xx
+    answer's headers and body: one deadline, however the server paces its bytes).
+    A request whose answer started but was not complete in time is not retried.
+    ``retries``: extra attempts after a connection error, timeout or 5xx
     answer (backoff ``backoff * 2**i`` seconds). ``batch_size``: most images per
     request (also capped by a batch limit the server advertises; a 413 answer
     splits the batch).
@@ -104,7 +119,6 @@ class HTTPOracle:
         self.queries_used = 0
         self.requests = 0
         self.attempts = 0
-        self._session = requests.Session()
         self._probed = False
 
     @property
@@ -151,7 +165,7 @@ class HTTPOracle:
         return out if self.task.name == "classification" else self.task.read(out)  # labels are read already
 
     def close(self) -> None:
-        self._session.close()
+        """Nothing to release: every request has its own connection."""
 
     def __enter__(self) -> HTTPOracle:
         return self
@@ -232,56 +246,28 @@ class HTTPOracle:
 
     def _attempt(self, method: str, url: str, body: bytes | None, max_bytes: int,
                  headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
-        deadline = time.monotonic() + self.timeout
-        headers = headers or {}
-        try:
-            resp = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
-                                         stream=True, allow_redirects=False)
-        except requests.exceptions.Timeout:
-            raise _Retryable(f"timed out after {self.timeout:g} s") from None
-        except requests.exceptions.ConnectionError as exc:
-            reason = _connection_reason(exc)
-            kind = _Unreachable if reason in ("connection refused", "host name not resolved") else _Retryable
-            raise kind(f"cannot connect ({reason})") from None
-        except requests.exceptions.RequestException as exc:
-            raise OracleError(f"{method} {url} failed: {_one_line(exc)}") from None
-        try:
-            raw = self._read_limited(resp, deadline, max_bytes, url)
-        finally:
-            resp.close()
-        status = resp.status_code
-        if status >= 500:
-            raise _Retryable(f"HTTP {status}")
-        return status, resp.headers, raw
-
-    def _read_limited(self, resp: requests.Response, deadline: float, max_bytes: int, url: str) -> bytes:
-        chunks, size = [], 0
-        try:
-            for chunk in resp.iter_content(65536):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_bytes:
-                    raise OracleError(f"answer from {url} is larger than {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise _Retryable(f"answer not complete after {self.timeout:g} s")
-        except requests.exceptions.Timeout:
-            raise _Retryable(f"timed out after {self.timeout:g} s") from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            raise _Retryable(f"connection broken while reading the answer ({_connection_reason(exc)})") from None
-        return b"".join(chunks)
+        """One HTTP request under one overall deadline of ``timeout`` s: (status, headers, body bytes)."""
+        resp = _fetch(method, url, body, headers or {}, self.timeout, max_bytes)
+        if resp.status >= 500:
+            raise _Retryable(f"HTTP {resp.status}")
+        return resp.status, resp.headers, resp.body
 
 
-def _connection_reason(exc: BaseException) -> str:
-    """A short reason (refused, name not resolved, reset...) from requests' nested exceptions."""
-    text = str(exc)
-    for needle, reason in (("Connection refused", "connection refused"),
-                           ("Name or service not known", "host name not resolved"),
-                           ("nodename nor servname", "host name not resolved"),
-                           ("Temporary failure in name resolution", "host name not resolved"),
-                           ("Failed to resolve", "host name not resolved"),
-                           ("Connection reset", "connection reset"),
-                           ("RemoteDisconnected", "server closed the connection"),
-                           ("timed out", "timed out")):
-        if needle in text:
-            return reason
-    return _one_line(text, 120)
+def _fetch(method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float,
+           max_bytes: int) -> Response:
+    """:func:`nnmark.serving.httpclient.fetch`, its failures sorted into retried and final ones."""
+    try:
+        return fetch(method, url, body, headers, timeout=timeout, max_bytes=max_bytes)
+    except DeadlineExceeded as exc:
+        if exc.received:  # it answers, but too slowly (a trickle): another attempt would do the same
+            raise OracleError(f"{method} {url} failed: {exc}; not retried") from None
+        raise _Retryable(str(exc)) from None
+    except CannotConnect as exc:
+        kind = _Unreachable if exc.reason in ("connection refused", "host name not resolved") else _Retryable
+        raise kind(f"cannot connect ({exc.reason})") from None
+    except ConnectionBroken as exc:
+        raise _Retryable(str(exc)) from None
+    except AnswerTooLarge as exc:
+        raise OracleError(f"answer from {url} is too large: {exc}") from None
+    except HTTPFailure as exc:
+        raise OracleError(f"{method} {url} failed: {exc}") from None

@@ -25,14 +25,25 @@ Bounds: a request declaring more than ``max_body_bytes`` (``Content-Length``) is
 answered 413 before its body is read; a request without ``Content-Length`` gets
 411; more than ``max_batch`` images gets 413; malformed JSON, a wrong shape,
 non-numeric or non-finite values get 400; an unknown path 404; a wrong method 405.
-Connections are served by threads (at most ``max_connections`` at a time; further
-ones wait in the accept queue) that parse and validate requests; the model's
-forward passes all run, one at a time, on a single inference thread, which keeps
-torch's per-thread memory from growing with the number of connections.
+Slow clients: connections are accepted and read by one selector loop
+(:class:`nnmark.serving.gate.RequestGate`), which hands a request to a worker
+thread only once its head and body have arrived. Each request must arrive within
+``request_timeout`` seconds (default 10) of the moment the server started waiting
+for it, whatever its per-byte rate: a slower one is answered 408 and dropped, an
+idle connection closed; a body shorter than its ``Content-Length`` is answered 400
+when the client ends it, 408 when it holds it open. At most ``max_connections``
+connections (default 512) are held; at the limit the one that has waited longest
+for its request makes room. So slow-loris connections cost a socket each, never
+a worker, and never keep a normal client waiting. Workers (8) parse and validate
+requests; the model's forward passes all run, one at a time, on a single
+inference thread, which keeps torch's per-thread memory from growing with the
+number of connections. Writing an answer to a client that does not read it gives
+up after ``IDLE_TIMEOUT_S`` (15 s).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -52,6 +63,9 @@ import torch
 from torch import nn
 
 from nnmark.errors import NNMarkError
+from nnmark.safejson import JSONLimitError
+from nnmark.safejson import loads as safe_json_loads
+from nnmark.serving.gate import RequestGate
 from nnmark.serving.protocols import (
     PROTOCOLS,
     ProtocolError,
@@ -69,8 +83,10 @@ DEFAULT_MAX_BATCH = 256
 # Python float takes at most ~24 characters plus a separator.
 BYTES_PER_VALUE = 32
 BODY_OVERHEAD = 64 << 10
-DEFAULT_MAX_CONNECTIONS = 64
-IDLE_TIMEOUT_S = 15.0
+DEFAULT_MAX_CONNECTIONS = 512
+IDLE_TIMEOUT_S = 15.0  # socket timeout while writing an answer
+DEFAULT_REQUEST_TIMEOUT_S = 10.0  # a request's head and body must arrive within this
+DEFAULT_WORKERS = 8
 
 
 class ServeError(NNMarkError):
@@ -87,10 +103,6 @@ class _BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _reject_constant(name: str) -> float:
-    raise _BadRequest(400, f"non-finite value {name} in images")
 
 
 class PredictionServer(ThreadingHTTPServer):
@@ -122,7 +134,9 @@ class PredictionServer(ThreadingHTTPServer):
         self.model_name = model_name
         self.task = task_of(model)
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnmark-infer")
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = int(max_connections)
+        self._gate: RequestGate | None = None
+        self._handoff = threading.local()  # the request bytes the gate read, for the handler's rfile
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         try:  # warm up (first-call allocations) before accepting requests
@@ -179,24 +193,46 @@ class PredictionServer(ThreadingHTTPServer):
             out = self.task.read(self.model(torch.from_numpy(images)))
         return out.numpy().astype(np.int64 if self.task.name == "classification" else np.float32)
 
+    # Connections go through the gate (see the module docstring), not socketserver's accept loop.
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until :meth:`shutdown`: the gate accepts and buffers, workers answer complete requests."""
+        self._the_gate().serve_forever(poll_interval)
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` (call from another thread) and wait until it has returned."""
+        self._the_gate().shutdown()
+
+    def _the_gate(self) -> RequestGate:
+        if self._gate is None:
+            log = (lambda line: print(f"nnmark serve: {line}", file=sys.stderr, flush=True)) if self.verbose else None
+            self._gate = RequestGate(self.socket, self._serve_one, max_body=self.max_body,
+                                     request_timeout=self.request_timeout, max_connections=self.max_connections,
+                                     workers=DEFAULT_WORKERS, log=log)
+        return self._gate
+
+    def _serve_one(self, sock: socket.socket, address: tuple, request: bytes) -> bool:
+        """Answer one complete request (a worker thread); True keeps the connection for the next one."""
+        self._handoff.request = request
+        try:
+            handler = self.RequestHandlerClass(sock, address, self)
+        except Exception:  # noqa: BLE001 - the client went away mid-answer, or a bug: drop this connection
+            self.handle_error(sock, address)
+            return False
+        finally:
+            self._handoff.request = None
+        return not handler.close_connection
+
+    def take_request(self) -> bytes | None:
+        """The bytes the gate read for the request this thread is about to handle."""
+        return getattr(self._handoff, "request", None)
+
     def server_close(self) -> None:
+        if self._gate is not None:
+            self._gate.close()  # closes the listening socket and every waiting connection
         super().server_close()
         self._infer.shutdown(wait=True)
-
-    # socketserver hooks: bound concurrent connections, quiet errors.
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        self._slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[override]
         exc = sys.exc_info()[1]
@@ -213,6 +249,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    # -- the gate hands over complete requests ----------------------------------------
+    def setup(self) -> None:
+        super().setup()  # the socket, with IDLE_TIMEOUT_S for writing the answer
+        request = self.server.take_request()
+        if request is not None:  # read from memory what the gate has buffered
+            self.rfile.close()
+            self.rfile = io.BytesIO(request)
+
+    def handle(self) -> None:
+        """One request per hand-over; the gate waits for the next one on a kept-alive connection."""
+        self.close_connection = True
+        self.handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the gate answered 100 Continue when it waited for the body
 
     # -- responses -------------------------------------------------------------------
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
@@ -387,12 +439,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _predict(self) -> list[int]:
         body = self._read_body()
-        try:
-            payload = json.loads(body, parse_constant=_reject_constant)
-        except _BadRequest:
-            raise
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise _BadRequest(400, f"body is not valid JSON: {_one_line(exc, 120)}") from None
+        try:  # bounded depth and size; NaN / Infinity refused
+            payload = safe_json_loads(body, max_bytes=max(self.server.max_body, 1), allow_constants=False,
+                                      what="body")
+        except JSONLimitError as exc:
+            raise _BadRequest(400, _one_line(exc, 160)) from None
         if not isinstance(payload, dict) or "images" not in payload:
             raise _BadRequest(400, 'body must be a JSON object {"images": [...]}')
         images = payload["images"]
@@ -469,6 +520,7 @@ def make_server(
     max_body: int | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     verbose: bool = False,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     protocol: str = "nnmark",
     model_name: str = "model",
 ) -> PredictionServer:
@@ -477,8 +529,10 @@ def make_server(
     ``port=0`` picks a free port (read it from ``server.server_address[1]`` or
     ``server.url``). ``max_batch``: most images per request (default 256).
     ``max_body``: most body bytes (default :func:`default_max_body`, about
-    ``max_batch * C*H*W * 32`` bytes). ``max_connections``: connections served at
-    once (default 64). ``protocol``: ``"nnmark"`` (``/health``, ``/predict``) or ``"oip"``
+    ``max_batch * C*H*W * 32`` bytes). ``max_connections``: connections held at
+    once (default 512; at the limit the one waiting longest for its request is
+    dropped). ``request_timeout``: seconds a request's head and body may take to
+    arrive (default 10; slower requests get 408). ``protocol``: ``"nnmark"`` (``/health``, ``/predict``) or ``"oip"``
     (those and the Open Inference Protocol's ``/v2`` endpoints for the model
     ``model_name``). The server is bound but not running: call
     ``serve_forever()`` (e.g. in a thread), then ``shutdown()`` and ``server_close()``.
@@ -488,6 +542,8 @@ def make_server(
         raise ServeError(f"max_batch must be >= 1, got {max_batch}")
     if max_connections < 1:
         raise ServeError(f"max_connections must be >= 1, got {max_connections}")
+    if not request_timeout > 0:
+        raise ServeError(f"request_timeout must be > 0, got {request_timeout}")
     if protocol not in ("nnmark", "oip"):
         raise ServeError(f"cannot serve protocol {protocol!r}; choose nnmark or oip (known: {', '.join(PROTOCOLS)})")
     if not model_name or "/" in model_name or any(ch.isspace() or not ch.isprintable() for ch in model_name):
@@ -498,11 +554,13 @@ def make_server(
     if body < 1:
         raise ServeError(f"max_body must be >= 1, got {body}")
     try:
-        return PredictionServer((host, port), model, max_batch=max_batch, max_body=body,
+        srv = PredictionServer((host, port), model, max_batch=max_batch, max_body=body,
                                 max_connections=max_connections, verbose=verbose, protocol=protocol,
                                 model_name=model_name)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    srv.request_timeout = float(request_timeout)
+    return srv
 
 
 class _Stop(Exception):
@@ -518,6 +576,8 @@ def serve_model_file(
     *,
     max_body: int | None = None,
     threads: int | None = None,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     protocol: str = "nnmark",
     model_name: str | None = None,
 ) -> None:
@@ -525,7 +585,8 @@ def serve_model_file(
 
     Prints one line with the URL once it accepts connections (``port=0``: a free
     port, shown in that line). ``threads``: torch intra-op threads for the forward
-    passes (default ``min(4, current setting)``). ``protocol``: ``"nnmark"`` or ``"oip"``
+    passes (default ``min(4, current setting)``). ``request_timeout``,
+    ``max_connections``: see :func:`make_server`. ``protocol``: ``"nnmark"`` or ``"oip"``
     (see :func:`make_server`); ``model_name``: the OIP model name (default: the file's
     stem, e.g. ``stolen`` for ``stolen.safetensors``). Raises
     :class:`~nnmark.errors.ModelFileError` for an unusable model file and
@@ -539,6 +600,7 @@ def serve_model_file(
     torch.set_num_threads(max(1, threads if threads is not None else min(4, torch.get_num_threads())))
     name = model_name or "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem) or "model"
     server = make_server(model, host, port, max_batch=max_batch, max_body=max_body, verbose=verbose,
+                         request_timeout=request_timeout, max_connections=max_connections,
                          protocol=protocol, model_name=name)
 
     def _on_signal(signum: int, frame: Any) -> None:
