@@ -22,20 +22,6 @@ from nnmark.errors import NNMarkError
 DEFAULT_EPOCHS = 15
 
 
-def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
-    """``("n=100", "generator=noise")`` -> ``{"n": 100, "generator": "noise"}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2))
 
@@ -117,15 +103,16 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
     is appended to a hash-chained commitment log. Publish the record (or have it timestamped by a
     third party): a verdict is evidence only for a key fixed before the suspect existed.
     """
+    from nnmark.components import get_component
     from nnmark.data import load_data
     from nnmark.io import load_model, save_model
     from nnmark.keys import Key
-    from nnmark.schemes import SCHEMES
+    from nnmark.params import parse_assignments
     from nnmark.train import TrainConfig, accuracy, seeded_model
     from nnmark.train import train as run_train
 
-    if scheme not in SCHEMES:
-        raise NNMarkError(f"unknown scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
+    scheme_cls = get_component("scheme", scheme).load()
+    given = parse_assignments(params)
     if Path(key_out).exists():
         raise NNMarkError(f"{key_out} exists; refusing to overwrite a key file")
     meta: dict[str, Any] = {}
@@ -136,12 +123,12 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
     if not base:
         model = seeded_model(_spec(arch, splits), seed)
     key = Key.from_seed(key_seed) if key_seed is not None else Key.generate()
-    sch = SCHEMES[scheme].create(key, model, splits, **_parse_params(params))
+    sch = scheme_cls.create(key, model, splits, **given)
     n_epochs = epochs if epochs is not None else (3 if base else DEFAULT_EPOCHS)
     cfg = TrainConfig(epochs=n_epochs, lr=lr, seed=seed)
     rec = sch.embed(model, splits.train, cfg, val=splits.val,
                     description="fine-tune-to-embed" if base else "train-to-embed")
-    if getattr(sch, "label_mode", None) == "fixed":
+    if sch.needs_references():
         refs = []
         for i in range(references):
             ref = seeded_model(model.spec, 1000 + i)
@@ -150,8 +137,7 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
             refs.append(ref)
         if not refs:
             raise NNMarkError("a fixed-label trigger set needs --references >= 1 for its null")
-        rate = sch.calibrate(refs)
-        click.echo(f"null hit rate measured on {len(refs)} reference models: {rate:.4f}")
+        click.echo(f"calibrated on {len(refs)} reference models: {sch.calibrate(refs)}")
     acc = accuracy(model, splits.test)
     save_model(out, model, {"data": data or "mnist5k", "training": rec.to_dict(), "test_accuracy": acc,
                             "parent": meta.get("sha256") if base else None})
@@ -177,6 +163,14 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
                    "Triton, KServe, MLServer) or TF-Serving REST")
 @click.option("--model-name", default=None, help="the served model's name (oip, tfserving; or put it in the --url)")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
+@click.option("--tensor", "tensors", multiple=True, metavar="[LAYER=]NAME",
+              help="the suspect's tensor holding the key's carrier layer (a bare state dict or ONNX file that names "
+                   "it differently), e.g. --tensor backbone.conv4.weight or --tensor conv4=backbone.conv4.weight")
+@click.option("--arch", default=None, metavar="MODULE:FACTORY",
+              help="your architecture, for a bare state dict that must run (trigger sets, alignment): a trusted "
+                   "'package.module:callable' that builds the nn.Module (never taken from the suspect)")
+@click.option("--param", "verify_params", multiple=True, metavar="KEY=VALUE",
+              help="a verification option of the key's scheme (e.g. align=false); see `nnmark schemes`")
 @click.option("--commitment", "commitment", type=click.Path(dir_okay=False), default=None,
               help="the key's commitment record (default: KEY.commit.json beside the key file)")
 @click.option("--commitment-log", type=click.Path(dir_okay=False), default=None,
@@ -191,7 +185,8 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
 def verify(suspect: str | None, key_path: str, url: str | None, queries: int, alpha: float,
            budget: int | None, timeout: float, retries: int, as_json: bool, commitment: str | None,
            commitment_log: str | None, suspect_seen_at: str | None, allow_uncommitted: bool,
-           protocol: str = "nnmark", model_name: str | None = None) -> int:
+           protocol: str = "nnmark", model_name: str | None = None, tensors: tuple[str, ...] = (),
+           arch: str | None = None, verify_params: tuple[str, ...] = ()) -> int:
     """Test a suspect model (a file, or --url of its API) for the owner's mark.
 
     A verdict is evidence only for a key fixed before the suspect existed: the key's commitment
@@ -201,26 +196,37 @@ def verify(suspect: str | None, key_path: str, url: str | None, queries: int, al
     Exit code 0 when owned, 1 when not (or refused).
     """
     from nnmark.commitment import parse_time
-    from nnmark.io import file_sha256, load_model
+    from nnmark.io import file_sha256
+    from nnmark.params import parse_assignments
     from nnmark.schemes import load_scheme
 
     if (suspect is None) == (url is None):
         raise NNMarkError("give exactly one of a SUSPECT model file or --url")
     seen = parse_time(suspect_seen_at) if suspect_seen_at is not None else None
     sch = load_scheme(key_path, commitment=commitment, log=commitment_log)
-    kwargs: dict[str, Any] = {"alpha": alpha, "suspect_seen_at": seen, "allow_uncommitted": allow_uncommitted}
-    if sch.access == "black-box":
-        kwargs["queries"] = queries
+    # One path for every scheme: the suspect becomes a target (a model file in any format, or an API's
+    # answers); the scheme reads what it needs from it (weights, or answers) and says so when it cannot.
+    options = sch.VERIFY_PARAMS.resolve(parse_assignments(verify_params), owner=f"{sch.name} verify", partial=True)
+    if "queries" in sch.VERIFY_PARAMS:
+        options.setdefault("queries", queries)
+    kwargs: dict[str, Any] = {"alpha": alpha, "suspect_seen_at": seen, "allow_uncommitted": allow_uncommitted,
+                              **options}
     if url is not None:
-        if sch.access != "black-box":
-            raise NNMarkError(f"scheme {sch.name!r} needs the model's weights; --url only works for "
-                              "black-box (trigger-set) schemes")
         from nnmark.serving.client import HTTPOracle
 
         target: Any = HTTPOracle(url, budget=budget, timeout=timeout, retries=retries, protocol=protocol,
                                  model_name=model_name)
     else:
-        target, _ = load_model(suspect, expect_spec=None)
+        from nnmark.targets import open_target
+        from nnmark.targets.view import PinnedTarget
+
+        target = open_target(suspect, factory=arch)
+        if tensors:
+            pins = {}
+            for item in tensors:
+                layer, _, name = item.rpartition("=")
+                pins[layer.removesuffix(".weight") or "*"] = name
+            target = PinnedTarget(target, pins)
     verdict = sch.verify(target, **kwargs)
     cdet = verdict.details.get("commitment")
     if suspect is not None and isinstance(cdet, dict):

@@ -51,9 +51,10 @@ from nnmark.commitment import (
     verify_with_commitment,
 )
 from nnmark.data.dataset import ImageDataset
-from nnmark.errors import KeyFileError
+from nnmark.errors import KeyFileError, SchemeError
 from nnmark.keyfile import KeyFile, load_key_file, save_key_file
 from nnmark.keys import Key
+from nnmark.params import Params
 from nnmark.stats import Verdict
 from nnmark.train import TrainConfig, TrainingHook, TrainRecord, train
 
@@ -72,6 +73,10 @@ class Scheme(ABC):
 
     name: ClassVar[str] = ""
     access: ClassVar[str] = "black-box"
+    #: the scheme's parameters, declared once (type, default, bounds, doc): see :mod:`nnmark.params`
+    PARAMS: ClassVar[Params] = Params()
+    #: the options of :meth:`verify` beyond ``alpha`` (``nnmark verify --param``), declared the same way
+    VERIFY_PARAMS: ClassVar[Params] = Params()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -95,8 +100,16 @@ class Scheme(ABC):
     def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> Scheme:
         """Build the scheme for host ``model`` (and the owner's ``data``, a
         :class:`~nnmark.data.Splits`, for schemes that cut triggers from it).
-        ``params`` are the scheme's plain parameters (as given on the command line).
-        Default: ``cls(key, **params)``."""
+
+        ``params`` (strings as the command line gives them, or typed values from a config) are
+        parsed against the scheme's one declaration :attr:`PARAMS`: defaults filled in, an unknown
+        or ill-typed parameter a :class:`~nnmark.params.ParamError` listing the valid ones; then
+        :meth:`build` makes the scheme from the typed values."""
+        return cls.build(key, model, data, **cls.PARAMS.resolve(params, owner=f"scheme {cls.name!r}"))
+
+    @classmethod
+    def build(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> Scheme:
+        """The scheme from parsed parameters (every declared one present). Default: ``cls(key, **params)``."""
         return cls(key, **params)
 
     # -- training -------------------------------------------------------------
@@ -110,6 +123,16 @@ class Scheme(ABC):
         self.model_spec = dict(getattr(model, "spec", {}) or {}) or None
         return train(model, data, config, val=val, hooks=[self.training_hook()],
                      description=description)
+
+    # -- lifecycle: calibration on clean reference models ---------------------
+    def needs_references(self) -> bool:
+        """Whether the verdict's null must be measured on clean reference models (trained without the
+        mark) before the scheme can verify: then call :meth:`calibrate`. Default: no (an exact null)."""
+        return False
+
+    def calibrate(self, reference_models: list[nn.Module]) -> Any:
+        """Measure the null on ``reference_models``; returns what was measured. Default: nothing to measure."""
+        raise SchemeError(f"scheme {self.name!r} has an exact null and needs no reference models")
 
     # -- verification ---------------------------------------------------------
     @abstractmethod

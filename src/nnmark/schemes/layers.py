@@ -28,11 +28,18 @@ from nnmark.data.dataset import ImageDataset
 from nnmark.errors import KeyFileError, SchemeError
 from nnmark.io import spec_difference
 from nnmark.keys import Key
+from nnmark.params import Param, Params
 from nnmark.schemes.base import Scheme
 from nnmark.stats import Verdict, bit_match_verdict
 from nnmark.train import TrainConfig, TrainRecord, train
 
 REDUCTIONS = ("auto", "mean", "flat")
+
+#: parameters every weight-space scheme declares (see :mod:`nnmark.params`)
+LAYER = Param("layer", str, None, "carrier layer (default: the last conv layer, else 'head')", optional=True)
+BITS = Param("bits", int, 256, "message length (at most the layer's carrier values)", low=1)
+REDUCE = Param("reduce", str, "auto", "carrier: filter mean (conv) / flat weights (linear) / auto", choices=REDUCTIONS)
+STRICT = Param("strict_capacity", bool, True, "refuse more bits than carrier values (False: capacity experiments)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -142,6 +149,8 @@ class WhiteBoxScheme(Scheme):
     :meth:`extract` and tested with the binomial bit-match test."""
 
     access = "white-box"
+    VERIFY_PARAMS = Params(Param("align", bool, True, "undo hidden-unit permutations and rescalings against the "
+                                 "key's unit signature before reading the carrier"))
 
     def __init__(self, key: Key, *, layer: str, bits: int, width: int, reduce: str = "auto",
                  strict_capacity: bool = True) -> None:
@@ -194,6 +203,25 @@ class WhiteBoxScheme(Scheme):
         except AlignmentError as exc:
             self.reference, self.reference_note = None, str(exc)
 
+    def suspect_module(self, target: Any, tensors: dict[str, str] | None = None) -> tuple[nn.Module, bool]:
+        """The module to read the carrier from, and whether it runs (alignment needs activations).
+
+        ``target``: an ``nn.Module``, a :class:`~nnmark.targets.Target` (a model file, a bare state dict, an
+        ONNX export, an int8 copy: read through its dequantised weights when it has no runnable module), or a
+        path. ``tensors``: ``{layer: tensor name}`` where the suspect names the carrier layer's weight
+        differently (default ``"<layer>.weight"``)."""
+        from nnmark.targets import Target, open_target
+        from nnmark.targets.view import carrier_module
+
+        if not isinstance(target, (nn.Module, Target)):
+            if callable(target):
+                raise SchemeError(f"{self.name} is a white-box scheme: verify needs the model's weights, "
+                                  "not only its answers")
+            target = open_target(target)
+        model, runnable = carrier_module(target, [self.layer], tensors)
+        self.check_model(model)
+        return model, runnable
+
     def align_target(self, target: nn.Module, align: bool = True) -> tuple[nn.Module, dict[str, Any]]:
         """``target`` brought to the reference's unit order and scales (a copy), or ``target``
         itself when ``align`` is off, the key holds no reference, or no chain of layers is found;
@@ -207,6 +235,15 @@ class WhiteBoxScheme(Scheme):
             return target, {"alignment": "off", "reason": f"no reference: {why}; read in the model's own order"}
         aligned, report = align_model(target, self.reference, self.key.child("alignment"), carriers=[self.layer])
         return aligned, report.to_dict()
+
+    def aligned_suspect(self, target: Any, align: bool = True, tensors: dict[str, str] | None = None
+                        ) -> tuple[nn.Module, dict[str, Any]]:
+        """:meth:`suspect_module` then :meth:`align_target` (alignment only when the suspect runs)."""
+        model, runnable = self.suspect_module(target, tensors)
+        if not runnable:
+            return model, {"alignment": "off", "reason": "weights only (no runnable module): read in the suspect's "
+                                                         "own order"}
+        return self.align_target(model, align)
 
     def embed(self, model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, *,
               val: ImageDataset | None = None, description: str = "embedding") -> TrainRecord:
@@ -223,20 +260,20 @@ class WhiteBoxScheme(Scheme):
         """The ``bits`` extracted bits (0/1 int64 array) of ``model``."""
         raise NotImplementedError
 
-    def verify(self, target: nn.Module, *, alpha: float = 1e-6, align: bool = True, **kwargs: Any) -> Verdict:
+    def verify(self, target: Any, *, alpha: float = 1e-6, align: bool = True,
+               tensors: dict[str, str] | None = None, **kwargs: Any) -> Verdict:
         """Extract the bits of ``target`` and test them against the message.
 
         H0: the model was not marked with this key, so each extracted bit matches the
         key's uniformly drawn message bit with probability 1/2 independently
         (``p = P[Binomial(bits, 1/2) >= matches]``); ``owned`` is ``p < alpha``.
-        ``align`` (default on): first bring ``target`` to the marked model's unit order and
-        scales (:meth:`align_target`); the verdict's null then says what that changes."""
+        ``target``: a model, a :class:`~nnmark.targets.Target` or a path (:meth:`suspect_module`;
+        ``tensors`` names the carrier's tensor in a bare state dict). ``align`` (default on): first
+        bring ``target`` to the marked model's unit order and scales (:meth:`align_target`; only for a
+        runnable suspect); the verdict's null then says what that changes."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
-        if not isinstance(target, nn.Module):
-            raise SchemeError(f"{self.name} is a white-box scheme: verify needs the model's weights")
-        self.check_model(target)
-        target, alignment = self.align_target(target, align)
+        target, alignment = self.aligned_suspect(target, align, tensors)
         bits = self.extract(target)
         v = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha,
                               details={"matched_bits": int((bits == self.message).sum()),

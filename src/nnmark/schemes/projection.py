@@ -59,10 +59,14 @@ from torch import nn
 
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
+from nnmark.params import Param, Params
 from nnmark.schemes.base import register_scheme
 from nnmark.schemes.layers import (
+    BITS,
+    LAYER,
+    REDUCE,
+    STRICT,
     WhiteBoxScheme,
-    _as_bool,
     carrier_width,
     default_layer,
     get_layer,
@@ -94,6 +98,8 @@ class ProjectionRegularizer(WhiteBoxScheme):
     """
 
     name = "projection"
+    PARAMS = Params(LAYER, BITS, Param("strength", float, 2.0, "mu, the regulariser's weight", low=0.0), REDUCE,
+                    STRICT)
 
     def __init__(self, key: Key, layer: str, target: np.ndarray | torch.Tensor | None = None, *, width: int,
                  bits: int | None = None, strength: float = 2.0, reduce: str = "auto",
@@ -117,23 +123,15 @@ class ProjectionRegularizer(WhiteBoxScheme):
         self.X = torch.randn(self.bits, self.width, generator=self.key.torch_generator(f"{self.name}/X"))
 
     @classmethod
-    def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> ProjectionRegularizer:
-        """Build for host ``model``: ``layer`` (default: last conv, else ``head``),
-        ``bits`` (default 256), ``target`` (real array), ``strength``, ``reduce``."""
-        layer = str(params.pop("layer", None) or default_layer(model))
-        reduce = str(params.pop("reduce", "auto"))
+    def build(cls, key: Key, model: nn.Module, data: Any = None, *, layer: str | None, bits: int, strength: float,
+              reduce: str, strict_capacity: bool) -> ProjectionRegularizer:
+        """Build for host ``model`` from parsed :attr:`PARAMS` (the keyed +-1 code; a custom target --
+        the fingerprint carrier's -- is given to the constructor and is never evidence)."""
+        layer = layer or default_layer(model)
         get_layer(model, layer)
         width = carrier_width(model, layer, reduce)
-        target = params.pop("target", None)
-        bits = params.pop("bits", None)
-        strength = float(params.pop("strength", 2.0))
-        strict = _as_bool(params.pop("strict_capacity", True))
-        if params:
-            raise SchemeError(f"unknown {cls.name} parameter(s): {', '.join(sorted(params))}")
-        if bits is None and target is None:
-            bits = 256
-        scheme = cls(key, layer=layer, width=width, bits=None if bits is None else int(bits), target=target,
-                     strength=strength, reduce=reduce, strict_capacity=strict)
+        scheme = cls(key, layer=layer, width=width, bits=bits, strength=strength, reduce=reduce,
+                     strict_capacity=strict_capacity)
         scheme.remember_model(model)
         return scheme
 
@@ -175,7 +173,8 @@ class ProjectionRegularizer(WhiteBoxScheme):
                                  "key's secret and could have been fitted to the suspect (sign(X theta) matches every "
                                  "bit of any model); only the keyed +-1 code is evidence")
 
-    def verify(self, target: nn.Module, *, alpha: float = 1e-6, align: bool = True, **kwargs: Any) -> Verdict:
+    def verify(self, target: Any, *, alpha: float = 1e-6, align: bool = True,
+               tensors: dict[str, str] | None = None, **kwargs: Any) -> Verdict:
         """Binomial bit-match test of the signs of ``F_hat`` against those of ``F``
         (entries where ``F == 0`` carry no bit and are skipped). H0: the model was
         not marked with this key -- ``X`` is drawn independently of the model, so
@@ -185,10 +184,7 @@ class ProjectionRegularizer(WhiteBoxScheme):
         order and scales (:meth:`~nnmark.schemes.layers.WhiteBoxScheme.align_target`)."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
-        if not isinstance(target, nn.Module):
-            raise SchemeError("projection is a white-box scheme: verify needs the model's weights")
-        self.check_model(target)
-        target, alignment = self.align_target(target, align)
+        target, alignment = self.aligned_suspect(target, align, tensors)
         real = self.extract_real(target)
         used = (self.target != 0).numpy()
         corr = float(np.corrcoef(real, self.target.numpy())[0, 1]) if self.bits > 1 else float("nan")

@@ -48,6 +48,7 @@ relabelled images, more than the weight, is what the host pays for. Defaults:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ from nnmark.errors import ModelFileError, SchemeError
 from nnmark.io import spec_difference
 from nnmark.keys import Key
 from nnmark.oracle import LocalOracle, Oracle
+from nnmark.params import Param, Params
 from nnmark.schemes.base import Scheme, register_scheme
 from nnmark.schemes.triggers import (
     GENERATORS,
@@ -157,30 +159,32 @@ class TriggerSetWatermark(Scheme):
         self.source_class = source_class
         self.target_class = target_class
 
-    # -- construction -------------------------------------------------------------
-    @classmethod
-    def create(cls, key: Key, model: nn.Module | None = None, data: Splits | ImageDataset | None = None,
-               **params: Any) -> TriggerSetWatermark:
-        """Generate triggers for a host trained on ``data``.
+    VERIFY_PARAMS = Params(Param("queries", int, 20, "trigger images sent to the suspect (in the key's order)",
+                                 low=1))
 
-        ``params``: ``generator`` (default ``"noise"``), ``n`` (triggers, default
-        100), ``labels`` (``"keyed"`` | ``"fixed"``), ``source_class`` /
-        ``target_class`` (fixed mode; default keyed choices), ``text`` (content,
-        default ``"TEST"``), ``noise_std`` (default 0.4), ``per_batch`` (default 6),
-        ``trigger_weight`` (default 2).
-        ``data``: the owner's splits (source images are taken from its training set).
-        """
-        generator = str(params.pop("generator", "noise"))
-        n = int(params.pop("n", 50))
-        mode = str(params.pop("labels", params.pop("label_mode", "keyed")))
-        text = str(params.pop("text", "TEST"))
-        noise_std = float(params.pop("noise_std", 0.4))
-        per_batch = int(params.pop("per_batch", 6))
-        trigger_weight = float(params.pop("trigger_weight", 2.0))
-        source_class = params.pop("source_class", None)
-        target_class = params.pop("target_class", None)
-        if params:
-            raise SchemeError(f"unknown trigger-set parameter(s): {', '.join(sorted(params))}")
+    # -- construction -------------------------------------------------------------
+    PARAMS = Params(
+        Param("generator", str, "noise", "trigger kind: content (text stamped on training images), noise (a keyed "
+              "Gaussian pattern added), unrelated (photo crops), abstract (random images, Adi et al.)",
+              choices=GENERATORS),
+        Param("n", int, 50, "number of trigger images", low=1, high=100_000),
+        Param("labels", str, "keyed", "keyed: a label per trigger drawn from the key (exact null); fixed: the "
+              "papers' single target label (null measured on reference models)", choices=LABEL_MODES),
+        Param("source_class", int, None, "fixed mode's Y_s (default: drawn from the key)", optional=True, low=0),
+        Param("target_class", int, None, "fixed mode's Y_d (default: drawn from the key)", optional=True, low=0),
+        Param("text", str, "TEST", "content triggers' stamped text"),
+        Param("noise_std", float, 0.4, "noise triggers' pattern std (images in [0, 1])", low=0.0),
+        Param("per_batch", int, 6, "trigger samples added to each training batch", low=1),
+        Param("trigger_weight", float, 2.0, "loss weight of a trigger sample", low=0.0),
+    )
+
+    @classmethod
+    def build(cls, key: Key, model: nn.Module | None = None, data: Splits | ImageDataset | None = None, *,
+              generator: str, n: int, labels: str, source_class: int | None, target_class: int | None,
+              text: str, noise_std: float, per_batch: int, trigger_weight: float) -> TriggerSetWatermark:
+        """Generate triggers for a host trained on ``data`` (the owner's splits: source images are taken
+        from its training set), from parsed :attr:`PARAMS`."""
+        mode = labels
         if generator not in GENERATORS:
             raise SchemeError(f"unknown trigger generator {generator!r}; choose from {', '.join(GENERATORS)}")
         if mode not in LABEL_MODES:
@@ -265,6 +269,10 @@ class TriggerSetWatermark(Scheme):
         return train(model, data, config, val=val, hooks=[self.training_hook()], description=description)
 
     # -- calibration (fixed mode) ---------------------------------------------------
+    def needs_references(self) -> bool:
+        """Fixed-label marks have no exact null: it is measured on reference models (:meth:`calibrate`)."""
+        return self.label_mode == "fixed"
+
     def calibrate(self, reference_models: list[nn.Module]) -> float:
         """Measure the null hit rate on models trained WITHOUT this mark.
 
@@ -322,9 +330,9 @@ class TriggerSetWatermark(Scheme):
                 f"confidence bound of their measured hit rates {info.get('reference_hits')} of "
                 f"{info.get('triggers')}; an empirical null, not exact)")
 
-    def verify(self, target: nn.Module | Oracle, *, alpha: float = 1e-6, queries: int = 20,
-               **kwargs: Any) -> Any:
-        """Verdict on ``target`` (a local model or an oracle) from ``queries`` trigger queries.
+    def verify(self, target: Any, *, alpha: float = 1e-6, queries: int = 20, **kwargs: Any) -> Any:
+        """Verdict on ``target`` (a local model, an oracle such as an HTTP client, a
+        :class:`~nnmark.targets.Target` or a model file) from ``queries`` trigger queries.
 
         H0 and its per-query rate are stated in the verdict. ``alpha``: default 1e-6.
         """
@@ -333,6 +341,15 @@ class TriggerSetWatermark(Scheme):
         if self.null_rate is None:
             raise SchemeError("this fixed-label trigger set has no measured null rate: "
                               "calibrate it on reference clean models first")
+        from nnmark.targets import Target, TargetError, open_target
+
+        if isinstance(target, (str, Path)):
+            target = open_target(target)
+        if isinstance(target, Target):  # a model file: its module; an ONNX export...: its answers
+            try:
+                target = target.module()
+            except TargetError:
+                target = target.oracle()
         if isinstance(target, nn.Module):
             spec = getattr(target, "spec", None)
             if spec is not None and self.model_spec is not None:

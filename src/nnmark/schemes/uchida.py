@@ -56,10 +56,14 @@ from torch import nn
 
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
+from nnmark.params import Param, Params
 from nnmark.schemes.base import register_scheme
 from nnmark.schemes.layers import (
+    BITS,
+    LAYER,
+    REDUCE,
+    STRICT,
     WhiteBoxScheme,
-    _as_bool,
     carrier_width,
     default_layer,
     get_layer,
@@ -101,8 +105,8 @@ class Uchida(WhiteBoxScheme):
     layer: name of the conv / linear layer that carries the mark.
     bits: message length ``l`` (at most the carrier width; ``"diff"``: below it).
     width: number of carrier values of the layer (set by :meth:`create`).
-    strength: ``lambda``, the weight of the regulariser (default 0.05 here; :meth:`create`
-        uses 0.01 for a conv filter-mean carrier, see the module docs).
+    strength: ``lambda``, the weight of the regulariser (no default here; :meth:`create` takes
+        :func:`default_strength` of the layer: 0.01 for a conv filter-mean carrier, 0.05 otherwise).
     reduction: ``"sum"`` (paper, default) or ``"mean"`` over the bits.
     variant: ``"random"`` (default), ``"direct"`` or ``"diff"`` (see module docs).
     reduce: carrier, ``"auto"`` / ``"mean"`` / ``"flat"`` (see :mod:`~nnmark.schemes.layers`).
@@ -112,8 +116,17 @@ class Uchida(WhiteBoxScheme):
     """
 
     name = "uchida"
+    PARAMS = Params(
+        LAYER, BITS,
+        Param("strength", float, None, "lambda, the regulariser's weight (default: 0.01 on a conv filter-mean "
+              "carrier, 0.05 on flat ones)", optional=True, low=0.0),
+        Param("reduction", str, "sum", "BCE summed over the bits (the paper's) or averaged", choices=LOSS_REDUCTIONS),
+        Param("variant", str, "random", "read-out matrix: random N(0,1), direct (one weight a bit), diff (pairs)",
+              choices=VARIANTS),
+        REDUCE, STRICT,
+    )
 
-    def __init__(self, key: Key, *, layer: str, bits: int, width: int, strength: float = 0.05,
+    def __init__(self, key: Key, *, layer: str, bits: int, width: int, strength: float,
                  reduction: str = "sum", variant: str = "random", reduce: str = "auto",
                  strict_capacity: bool = True) -> None:
         super().__init__(key, layer=layer, bits=bits, width=width, reduce=reduce, strict_capacity=strict_capacity)
@@ -133,24 +146,16 @@ class Uchida(WhiteBoxScheme):
         self._target = torch.from_numpy(self.message).float()
 
     @classmethod
-    def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> Uchida:
-        """Build for host ``model``: ``layer`` (default: last conv, else ``head``),
-        ``bits`` (default 256), ``strength``, ``reduction``, ``variant``, ``reduce``."""
-        layer = str(params.pop("layer", None) or default_layer(model))
-        reduce = str(params.pop("reduce", "auto"))
+    def build(cls, key: Key, model: nn.Module, data: Any = None, *, layer: str | None, bits: int,
+              strength: float | None, reduction: str, variant: str, reduce: str, strict_capacity: bool) -> Uchida:
+        """Build for host ``model`` from parsed :attr:`PARAMS` (see :meth:`Scheme.create`)."""
+        layer = layer or default_layer(model)
         get_layer(model, layer)
         width = carrier_width(model, layer, reduce)
-        kwargs = {k: params.pop(k) for k in ("strength", "reduction", "variant", "strict_capacity") if k in params}
-        bits = int(params.pop("bits", 256))
-        if params:
-            raise SchemeError(f"unknown {cls.name} parameter(s): {', '.join(sorted(params))}")
-        if "strength" in kwargs:
-            kwargs["strength"] = float(kwargs["strength"])
-        else:
-            kwargs["strength"] = default_strength(model, layer, reduce)
-        if "strict_capacity" in kwargs:
-            kwargs["strict_capacity"] = _as_bool(kwargs["strict_capacity"])
-        scheme = cls(key, layer=layer, bits=bits, width=width, reduce=reduce, **kwargs)
+        if strength is None:
+            strength = default_strength(model, layer, reduce)
+        scheme = cls(key, layer=layer, bits=bits, width=width, strength=strength, reduction=reduction,
+                     variant=variant, reduce=reduce, strict_capacity=strict_capacity)
         scheme.remember_model(model)
         return scheme
 
