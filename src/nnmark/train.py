@@ -29,7 +29,8 @@ from nnmark.tasks import Task, get_task, task_of
 class TrainingHook:
     """Base class of scheme hooks; every method is optional (default: no effect).
 
-    In your own loop, for each step::
+    The lifecycle is the same in nnmark's loop (:meth:`nnmark.schemes.Scheme.embed`), in the
+    Lightning callback and in your own loop: for each step::
 
         x, y, *w = hook.augment_batch(x, y, step)    # e.g. adds trigger samples
         loss = weighted_cross_entropy(model(x), y, w[0] if w else None)
@@ -37,6 +38,7 @@ class TrainingHook:
         if reg is not None: loss = loss + reg
         loss.backward(); optimizer.step(); hook.after_step(model, step)
         ...; hook.on_epoch_end(model, epoch)       # once per epoch
+    hook.finalize(model)                            # once, after the last step, before saving the key
     """
 
     def augment_batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
@@ -53,6 +55,12 @@ class TrainingHook:
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called after each epoch."""
+
+    def finalize(self, model: nn.Module) -> Any:
+        """Called once when training is over, before the key is saved: what the scheme must do with the
+        finished host (Wang: train its secret network alone on it; weight marks: record the marked
+        model's unit signature for alignment)."""
+        return None
 
 
 @dataclass

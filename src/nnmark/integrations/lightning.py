@@ -45,8 +45,9 @@ class WatermarkCallback(Callback):
     scheme: a white-box scheme (``Uchida``, ``ProjectionRegularizer``, ``WangAuto``,
         ``WangManu``) created for the network that carries the mark.
     attr: attribute of the LightningModule holding that network (``None``: the module).
-    finalize: run the scheme's post-training pass when ``fit`` ends, if it has one
-        (Wang: the secret network alone on the final weights; default True).
+    finalize: run the hook's lifecycle step :meth:`~nnmark.train.TrainingHook.finalize` when ``fit`` ends
+        (Wang: the secret network alone on the final weights; weight marks: the unit signature for
+        alignment; default True).
     """
 
     def __init__(self, scheme: Any, attr: str | None = None, finalize: bool = True) -> None:
@@ -101,6 +102,5 @@ class WatermarkCallback(Callback):
         if self._original is not None:
             del pl_module.training_step  # the instance attribute: back to the class's method
             self._original = None
-        finalize = getattr(self.hook, "finalize", None)
-        if self.do_finalize and finalize is not None:
-            finalize(self.network(pl_module))
+        if self.do_finalize:
+            self.hook.finalize(self.network(pl_module))

@@ -121,8 +121,10 @@ class Scheme(ABC):
               val: ImageDataset | None = None, description: str = "embedding") -> TrainRecord:
         """Train ``model`` on ``data`` with this scheme's hook (in place)."""
         self.model_spec = dict(getattr(model, "spec", {}) or {}) or None
-        return train(model, data, config, val=val, hooks=[self.training_hook()],
-                     description=description)
+        hook = self.training_hook()
+        rec = train(model, data, config, val=val, hooks=[hook], description=description)
+        hook.finalize(model)
+        return rec
 
     # -- lifecycle: calibration on clean reference models ---------------------
     def needs_references(self) -> bool:

@@ -252,8 +252,9 @@ class WhiteBoxScheme(Scheme):
         model's unit signature (:meth:`remember_reference`)."""
         self.check_model(model)
         self.remember_model(model)
-        rec = train(model, data, config, val=val, hooks=[self.training_hook()], description=description)
-        self.remember_reference(model, getattr(data, "image_shape", None))
+        hook = self.training_hook()
+        rec = train(model, data, config, val=val, hooks=[hook], description=description)
+        hook.finalize(model)
         return rec
 
     def extract(self, model: nn.Module) -> np.ndarray:

@@ -266,7 +266,10 @@ class TriggerSetWatermark(Scheme):
         """Train ``model`` on ``data`` plus the triggers (from scratch or from a finished model)."""
         self._check_shape(tuple(data.image_shape))
         self.model_spec = dict(getattr(model, "spec", {}) or {}) or None
-        return train(model, data, config, val=val, hooks=[self.training_hook()], description=description)
+        hook = self.training_hook()
+        rec = train(model, data, config, val=val, hooks=[hook], description=description)
+        hook.finalize(model)
+        return rec
 
     # -- calibration (fixed mode) ---------------------------------------------------
     def needs_references(self) -> bool:

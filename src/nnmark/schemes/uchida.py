@@ -94,6 +94,10 @@ class RegularizerHook(TrainingHook):
     def loss(self, model: nn.Module) -> torch.Tensor:
         return self.scheme.regularizer(model)
 
+    def finalize(self, model: nn.Module) -> None:
+        """Record the finished marked model's unit signature in the scheme (its key file's reference)."""
+        self.scheme.remember_reference(unwrap(model))
+
 
 @register_scheme
 class Uchida(WhiteBoxScheme):
