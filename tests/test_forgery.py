@@ -11,8 +11,10 @@ every scheme the thief fits a key to each of them:
 - trigger: trigger images picked from the thief's data that the clean model already
   labels as the key's labels;
 - uchida (seed-derived, so nothing to fit): seeds ground until one matches all 10 bits
-  of a 10-bit key, which claims the model at alpha = 0.01 (a grind to p < 1e-6 needs
-  10^6-10^7 tries -- too slow here, but the key it yields is presented the same way).
+  of a 10-bit key, which claims the model at alpha = 0.01 (a grind to p < 1e-6 is too
+  slow for the default run: measured once, a 20-bit key matching a clean MLP's head took
+  2,903,376 tries, 864 s on one loaded core, p = 9.5e-7; its key file was refused the
+  same ways as here).
 
 Every forgery is real -- its raw statistic claims the clean model (``p < alpha``) -- and
 every way of presenting it is refused: the key file with no commitment record (a
