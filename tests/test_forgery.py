@@ -5,7 +5,8 @@ through the public API only. Ten clean MLPs (64-64-10 on 8x8 digits, 5 epochs ea
 84-88% test accuracy, trained once: ~3 s) are the suspects; they exist -- "are first seen" -- at ``t0``. For
 every scheme the thief fits a key to each of them:
 
-- projection: a custom target ``F = sign(X theta)`` read from the clean model itself;
+- projection: a custom target ``F = sign(X theta)`` read from the clean model itself
+  (``create`` no longer takes a target; the constructor, which the fingerprint carrier uses, does);
 - wang-auto / wang-manu: the secret network trained (``WangHook.finalize``) on the clean
   model's own carrier (MANU: every weight "selected");
 - trigger: trigger images picked from the thief's data that the clean model already
@@ -53,6 +54,7 @@ from nnmark.commitment import (
 )
 from nnmark.models import model_spec
 from nnmark.oracle import LocalOracle
+from nnmark.params import ParamError
 from nnmark.schemes import (
     ProjectionRegularizer,
     TriggerSetWatermark,
@@ -110,7 +112,10 @@ def forge(name: str, i: int, model: torch.nn.Module, digits) -> object:
     key = Key.from_seed(f"thief-{name}-{i}")
     if name == "projection":
         probe = ProjectionRegularizer.create(key, model, layer="head", bits=256)
-        return ProjectionRegularizer.create(key, model, layer="head", target=np.sign(probe.extract_real(model)))
+        # create() takes no target; the constructor does (the fingerprint carrier's path), so the thief uses it
+        fitted = ProjectionRegularizer(key, "head", np.sign(probe.extract_real(model)), width=probe.width)
+        fitted.remember_model(model)
+        return fitted
     if name in ("wang-auto", "wang-manu"):
         cls = WangAuto if name == "wang-auto" else WangManu
         s = cls.create(key, model, layer="head", bits=64, block_units=6, finalize_decoys=8)
@@ -185,8 +190,9 @@ def test_projection_custom_target_is_never_evidence(world, tmp_path):
     """Committed before the suspect existed or not, a custom target is refused; the read-out stays."""
     model = world.clean[0]
     probe = ProjectionRegularizer.create(Key.from_seed("c"), model, layer="head", bits=128)
-    fitted = ProjectionRegularizer.create(Key.from_seed("c"), model, layer="head",
-                                          target=np.sign(probe.extract_real(model)))
+    with pytest.raises(ParamError, match="target"):
+        ProjectionRegularizer.create(Key.from_seed("c"), model, layer="head", target=[1.0] * 128)
+    fitted = ProjectionRegularizer(Key.from_seed("c"), "head", np.sign(probe.extract_real(model)), width=probe.width)
     fitted.save(tmp_path / "c.key")
     v = load_scheme(tmp_path / "c.key").verify(model, suspect_seen_at=utc_now())
     assert not v.owned and v.p_value == 1.0 and v.details["status"] == "custom-target"
