@@ -1,4 +1,5 @@
-"""The command line end to end, in real subprocesses: the user journey and bad input."""
+"""The command line end to end: the user journey in this process (through the real entry point), hostile
+files and servers in real subprocesses."""
 
 from __future__ import annotations
 
@@ -12,15 +13,22 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from conftest import CliResult, run_cli
 
 NNMARK = [sys.executable, "-m", "nnmark.cli"]
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 300) -> CliResult:
+    """``nnmark ARGS`` in this process (``timeout`` applies to :func:`run_proc` only)."""
+    return run_cli(*args)
+
+
+def run_proc(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``nnmark ARGS`` in a real subprocess (exit codes and tracebacks of a separate interpreter)."""
     return subprocess.run([*NNMARK, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+def assert_one_line_error(proc: subprocess.CompletedProcess | CliResult, pattern: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     err = proc.stderr.strip()
     assert "Traceback" not in err
@@ -114,11 +122,11 @@ def test_bad_model_files(journey, tmp_path):
     key = str(journey / "owner.key")
     evil = tmp_path / "evil.safetensors"
     evil.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
-    assert_one_line_error(run("verify", str(evil), "--key", key), "pickle")
+    assert_one_line_error(run_proc("verify", str(evil), "--key", key), "pickle")  # a separate interpreter
     raw = (journey / "marked.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(raw[: len(raw) // 2])
-    assert_one_line_error(run("verify", str(cut), "--key", key), "truncated")
+    assert_one_line_error(run_proc("verify", str(cut), "--key", key), "truncated")
     assert_one_line_error(run("verify", str(tmp_path / "none.safetensors"), "--key", key), "not found")
     # a model for 28x28 inputs does not fit a key made for 8x8 digits
     p = run("train", "--data", "digits28", "--arch", "mlp", "--epochs", "1", "--out", str(tmp_path / "m28.safetensors"))

@@ -25,14 +25,16 @@ earlier is refused; an uncommitted in-memory key too) and ``allow_uncommitted`` 
 report the raw statistic of a refused key, as ``details["unverified_p_value"]``; still
 not owned).
 
-Schemes register themselves by name in :data:`SCHEMES` so the CLI and configs can
-build them from a string.
+Schemes are found by name in the component registry (:mod:`nnmark.components`:
+nnmark's own and those of installed plugins); :data:`SCHEMES` is a read-only view of
+it (name -> class) and :func:`register_scheme` adds one programmatically.
 """
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,12 +60,43 @@ from nnmark.params import Params
 from nnmark.stats import Verdict
 from nnmark.train import TrainConfig, TrainingHook, TrainRecord, train
 
-SCHEMES: dict[str, type[Scheme]] = {}
+
+class _SchemeTable(Mapping[str, "type[Scheme]"]):
+    """Read-only view of the registry's schemes: name -> class (loaded on first use)."""
+
+    def __getitem__(self, name: str) -> type[Scheme]:
+        from nnmark.components import REGISTRY, ComponentError
+
+        try:
+            return REGISTRY.get("scheme", name).load()
+        except ComponentError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        from nnmark.components import REGISTRY
+
+        return iter(REGISTRY.names("scheme"))
+
+    def __len__(self) -> int:
+        from nnmark.components import REGISTRY
+
+        return len(REGISTRY.names("scheme"))
+
+
+SCHEMES: Mapping[str, type[Scheme]] = _SchemeTable()
 
 
 def register_scheme(cls: type[Scheme]) -> type[Scheme]:
-    """Class decorator: make ``cls`` buildable by its ``name``."""
-    SCHEMES[cls.name] = cls
+    """Add ``cls`` to the component registry under its ``name`` (e.g. a scheme defined in a user's script;
+    packages use the ``nnmark.schemes`` entry point instead). Registering nnmark's own class again is a no-op."""
+    from nnmark.components import REGISTRY, ComponentError
+
+    try:
+        if REGISTRY.get("scheme", cls.name).load() is cls:
+            return cls
+    except ComponentError:
+        pass
+    REGISTRY.register("scheme", cls.name, cls, origin=cls.__module__.split(".")[0], replace=True)
     return cls
 
 
@@ -213,7 +246,8 @@ def load_scheme(path: str | Path, expect: str | None = None, *, commitment: str 
     kf = load_key_file(path, expect_scheme=expect)
     cls = SCHEMES.get(kf.scheme)
     if cls is None:
-        raise KeyFileError(f"{path}: unknown scheme {kf.scheme!r} (known: {', '.join(SCHEMES)})")
+        raise KeyFileError(f"{path}: unknown scheme {kf.scheme!r} (known: {', '.join(SCHEMES)}; a plugin's "
+                           "scheme needs its package installed)")
     params = dict(kf.params)
     spec = params.pop("model_spec", None)
     from nnmark.alignment import AlignmentError, UnitSignature

@@ -60,7 +60,6 @@ from torch import nn
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
 from nnmark.params import Param, Params
-from nnmark.schemes.base import register_scheme
 from nnmark.schemes.layers import (
     BITS,
     LAYER,
@@ -79,7 +78,6 @@ from nnmark.stats import Verdict, bit_match_verdict
 from nnmark.train import TrainingHook
 
 
-@register_scheme
 class ProjectionRegularizer(WhiteBoxScheme):
     """SecureMark-DL's projection regulariser.
 

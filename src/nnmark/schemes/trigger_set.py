@@ -61,7 +61,7 @@ from nnmark.io import spec_difference
 from nnmark.keys import Key
 from nnmark.oracle import LocalOracle, Oracle
 from nnmark.params import Param, Params
-from nnmark.schemes.base import Scheme, register_scheme
+from nnmark.schemes.base import Scheme
 from nnmark.schemes.triggers import (
     GENERATORS,
     abstract_triggers,
@@ -114,7 +114,6 @@ class TriggerHook(TrainingHook):
         return xs, ys, w
 
 
-@register_scheme
 class TriggerSetWatermark(Scheme):
     """A trigger-set watermark.
 

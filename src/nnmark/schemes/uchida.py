@@ -57,7 +57,6 @@ from torch import nn
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
 from nnmark.params import Param, Params
-from nnmark.schemes.base import register_scheme
 from nnmark.schemes.layers import (
     BITS,
     LAYER,
@@ -99,7 +98,6 @@ class RegularizerHook(TrainingHook):
         self.scheme.remember_reference(unwrap(model))
 
 
-@register_scheme
 class Uchida(WhiteBoxScheme):
     """Uchida et al.'s weight regulariser watermark.
 

@@ -95,7 +95,7 @@ def _check_entry(path: Path, name: str, info: Any, body: int) -> None:
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise TargetError(f"{path}: tensor {name!r} has a malformed shape")
     if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= body):
-        raise TargetError(f"{path}: tensor {name!r} lies outside the file's {body} data bytes")
+        raise TargetError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the file's {body} data bytes")
     if math.prod(shape) * _ST_ITEMSIZE[dtype] != end - begin:
         raise TargetError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
 
