@@ -144,10 +144,13 @@ from torch import nn
 from nnmark.data.dataset import ImageDataset
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
-from nnmark.schemes.base import register_scheme
+from nnmark.params import Param, Params
 from nnmark.schemes.layers import (
+    BITS,
+    LAYER,
+    REDUCE,
+    STRICT,
     WhiteBoxScheme,
-    _as_bool,
     carrier_width,
     default_layer,
     get_layer,
@@ -602,8 +605,8 @@ class WangScheme(WhiteBoxScheme):
             losses.append(observed)
         return {"p": ps, "loss": losses, "orders": n_orders, "exhaustive": exhaustive}
 
-    def verify(self, target: nn.Module, *, alpha: float = 1e-6, permutations: int = MC_PERMUTATIONS,
-               align: bool = True, **kwargs: Any) -> Verdict:
+    def verify(self, target: Any, *, alpha: float = 1e-6, permutations: int = MC_PERMUTATIONS,
+               align: bool = True, tensors: dict[str, str] | None = None, **kwargs: Any) -> Verdict:
         """Exact block-permutation test of the secret network's output (see the module docs).
 
         Each block's statistic is its watermark loss (Eq. 1 over its bits) on the suspect's
@@ -615,8 +618,6 @@ class WangScheme(WhiteBoxScheme):
         the smallest p-value this layer's blocks can give."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
-        if not isinstance(target, nn.Module):
-            raise SchemeError(f"{self.name} is a white-box scheme: verify needs the model's weights")
         if not 0 < alpha < 1:
             raise SchemeError(f"alpha must be in (0, 1), got {alpha}")
         if int(permutations) < 1:
@@ -626,8 +627,7 @@ class WangScheme(WhiteBoxScheme):
             raise SchemeError(f"alpha = {alpha:g} is below the smallest p-value this test can give on layer "
                               f"{self.layer!r} ({floor:.3g}: {self.blocks} block(s) of {self.block_units} units); "
                               "use a larger alpha or a layer with more input units")
-        self.check_model(target)
-        target, alignment = self.align_target(target, align)
+        target, alignment = self.aligned_suspect(target, align, tensors)
         bits = self.extract(target)
         res = self.block_pvalues(target, int(permutations))
         p = combine_block_pvalues(res["p"])
@@ -699,14 +699,34 @@ class WangScheme(WhiteBoxScheme):
                              "re-embed the mark with this version of nnmark")
         return cls(key, state=material or None, **params)
 
+    PARAMS = Params(
+        LAYER, BITS, REDUCE, STRICT,
+        Param("block_units", int, BLOCK_UNITS, "input units per block of the secret network (the permutation "
+              "test ranks each block's loss among the block_units! orders of its units)", low=2, high=64),
+        Param("hidden", int, None, "hidden width of the secret network (default: the paper's 256, split over "
+              "the blocks)", optional=True, low=1),
+        Param("strength", float, 0.05, "lambda, the weight of the host's watermark loss", low=0.0),
+        Param("net_lr", float, 1e-3, "learning rate of the secret network (Adam)", low=0.0),
+        Param("decoys", int, 4, "decoy carriers per secret-network step (taught 1/2)", low=0),
+        Param("window", int, 5, "MANU: per-epoch snapshots whose std decides convergence", low=2),
+        Param("threshold", float, 0.01, "MANU: std below which a weight counts as converged", low=0.0),
+        Param("min_selected", int, 16, "MANU: fewest converged weights to start the secret network", low=1),
+        Param("snapshot_steps", int, None, "MANU: snapshot every this many steps instead of every epoch",
+              optional=True, low=1),
+        Param("finalize_steps", int, 300, "secret-network steps alone on the finished host (0: the paper's "
+              "joint training only)", low=0),
+        Param("finalize_decoys", int, 32, "decoy carriers per finalize step", low=0),
+    )
+    VERIFY_PARAMS = WhiteBoxScheme.VERIFY_PARAMS.extend(
+        Param("permutations", int, MC_PERMUTATIONS, "keyed random orders per block when a block has more than 9 "
+              "units (smaller blocks are ranked among all their orders)", low=1))
+
     @classmethod
-    def create(cls, key: Key, model: nn.Module, data: Any = None, **params: Any) -> WangScheme:
-        """Build for host ``model``: ``layer`` (default: last conv, else ``head``),
-        ``bits`` (default 256), ``block_units``, ``hidden``, ``strength``, ``net_lr``,
-        ``decoys``, ``reduce``; MANU also ``window``, ``threshold``, ``min_selected``,
-        ``snapshot_steps``."""
-        layer = str(params.pop("layer", None) or default_layer(model))
-        reduce = str(params.pop("reduce", "auto"))
+    def build(cls, key: Key, model: nn.Module, data: Any = None, *, layer: str | None, reduce: str,
+              **params: Any) -> WangScheme:
+        """Build for host ``model`` from parsed :attr:`PARAMS` (``layer`` default: the last conv, else ``head``;
+        it must read hidden units, not the input pixels)."""
+        layer = layer or default_layer(model)
         module = get_layer(model, layer)
         if layer == next(iter(weighted_layers(model))):
             raise SchemeError(f"{cls.name} needs a layer that reads hidden units (its verdict permutes them); "
@@ -715,26 +735,11 @@ class WangScheme(WhiteBoxScheme):
         shape = tuple(int(d) for d in module.weight.shape)
         if len(shape) < 2:
             raise SchemeError(f"layer {layer!r} has no input units to permute")
-        conv: dict[str, Any] = {"bits": int, "strength": float, "net_lr": float, "decoys": int, "window": int,
-                                "threshold": float, "min_selected": int, "snapshot_steps": int,
-                                "finalize_steps": int, "finalize_decoys": int, "strict_capacity": _as_bool,
-                                "block_units": int, "hidden": int}
-        kwargs: dict[str, Any] = {}
-        for name, fn in conv.items():
-            if name in params:
-                value = params.pop(name)
-                kwargs[name] = None if value is None else fn(value)
-        if params:
-            raise SchemeError(f"unknown {cls.name} parameter(s): {', '.join(sorted(params))}")
-        kwargs.setdefault("bits", 256)
-        if kwargs.get("decoys") is not None and kwargs["decoys"] < 0:
-            raise SchemeError("decoys must be >= 0")
-        scheme = cls(key, layer=layer, width=width, reduce=reduce, weight_shape=shape, **kwargs)
+        scheme = cls(key, layer=layer, width=width, reduce=reduce, weight_shape=shape, **params)
         scheme.remember_model(model)
         return scheme
 
 
-@register_scheme
 class WangManu(WangScheme):
     """Independent network on the early-converged weights (MANU)."""
 
@@ -742,7 +747,6 @@ class WangManu(WangScheme):
     mode = "manu"
 
 
-@register_scheme
 class WangAuto(WangScheme):
     """Independent network with a trainable selection layer (AUTO)."""
 
