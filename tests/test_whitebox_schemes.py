@@ -21,6 +21,7 @@ from nnmark.errors import KeyFileError, SchemeError
 from nnmark.keyfile import load_key_file
 from nnmark.keys import Key
 from nnmark.models import model_spec
+from nnmark.params import ParamError
 from nnmark.schemes import SCHEMES, load_scheme
 from nnmark.schemes.projection import ProjectionRegularizer
 from nnmark.schemes.uchida import Uchida
@@ -242,7 +243,7 @@ def test_missing_and_too_small_layer(mlp_spec):
     # the filter mean of the head has 64 values only
     with pytest.raises(SchemeError, match="only 64 values"):
         Uchida.create(Key.from_seed(0), model, layer="head", reduce="mean", bits=65)
-    with pytest.raises(SchemeError, match="unknown uchida parameter"):
+    with pytest.raises(ParamError, match="unknown scheme 'uchida' parameter.*valid: layer"):
         Uchida.create(Key.from_seed(0), model, layer="head", bits=8, colour="red")
 
 
@@ -287,7 +288,7 @@ def test_projection_real_code_and_closed_form(mlp_spec, marked):
 def test_projection_key_round_trip_with_custom_code(tmp_path, mlp_spec):
     model = seeded_model(mlp_spec, 0)
     code = np.linspace(-1, 1, 50)
-    s = ProjectionRegularizer.create(Key.from_seed("c"), model, layer="fc1", reduce="mean", target=code)
+    s = ProjectionRegularizer(Key.from_seed("c"), "fc1", code, width=784, reduce="mean")  # the carrier's own use
     s.save(tmp_path / "p.key")
     t = load_scheme(tmp_path / "p.key")
     np.testing.assert_allclose(t.target.numpy(), code.astype(np.float32))
