@@ -36,12 +36,13 @@ clean 0.25 at 0.05) for no gain in robustness (FTAL: BER 0 at every strength).
 
 In your own PyTorch loop::
 
-    scheme = Uchida(key, layer="head", bits=512, width=640)        # or Uchida.create(key, model, ...)
+    scheme = Uchida.create(key, model, layer="head", bits=512)     # parameters as declared in PARAMS
     hook = scheme.training_hook()
     for x, y in loader:
         loss = F.cross_entropy(model(x), y) + hook.loss(model)
         opt.zero_grad(); loss.backward(); opt.step()
-    scheme.remember_model(model); scheme.save("owner.key")
+    hook.finalize(model)                      # records the unit signature (alignment) in the scheme
+    scheme.save("owner.key", model_file="marked.safetensors")   # writes the key and commits it
     print(scheme.verify(model).summary())
 """
 
