@@ -95,8 +95,12 @@ def _spec(arch: str, splits: Any) -> dict[str, Any]:
                    "the key file)")
 def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tuple[str, ...],
           epochs: int | None, lr: float, seed: int, references: int, key_out: str, key_seed: str | None,
-          out: str, commitment_log: str | None) -> None:
+          out: str, commitment_log: str | None) -> int:
     """Embed a watermark: train a marked model, or fine-tune one into a finished model.
+
+    The result is checked with the new key before the command ends: exit 0 when the mark is provable
+    on the marked model (the verdict is printed), 1 when it is not (a warning with the figures; the
+    files are still written).
 
     The key is committed when it is written: KEY_OUT.commit.json (public: no secret) holds the
     SHA-256 of the whole key file, of the marked model file, and the UTC time, and the same record
@@ -146,6 +150,15 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
     click.echo(f"saved {out}: test accuracy {acc:.4f}; key {key.key_id} written to {key_out} (mode 0600)")
     click.echo(f"key committed at {record.committed_at}: record {key_out}.commit.json (public), record SHA-256 "
                f"{record.record_sha256} -- publish it or have it timestamped to date the key")
+    # The owner's own check: is the mark provable on the model just written (its own key, the default
+    # verification options and alpha)? A mark that is not is reported with its figures (exit 1), never silently.
+    check = sch.verify(model)
+    if not check.owned:
+        click.echo(f"warning: the mark is NOT provable with this key on the marked model itself: {check.summary()}; "
+                   "embed longer (--epochs) or with stronger parameters", err=True)
+        return 1
+    click.echo(f"self-check: {check.summary()}")
+    return 0
 
 
 # --------------------------------------------------------------------------- verify
