@@ -32,6 +32,10 @@ no longer alive, and either completes them (the planned file exists and passes
 an optional ``verify`` callback) or releases the code -- so no code is lost.
 A customer keeps its code for later copies (same fingerprint).
 
+Layout: the tables are in :mod:`nnmark.registry.schema`, the errors and records in
+:mod:`nnmark.registry.records`, crash recovery and the audit in :mod:`nnmark.registry.recovery`;
+this module is the store and its reservation state machine.
+
 SQLite specifics: each transaction starts with ``BEGIN IMMEDIATE`` (the write
 lock is taken up front, so concurrent issuers queue instead of failing to
 upgrade a read lock) and waits up to ``busy_timeout_s`` for the lock.
@@ -44,8 +48,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,177 +58,34 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from nnmark.errors import NNMarkError
-
-SCHEMA_VERSION = 1
-
-
-class RegistryError(NNMarkError):
-    """A registry operation cannot be done (unknown customer, reservation already settled, ...)."""
-
-
-class RegistryNotFoundError(RegistryError):
-    """The registry database (file) does not exist."""
-
-
-class RegistryProductError(RegistryError):
-    """The registry belongs to another product or base model."""
-
-
-class RegistrySchemaError(RegistryError):
-    """The database is not an nnmark registry, or has another schema version."""
-
-
-metadata = sa.MetaData()
-
-meta_table = sa.Table(
-    "nnmark_meta",
+from nnmark.registry.records import (
+    Customer,
+    IssuedCopy,
+    ProductInfo,
+    RecoveryReport,
+    RegistryError,
+    RegistryNotFoundError,
+    RegistryProductError,
+    RegistrySchemaError,
+    Reservation,
+    database_url,
+)
+from nnmark.registry.recovery import RecoveryMixin, _sha256_of
+from nnmark.registry.schema import (
+    SCHEMA_VERSION,
+    codes_table,
+    customers_table,
+    issues_table,
+    meta_table,
     metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
+    product_table,
 )
 
-product_table = sa.Table(
-    "product",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("base_sha256", sa.String(64), nullable=False),
-    sa.Column("key_id", sa.String(64), nullable=False),
-    sa.Column("code_family", sa.Text, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-)
-
-customers_table = sa.Table(
-    "customers",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.String(200), nullable=False, unique=True),
-    sa.Column("community", sa.String(200), nullable=True),
-    sa.Column("community_code", sa.String(200), nullable=True),
-    sa.Column("created_at", sa.Float, nullable=False),
-)
-
-codes_table = sa.Table(
-    "codes",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("codebook", sa.String(64), nullable=False),
-    sa.Column("idx", sa.Integer, nullable=False),
-    sa.Column("rank", sa.Integer, nullable=False),
-    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id"), nullable=True, unique=True),
-    sa.Column("state", sa.String(16), nullable=False),  # free | reserved | assigned
-    sa.UniqueConstraint("codebook", "idx", name="uq_code"),
-)
-sa.Index("ix_codes_rank", codes_table.c.rank)
-
-issues_table = sa.Table(
-    "issues",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("token", sa.String(64), nullable=False, unique=True),
-    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id"), nullable=False),
-    sa.Column("code_id", sa.Integer, sa.ForeignKey("codes.id"), nullable=False),
-    sa.Column("planned_path", sa.Text, nullable=True),
-    sa.Column("model_path", sa.Text, nullable=True),
-    sa.Column("model_sha256", sa.String(64), nullable=True),
-    sa.Column("status", sa.String(16), nullable=False),  # reserved | complete | aborted | released
-    sa.Column("reserved_at", sa.Float, nullable=False),
-    sa.Column("completed_at", sa.Float, nullable=True),
-    sa.Column("host", sa.String(200), nullable=False),
-    sa.Column("pid", sa.Integer, nullable=False),
-    sa.Column("note", sa.Text, nullable=True),
-)
-sa.Index("ix_issues_status", issues_table.c.status)
+__all__ = ["SCHEMA_VERSION", "Customer", "IssuedCopy", "ProductInfo", "RecoveryReport", "Registry", "RegistryError",
+           "RegistryNotFoundError", "RegistryProductError", "RegistrySchemaError", "Reservation", "database_url"]
 
 
-@dataclass(frozen=True)
-class ProductInfo:
-    """The product a registry belongs to."""
-
-    name: str
-    base_sha256: str
-    key_id: str
-    code_family: dict[str, Any]
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Customer:
-    """A registered customer and the code it holds (``None`` before its first issue)."""
-
-    id: int
-    name: str
-    community: str | None
-    community_code: str | None
-    codebook: str | None
-    code_index: int | None
-    code_state: str | None
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """A code reserved for a customer, waiting for its model file (pass to :meth:`Registry.complete_issue`)."""
-
-    token: str
-    customer: str
-    customer_id: int
-    codebook: str
-    code_index: int
-    planned_path: str | None
-    reserved_at: float
-
-
-@dataclass(frozen=True)
-class IssuedCopy:
-    """A completed issue: a model file given to a customer."""
-
-    token: str
-    customer: str
-    codebook: str
-    code_index: int
-    model_path: str
-    model_sha256: str
-    reserved_at: float
-    completed_at: float
-    note: str | None
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """What :meth:`Registry.recover` did: tokens completed from their files, released, and skipped (alive)."""
-
-    completed: tuple[str, ...]
-    released: tuple[str, ...]
-    skipped_alive: tuple[str, ...]
-
-
-def database_url(url_or_path: str | os.PathLike) -> str:
-    """A SQLAlchemy URL: returned as is if it has a scheme (``sqlite:///``, ``postgresql://``), else a file path
-    turned into ``sqlite:///<absolute path>``."""
-    text = os.fspath(url_or_path)
-    if "://" in text:
-        return text
-    return "sqlite:///" + str(Path(text).expanduser().resolve())
-
-
-def _sha256_of(path: str | os.PathLike) -> str:
-    from nnmark.io import file_sha256
-
-    return file_sha256(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Registry:
+class Registry(RecoveryMixin):
     """An issued-copies registry (use :meth:`create` or :meth:`open`; both take a database URL or a file path).
 
     ``busy_timeout_s``: how long an SQLite writer waits for the lock. Thread- and
@@ -574,66 +434,6 @@ class Registry:
             .where(codes_table.c.id == row["code_id"], codes_table.c.state == "reserved")
             .values(customer_id=None, state="free")
         )
-
-    def recover(
-        self,
-        older_than_s: float = 3600.0,
-        verify: Callable[[Path, Reservation], bool] | None = None,
-        check_alive: bool = True,
-    ) -> RecoveryReport:
-        """Settle reservations left by crashed or killed issuers.
-
-        A ``reserved`` issue older than ``older_than_s`` is settled unless (with
-        ``check_alive``) its process is still running on this host. If its planned
-        file exists (and ``verify(path, reservation)`` returns true, when given --
-        e.g. a check that the file carries the reserved fingerprint), the issue is
-        completed with the file's SHA-256; otherwise it is released and the code
-        returns to the pool (if the customer held it only through this issue).
-        """
-        cutoff = time.time() - older_than_s
-        host = socket.gethostname()
-        with self._engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(issues_table, customers_table.c.name, codes_table.c.codebook, codes_table.c.idx)
-                    .select_from(
-                        issues_table.join(customers_table, customers_table.c.id == issues_table.c.customer_id).join(
-                            codes_table, codes_table.c.id == issues_table.c.code_id
-                        )
-                    )
-                    .where(issues_table.c.status == "reserved", issues_table.c.reserved_at <= cutoff)
-                )
-                .mappings()
-                .all()
-            )
-        completed, released, skipped = [], [], []
-        for row in rows:
-            if check_alive and row["host"] == host and row["pid"] != os.getpid() and _pid_alive(row["pid"]):
-                skipped.append(row["token"])
-                continue
-            res = Reservation(
-                row["token"],
-                row["name"],
-                row["customer_id"],
-                row["codebook"],
-                int(row["idx"]),
-                row["planned_path"],
-                row["reserved_at"],
-            )
-            path = Path(row["planned_path"]) if row["planned_path"] else None
-            usable = path is not None and path.is_file() and (verify is None or bool(verify(path, res)))
-            try:
-                if usable:
-                    self._complete(res.token, str(path), _sha256_of(path), "recovered from an interrupted issue")
-                    completed.append(res.token)
-                else:
-                    with self._engine.begin() as conn:
-                        self._abort(conn, res.token, "released", "released by recover(): no model file")
-                    released.append(res.token)
-            except RegistryError:
-                continue  # settled concurrently by someone else
-        return RecoveryReport(tuple(completed), tuple(released), tuple(skipped))
-
     # -- look-ups -----------------------------------------------------------------
     def _copies_query(self):
         i, c, k = issues_table, customers_table, codes_table
@@ -708,38 +508,6 @@ class Registry:
             ):
                 out[f"issues_{status}"] = n
         return out
-
-    def audit(self, check_files: bool = False) -> list[str]:
-        """Consistency problems, one line each (empty when sound): codes reserved without a pending issue,
-        codes assigned without a complete issue, pending issues whose code is not held, and (``check_files``)
-        complete issues whose file is missing or has another hash."""
-        problems = []
-        k, i = codes_table, issues_table
-        with self._engine.connect() as conn:
-            codes = conn.execute(sa.select(k.c.id, k.c.idx, k.c.state, k.c.customer_id)).all()
-            issues = conn.execute(sa.select(i.c.token, i.c.code_id, i.c.customer_id, i.c.status)).all()
-        pending = {(r.code_id, r.customer_id) for r in issues if r.status == "reserved"}
-        done = {(r.code_id, r.customer_id) for r in issues if r.status == "complete"}
-        for code in codes:
-            key = (code.id, code.customer_id)
-            if code.state == "free" and code.customer_id is not None:
-                problems.append(f"code {code.idx} is free but bound to customer {code.customer_id}")
-            if code.state == "reserved" and key not in pending:
-                problems.append(f"code {code.idx} is reserved without a pending issue")
-            if code.state == "assigned" and key not in done:
-                problems.append(f"code {code.idx} is assigned without a complete issue")
-        held = {(c.id, c.customer_id) for c in codes if c.state in ("reserved", "assigned")}
-        for r in issues:
-            if r.status in ("reserved", "complete") and (r.code_id, r.customer_id) not in held:
-                problems.append(f"issue {r.token} ({r.status}) refers to a code its customer does not hold")
-        if check_files:
-            for copy in self.issued_copies():
-                p = Path(copy.model_path)
-                if not p.is_file():
-                    problems.append(f"issued model file missing: {p}")
-                elif _sha256_of(p) != copy.model_sha256:
-                    problems.append(f"issued model file changed since issue: {p}")
-        return problems
 
 
 class _Retry(Exception):
