@@ -90,3 +90,18 @@ def test_unissued_customer_is_not_accused(rs4):
     dec = rs4.decode(y, issued=np.array([5, 17]))
     assert dec.status == "not-issued" and not dec.accused
     assert rs4.decode(y, issued=np.array([5, 900, 17])).accused == (5, 900)
+
+
+def test_every_code_family_has_the_identity_code_interface():
+    from nnmark import Key
+    from nnmark.codes import AndAccCode, ProductAndAccCode, ReedSolomonAndAccCode
+    from nnmark.codes.base import IdentityCode
+
+    key = Key.from_seed("iface")
+    families = ((AndAccCode.from_key(key, "ag", 7), 56, 1), (ProductAndAccCode.from_key(key, "ag", 5), 900, 2),
+                (ReedSolomonAndAccCode.from_key(key, "ag", 5, parts=3), 29 * 29, 3))
+    for code, n, parts in families:
+        assert isinstance(code, IdentityCode)
+        assert code.n_codes == n and len(code.parts) == parts
+        assert code.fingerprints([0, 1]).shape == (2, code.dim)
+        assert tuple(code.decode(code.fingerprint(1), issued=np.array([1])).accused) == (1,)

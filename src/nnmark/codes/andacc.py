@@ -297,6 +297,16 @@ class AndAccCode:
         """Fingerprint length."""
         return int(self.basis.shape[0])
 
+    @property
+    def n_codes(self) -> int:
+        """Number of identity codes (customers) the code serves: ``b`` (the :class:`IdentityCode` size)."""
+        return int(self.n_codewords)
+
+    @property
+    def parts(self) -> list[AndAccCode]:
+        """The codebooks the fingerprint is made of: this one."""
+        return [self]
+
     def params(self) -> dict[str, Any]:
         """Plain description (for a registry / key file): design name, v, k, b, dim."""
         return {"design": self.design.name, "v": self.v, "k": self.k, "b": self.n_codewords, "dim": self.dim}
@@ -371,8 +381,10 @@ class AndAccCode:
         return {"zero": zero, "candidates": cand, "accused": cand & accepted[:, None], "accepted": accepted,
                 "status": status}
 
-    def decode(self, y: np.ndarray, tau: float | None = None, scale: float = 1.0) -> AndAccDecoding:
-        """Trace one extracted vector ``y`` (``(dim,)``).
+    def decode(self, y: np.ndarray, issued: np.ndarray | None = None, tau: float | None = None,
+               scale: float = 1.0) -> AndAccDecoding:
+        """Trace one extracted vector ``y`` (``(dim,)``). ``issued`` is accepted for the common
+        interface and not needed: one codebook's decoding does not depend on which codes were issued.
 
         ``tau``: ``None`` (default) for the structural decoder (module doc: no threshold, scale-free),
         or a hard threshold (the paper's rule, 0.85). ``scale``: the coefficient level of a ``+1``
@@ -590,7 +602,8 @@ class ProductAndAccCode:
 
     def __init__(self, code_a: AndAccCode, code_b: AndAccCode) -> None:
         self.a, self.b = code_a, code_b
-        self.n_customers = code_a.n_codewords * code_b.n_codewords
+        self.parts = [code_a, code_b]
+        self.n_customers = self.n_codes = code_a.n_codewords * code_b.n_codewords
         self.dim = code_a.dim + code_b.dim
         self.k = min(code_a.k, code_b.k)
 

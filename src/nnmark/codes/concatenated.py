@@ -94,7 +94,7 @@ class ReedSolomonAndAccCode:
         self.p = largest_prime_at_most(sizes.pop())
         if self.L > self.p:
             raise ValueError(f"at most {self.p} codebooks (distinct points of GF({self.p}))")
-        self.n_customers = self.p * self.p
+        self.n_customers = self.n_codes = self.p * self.p
         self.dim = sum(c.dim for c in parts)
         self.k = min(c.k for c in parts)
         self.max_colluders = min(self.L - 1, self.k - 1)

@@ -76,9 +76,7 @@ class FingerprintLayout:
     @property
     def n_codes(self) -> int:
         """Number of distinct identity codes (customers the layout can serve)."""
-        if isinstance(self.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
-            return self.cic.n_customers
-        return self.cic.n_codewords
+        return self.cic.n_codes
 
     def compose(self, code_index: int, crc: np.ndarray | None = None) -> np.ndarray:
         """``F`` (``(dim,)`` float64) for identity code ``code_index`` and the ``(crc_bits,)`` 0/1 community code."""
@@ -109,8 +107,5 @@ class FingerprintLayout:
         the paper's hard threshold. ``scale``: the carrier's calibrated gain.
         """
         crc, cic = self.split(y)
-        if isinstance(self.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
-            dec = self.cic.decode(cic, issued=issued, tau=tau, scale=scale)
-        else:
-            dec = self.cic.decode(cic, tau=tau, scale=scale)
+        dec = self.cic.decode(cic, issued=issued, tau=tau, scale=scale)
         return FingerprintTrace((crc > 0).astype(np.uint8), np.abs(crc) / float(scale), dec)

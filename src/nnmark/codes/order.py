@@ -38,7 +38,7 @@ def secret_issue_order(key: Key, code: AndAccCode | ProductAndAccCode | ReedSolo
     """
     if isinstance(code, ProductAndAccCode):
         return _product_order(key, code)
-    n = code.n_customers if isinstance(code, ReedSolomonAndAccCode) else code.n_codewords
+    n = code.n_codes
     rng = key.numpy_rng(f"{PURPOSE}:{type(code).__name__}:{n}")
     return rng.permutation(n).astype(np.int64)
 

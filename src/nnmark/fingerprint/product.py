@@ -556,10 +556,7 @@ class Product:
         return list(self._decode(self.load_suspect(path))[0].accused_codes)
 
     def _halves(self) -> list[AndAccCode]:
-        cic = self.layout.cic
-        if isinstance(cic, ReedSolomonAndAccCode):
-            return list(cic.parts)
-        return [cic.a, cic.b] if isinstance(cic, ProductAndAccCode) else [cic]
+        return list(self.layout.cic.parts)
 
     def estimate_gain(self, y: np.ndarray) -> float:
         """The suspect's fingerprint gain ``g`` (1 for an issued copy or an average of copies).
@@ -590,7 +587,7 @@ class Product:
                                                carriers=list(self.config.layers), enabled=getattr(self, "align", True))
         y = self.carrier.extract(model)
         issued = None
-        if isinstance(self.layout.cic, (ProductAndAccCode, ReedSolomonAndAccCode)):
+        if len(self.layout.cic.parts) > 1:  # several codebooks: which customers hold codes matters to decoding
             issued = np.fromiter(self.registry.assigned_codes(include_reserved=True), dtype=np.int64)
         if tau is None and self.config.decoder == "structural":
             tr = self.layout.trace(y, issued=issued, tau=None)
