@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,11 @@ NNMARK = [sys.executable, "-m", "nnmark.cli"]
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
     site = tmp_path_factory.mktemp("plugin-site")
-    build = tmp_path_factory.mktemp("plugin-build")
+    source = tmp_path_factory.mktemp("plugin-build") / "src"
+    shutil.copytree(PLUGIN, source)  # build a copy: the build leaves its artefacts beside the sources
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--disable-pip-version-check", "--target", str(site), str(PLUGIN)],
-                          capture_output=True, text=True, timeout=300, cwd=build)
+                           "--disable-pip-version-check", "--target", str(site), str(source)],
+                          capture_output=True, text=True, timeout=300, cwd=source)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(p.name.startswith("nnmark_toyplugin") and p.suffix == ".dist-info" for p in site.iterdir())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
