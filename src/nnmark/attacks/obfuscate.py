@@ -70,45 +70,46 @@ _LOW = Param("low", float, 0.01, "smallest rescaling factor (log-uniform)", low=
 _HIGH = Param("high", float, 100.0, "largest rescaling factor (log-uniform)", low=1e-12)
 
 
-class Permute(Attack):
+class _UnitTransform(Attack):
+    """A seeded function-preserving transform of a copy's hidden units: permutation and/or rescaling."""
+
+    permutes: bool = False
+    rescales: bool = False
+
+    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
+        stolen = copy.deepcopy(models[0])
+        chain = unit_chain(stolen)
+        perms = random_permutations(chain, self.seed, self.layers) if self.permutes else None
+        post = pre = None
+        if self.rescales:
+            post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
+        return transform_units(stolen, chain, perms=perms, post=post, pre=pre).eval()
+
+
+class Permute(_UnitTransform):
     """Permute the units of every hidden layer (or of ``layers``) of a copy of the model; the function is
     unchanged."""
 
     name = "permute"
     PARAMS = Params(SEED, _LAYERS)
-
-    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
-        stolen = copy.deepcopy(models[0])
-        chain = unit_chain(stolen)
-        return transform_units(stolen, chain, perms=random_permutations(chain, self.seed, self.layers)).eval()
+    permutes = True
 
 
-class Rescale(Attack):
+class Rescale(_UnitTransform):
     """Rescale every hidden unit (or those of ``layers``) across its ReLU by a log-uniform factor in
     ``[low, high]``; the function is unchanged."""
 
     name = "rescale"
     PARAMS = Params(_LOW, _HIGH, SEED, _LAYERS)
-
-    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
-        stolen = copy.deepcopy(models[0])
-        chain = unit_chain(stolen)
-        post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
-        return transform_units(stolen, chain, post=post, pre=pre).eval()
+    rescales = True
 
 
-class PermuteRescale(Attack):
+class PermuteRescale(_UnitTransform):
     """:class:`Permute` then :class:`Rescale` (same ``seed``, ``low``, ``high``, ``layers``)."""
 
     name = "permute-rescale"
     PARAMS = Params(_LOW, _HIGH, SEED, _LAYERS)
-
-    def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
-        stolen = copy.deepcopy(models[0])
-        chain = unit_chain(stolen)
-        post, pre = random_scales(chain, self.seed, self.low, self.high, self.layers)
-        return transform_units(stolen, chain, perms=random_permutations(chain, self.seed, self.layers),
-                               post=post, pre=pre).eval()
+    permutes = rescales = True
 
 
 @torch.no_grad()

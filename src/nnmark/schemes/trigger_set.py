@@ -70,7 +70,7 @@ from nnmark.schemes.triggers import (
     unrelated_triggers,
 )
 from nnmark.stats import clopper_pearson_upper, hit_rate_verdict
-from nnmark.train import TrainConfig, TrainingHook, TrainRecord, train
+from nnmark.train import TrainConfig, TrainingHook, TrainRecord
 
 LABEL_MODES = ("keyed", "fixed")
 NULL_CONFIDENCE = 0.999
@@ -264,11 +264,7 @@ class TriggerSetWatermark(Scheme):
               val: ImageDataset | None = None, description: str = "embedding") -> TrainRecord:
         """Train ``model`` on ``data`` plus the triggers (from scratch or from a finished model)."""
         self._check_shape(tuple(data.image_shape))
-        self.model_spec = dict(getattr(model, "spec", {}) or {}) or None
-        hook = self.training_hook()
-        rec = train(model, data, config, val=val, hooks=[hook], description=description)
-        hook.finalize(model)
-        return rec
+        return super().embed(model, data, config, val=val, description=description)
 
     # -- calibration (fixed mode) ---------------------------------------------------
     def needs_references(self) -> bool:
