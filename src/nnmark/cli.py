@@ -20,6 +20,10 @@ import click
 from nnmark.errors import NNMarkError
 
 DEFAULT_EPOCHS = 15
+# Fine-tune-to-embed (mnist5k CNN, n=100 triggers, 20 verification queries): 3 epochs left noise / content
+# marks at 5/20 and 6/20 hits (p 0.06 / 0.02: not provable); 6 epochs: noise 15/20 (p 4e-11), content 8/20;
+# 10 epochs: noise 14/20 (p 9e-10), content 11/20 (p 2e-6, still short of 1e-6 at 20 queries: embed says so).
+FINETUNE_EPOCHS = 10
 
 
 def _echo_json(obj: Any) -> None:
@@ -81,7 +85,7 @@ def _spec(arch: str, splits: Any) -> dict[str, Any]:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="scheme parameter, repeatable (e.g. generator=noise, n=100, labels=keyed)")
 @click.option("--epochs", default=None, type=int,
-              help=f"epochs (default {DEFAULT_EPOCHS} from scratch, 3 when fine-tuning)")
+              help=f"epochs (default {DEFAULT_EPOCHS} from scratch, {FINETUNE_EPOCHS} when fine-tuning)")
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--references", default=3, show_default=True,
@@ -128,7 +132,7 @@ def embed(scheme: str, base: str | None, data: str | None, arch: str, params: tu
         model = seeded_model(_spec(arch, splits), seed)
     key = Key.from_seed(key_seed) if key_seed is not None else Key.generate()
     sch = scheme_cls.create(key, model, splits, **given)
-    n_epochs = epochs if epochs is not None else (3 if base else DEFAULT_EPOCHS)
+    n_epochs = epochs if epochs is not None else (FINETUNE_EPOCHS if base else DEFAULT_EPOCHS)
     cfg = TrainConfig(epochs=n_epochs, lr=lr, seed=seed)
     rec = sch.embed(model, splits.train, cfg, val=splits.val,
                     description="fine-tune-to-embed" if base else "train-to-embed")
