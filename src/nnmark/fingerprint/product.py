@@ -87,7 +87,8 @@ DECODERS = ("structural", "threshold")
 
 DECISION_RULE = (
     "a customer is named only when the exact p-value of its own secret component, p_u = P[N(0,1) >= z_u] under "
-    "H0_u (the suspect was made without u's copy and without the key), is <= alpha / (number of codes); every "
+    "H0_u (the suspect was made without u's copy and without the key; doubled when the suspect is read both as "
+    "given and aligned to the base, the larger z kept), is <= alpha / (number of codes); every "
     "issued customer is tested, so the probability of naming any customer whose copy was not used is at most "
     "alpha (Bonferroni), whatever was done with the other copies. The AND-ACC decoder (structural: the "
     "codewords in every coalition of 1..k-1 whose weighted average of +-1 codes explains the coefficients; "
@@ -181,8 +182,9 @@ class ProductConfig:
 class Accusation:
     """A named customer: its code, community, and the evidence of its own copy.
 
-    ``p_value``: the exact p-value of the customer's own component under H0_u (:data:`OWN_NULL_HYPOTHESIS`),
-    ``z`` its statistic; ``code_named``: whether the AND-ACC decoder also named the customer's code, and
+    ``p_value``: the exact p-value of the customer's own component under H0_u (:data:`OWN_NULL_HYPOTHESIS`;
+    doubled when the suspect was read both as given and aligned), ``z`` its statistic (the larger of the reads);
+    ``code_named``: whether the AND-ACC decoder also named the customer's code, and
     ``code_p_value`` the decoder's p-value of that code's presence (``None`` when it did not name it)."""
 
     customer: str
@@ -262,7 +264,7 @@ class Product:
     @classmethod
     def create(cls, directory: str | Path, base_model: str | Path, *, name: str | None = None,
                key: Key | None = None, code: str = "ag:7", crc_bits: int = 0, layers: Sequence[str] = ("conv4",),
-               scale: float = 2.0, tau: float = DEFAULT_TAU, alpha: float = 1e-3, data: str | None = None,
+               scale: float = 2.0, tau: float = DEFAULT_TAU, alpha: float = 1e-6, data: str | None = None,
                issue: IssueConfig | None = None, registry_url: str | None = None,
                decoder: str = "structural", own_strength: float = DEFAULT_STRENGTH,
                own_ridge: float = DEFAULT_RIDGE) -> Product:
@@ -278,7 +280,10 @@ class Product:
         pruning the average of 10 copies against 1; see ``experiments/results/securemark/README.md``).
         ``decoder``: ``"structural"``
         (default; see :mod:`nnmark.codes.andacc`) or ``"threshold"`` (the paper's hard threshold ``tau``).
-        ``alpha``: family-wise level of the p-value gate (see :data:`DECISION_RULE`).
+        ``alpha``: family-wise level of the p-value gate (see :data:`DECISION_RULE`): the probability, per trace,
+        of naming anyone whose copy was not used is at most ``alpha`` (default 1e-6: a search of 1,400 frames at
+        1e-3 named one innocent, as that level allows; colluders' own components sit at z = 40-175 after
+        averaging, fine-tuning and pruning, far above the z = 5.5-6.5 that 1e-6 asks for 56-17,161 codes).
         ``data``: the dataset name used by fine-tuning issues (default: the base file's).
         ``registry_url``: a SQLAlchemy URL (default ``registry.db`` in the directory).
         ``own_strength`` / ``own_ridge``: the per-copy secret components (:mod:`nnmark.fingerprint.own`; default
@@ -606,6 +611,9 @@ class Product:
         the decoder's codes (``False``: named = decoded AND passing); codes the decoder names are always tested.
         The gate is ``alpha / n_codes`` either way. ``weighting``: the own-component read-out,
         ``"adaptive"`` (default) or ``"plain"`` (:mod:`nnmark.fingerprint.own`); either keeps the null exact.
+        When the alignment to the base changed the suspect, the own components are tested in both the suspect
+        as given and the aligned one: the larger ``z`` is reported and its p-value doubled (Bonferroni over the
+        two reads), so a misfired alignment cannot hide a colluder and the guarantee is kept.
         """
         if isinstance(suspect, nn.Module):
             model, name, sha = suspect, "<model>", ""
@@ -613,7 +621,10 @@ class Product:
         else:
             model, name, sha = self.load_suspect(suspect), str(suspect), file_sha256(suspect)
         verbatim = self.registry.find_by_sha256(sha) if sha else None
-        tr, gain, model = self._decode(model, tau)
+        tr, gain, read = self._decode(model, tau)
+        # the own-component test reads the suspect as given and, when alignment changed it, aligned as well:
+        # each read's p-value is exact, so the gate is divided by the number of reads (union bound)
+        reads = [model] if read is model else [model, read]
         holders = self.registry.assigned_codes(include_reserved=True)
         customers = {c.name: c for c in self.registry.customers()}
         dec = tr.cic
@@ -633,8 +644,9 @@ class Product:
             # every customer who was handed a copy (complete issues), plus any decoded code still reserved
             delivered = self.registry.assigned_codes(include_reserved=False) if scan else {}
             tested = sorted(set(delivered) | {c for c in decoded if c in holders})
-            z = own.z_scores(model, tested, weighting) if tested else np.zeros(0)
-            p = [z_to_p(float(v)) for v in z]
+            zs = [own.z_scores(m, tested, weighting) if tested else np.zeros(0) for m in reads]
+            z = np.max(np.stack(zs), axis=0) if tested else np.zeros(0)
+            p = [min(1.0, len(reads) * z_to_p(float(v))) for v in z]  # Bonferroni over the reads
             for c, zc, pc in zip(tested, z, p, strict=True):
                 cust = customers[holders[c]]
                 if pc <= level:
@@ -645,8 +657,9 @@ class Product:
             named = {a.code for a in accused}
             others = np.array([zc for c, zc in zip(tested, z, strict=True) if c not in named])
             evidence["own"] = {"tested": len(tested), "scan": bool(scan), "weighting": weighting,
-                               "level": level, "max_z_not_named": float(others.max()) if others.size else None,
-                               "z_level": z_level(level), **own.params()}
+                               "reads": ["as given", "aligned"][: len(reads)], "level": level,
+                               "max_z_not_named": float(others.max()) if others.size else None,
+                               "z_level": z_level(level / len(reads)), **own.params()}
         accused.sort(key=lambda a: a.customer)
         if accused:
             status = "accused"
