@@ -11,6 +11,7 @@ from nnmark import Key
 from nnmark.errors import SchemeError
 from nnmark.models import model_spec
 from nnmark.oracle import LocalOracle, QueryBudgetExceeded
+from nnmark.params import ParamError
 from nnmark.schemes import TriggerSetWatermark, load_scheme
 from nnmark.schemes.triggers import GENERATORS
 from nnmark.train import TrainConfig, accuracy, seeded_model
@@ -136,9 +137,9 @@ def test_fixed_label_mode_detects_a_marked_model(digits):
 
 
 def test_bad_parameters(digits):
-    with pytest.raises(SchemeError, match="generator"):
+    with pytest.raises(ParamError, match="generator"):
         TriggerSetWatermark.create(Key.from_seed(1), None, digits, generator="sparkles")
-    with pytest.raises(SchemeError, match="unknown trigger-set parameter"):
+    with pytest.raises(ParamError, match="unknown scheme 'trigger' parameter.*valid: generator"):
         TriggerSetWatermark.create(Key.from_seed(1), None, digits, colour="red")
     with pytest.raises(SchemeError, match="differ"):
         TriggerSetWatermark.create(Key.from_seed(1), None, digits, labels="fixed", source_class=1, target_class=1)
