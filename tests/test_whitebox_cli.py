@@ -84,7 +84,12 @@ def base(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("scheme", list(LAYERS))
+# Every scheme through the whole CLI journey; the default run keeps one binomial and one permutation verdict
+# (the others are the same code path with another read-out: `bash scripts/test.sh -m slow`).
+SLOW_JOURNEYS = [pytest.param(s, marks=pytest.mark.slow) if s in ("projection", "wang-manu") else s for s in LAYERS]
+
+
+@pytest.mark.parametrize("scheme", SLOW_JOURNEYS)
 def test_train_to_embed_then_verify(base, scheme):
     d = base
     tag = f"{scheme}-scratch"
@@ -112,7 +117,7 @@ def test_clean_model_not_owned(base, scheme):
     assert 0 <= v["details"]["matched_bits"] <= BITS and "null_hypothesis" in v
 
 
-@pytest.mark.parametrize("scheme", list(LAYERS))
+@pytest.mark.parametrize("scheme", SLOW_JOURNEYS)
 def test_fine_tune_to_embed_then_verify(base, scheme):
     d = base
     tag = f"{scheme}-ft"
