@@ -88,7 +88,15 @@ def carrier_module(target: Target | nn.Module, layers: list[str], tensors: Mappi
     otherwise a :func:`weights_view` of the tensors ``tensors[layer]`` (default ``"<layer>.weight"``).
     A missing tensor is a :class:`TargetError` that names the closest available ones."""
     if isinstance(target, nn.Module):
-        return target, not isinstance(target, WeightsView)
+        from nnmark.schemes.layers import weighted_layers
+
+        if isinstance(target, WeightsView) or all(layer in weighted_layers(target) for layer in layers):
+            return target, not isinstance(target, WeightsView)
+        # e.g. a PyTorch int8 module: its quantised layers are no float conv/linear -- read its dequantised weights
+        from nnmark.targets.module import ModuleTarget
+
+        target = ModuleTarget(target)
+        tensors = dict(tensors or {}) or {layer: f"{layer}.weight" for layer in layers}
     tensors = dict(tensors or {})
     if isinstance(target, PinnedTarget):
         pins = target.pins
