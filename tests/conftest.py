@@ -68,6 +68,7 @@ def run_cli(*args: str) -> CliResult:
     out, err = io.StringIO(), io.StringIO()
     code = 0
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the subprocesses these calls replace (small models: one thread is faster)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main([str(a) for a in args])

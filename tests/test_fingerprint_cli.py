@@ -1,4 +1,5 @@
-"""``nnmark fingerprint issue`` / ``trace`` in real subprocesses, and issuing fan-out (process pool, Ray)."""
+"""``nnmark fingerprint issue`` / ``trace`` through the real entry point (in this process; one-line errors also in a
+real subprocess), and issuing fan-out (process pool, Ray)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import CliResult, run_cli
 
 from nnmark.attacks import Average
 from nnmark.fingerprint import IssueConfig, Product, issue_many
@@ -19,7 +21,13 @@ from nnmark.train import TrainConfig, seeded_model, train
 NNMARK = [sys.executable, "-c", "from nnmark.cli import main; main()"]
 
 
-def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run(*args: str) -> CliResult:
+    """``nnmark ARGS`` in this process (exit code, stdout, stderr)."""
+    return run_cli(*args)
+
+
+def run_proc(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``nnmark ARGS`` in a real subprocess."""
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     return subprocess.run([*NNMARK, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -78,8 +86,8 @@ def test_cli_errors_are_one_line(small_base, tmp_path, digits, capsys):
         (["fingerprint", "issue", "--product", str(tmp_path / "big"), "--base", str(small_base), "--customers",
           "2", "--code", "ag:29"], "576"),
     ]
-    for args, pattern in cases:
-        proc = run(*args)
+    for i, (args, pattern) in enumerate(cases):
+        proc = run_proc(*args) if i == 0 else run(*args)  # one in a separate interpreter, the rest in-process
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], proc.stderr
