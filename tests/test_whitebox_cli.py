@@ -1,5 +1,6 @@
 """The generic `nnmark embed` / `nnmark verify` commands on the white-box schemes
-(uchida, projection, wang-manu, wang-auto), in real subprocesses: train-to-embed,
+(uchida, projection, wang-manu, wang-auto), through the real entry point in this process (the
+one-line errors also in real subprocesses): train-to-embed,
 fine-tune-to-embed (``--model BASE``), verification of the marked models (exit 0),
 of a clean model (exit 1), and one-line errors (exit 2) for bad input.
 
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CliResult, run_cli
 
 NNMARK = [sys.executable, "-m", "nnmark.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -34,11 +36,17 @@ LAYERS = {"uchida": "fc1", "projection": "fc1", "wang-manu": "head", "wang-auto"
 CLAIM_ALPHA = {"uchida": "1e-6", "projection": "1e-6", "wang-manu": "1e-6", "wang-auto": "1e-6"}
 
 
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(*args: str) -> CliResult:
+    """``nnmark ARGS`` in this process (one thread, like the subprocesses it replaces)."""
+    return run_cli(*args)
+
+
+def run_proc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``nnmark ARGS`` in a real subprocess (one thread)."""
     return subprocess.run([*NNMARK, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+def assert_one_line_error(proc: subprocess.CompletedProcess | CliResult, pattern: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     err = proc.stderr.strip()
     assert "Traceback" not in err
@@ -46,13 +54,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
     assert err.startswith("error: ") and re.search(pattern, err), err
 
 
-def embed(d: Path, scheme: str, tag: str, *extra: str) -> subprocess.CompletedProcess:
+def embed(d: Path, scheme: str, tag: str, *extra: str) -> CliResult:
     return run("embed", "--scheme", scheme, "--data", "digits28", "--arch", "mlp",
                "--param", f"layer={LAYERS[scheme]}", "--param", f"bits={BITS}", "--key-seed", f"wb-cli-{tag}",
                "--key-out", str(d / f"{tag}.key"), "--out", str(d / f"{tag}.safetensors"), *extra)
 
 
-def verify(d: Path, model: str, key: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def verify(d: Path, model: str, key: str, *extra: str) -> tuple[CliResult, dict]:
     p = run("verify", str(d / f"{model}.safetensors"), "--key", str(d / f"{key}.key"), "--json", *extra)
     assert p.returncode in (0, 1), (p.returncode, p.stderr)
     return p, json.loads(p.stdout)
@@ -84,12 +92,7 @@ def base(tmp_path_factory) -> Path:
     return d
 
 
-# Every scheme through the whole CLI journey; the default run keeps one binomial and one permutation verdict
-# (the others are the same code path with another read-out: `bash scripts/test.sh -m slow`).
-SLOW_JOURNEYS = [pytest.param(s, marks=pytest.mark.slow) if s in ("projection", "wang-manu") else s for s in LAYERS]
-
-
-@pytest.mark.parametrize("scheme", SLOW_JOURNEYS)
+@pytest.mark.parametrize("scheme", list(LAYERS))
 def test_train_to_embed_then_verify(base, scheme):
     d = base
     tag = f"{scheme}-scratch"
@@ -117,7 +120,7 @@ def test_clean_model_not_owned(base, scheme):
     assert 0 <= v["details"]["matched_bits"] <= BITS and "null_hypothesis" in v
 
 
-@pytest.mark.parametrize("scheme", SLOW_JOURNEYS)
+@pytest.mark.parametrize("scheme", list(LAYERS))
 def test_fine_tune_to_embed_then_verify(base, scheme):
     d = base
     tag = f"{scheme}-ft"
@@ -140,10 +143,10 @@ def _accuracy_of_base(d: Path) -> float:
 
 def test_bad_layer_and_too_many_bits(base):
     d = base
-    p = run("embed", "--scheme", "uchida", "--data", "digits28", "--arch", "mlp", "--param", "layer=conv4",
+    p = run_proc("embed", "--scheme", "uchida", "--data", "digits28", "--arch", "mlp", "--param", "layer=conv4",
             "--param", "bits=64", "--key-out", str(d / "bad1.key"), "--out", str(d / "bad1.safetensors"))
     assert_one_line_error(p, r"no conv/linear layer named 'conv4' \(available: fc1, head\)")
-    p = run("embed", "--scheme", "wang-auto", "--data", "digits28", "--arch", "mlp", "--param", "layer=head",
+    p = run_proc("embed", "--scheme", "wang-auto", "--data", "digits28", "--arch", "mlp", "--param", "layer=head",
             "--param", "bits=1000", "--key-out", str(d / "bad2.key"), "--out", str(d / "bad2.safetensors"))
     assert_one_line_error(p, r"too small for 1000 bits.*only 640 values")
     assert not (d / "bad1.key").exists() and not (d / "bad2.key").exists()
@@ -154,7 +157,7 @@ def test_key_for_another_architecture(base):
     d = base
     if not (d / "uchida-scratch.key").exists():  # when run alone
         assert embed(d, "uchida", "uchida-scratch", "--epochs", "2").returncode == 0
-    p = run("verify", str(d / "cnn.safetensors"), "--key", str(d / "uchida-scratch.key"))
+    p = run_proc("verify", str(d / "cnn.safetensors"), "--key", str(d / "uchida-scratch.key"))
     assert_one_line_error(p, r"another architecture")
 
 
