@@ -31,8 +31,8 @@ def plugin_env(tmp_path_factory):
                           capture_output=True, text=True, timeout=300, cwd=source)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(p.name.startswith("nnmark_toyplugin") and p.suffix == ".dist-info" for p in site.iterdir())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    return env
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def run(env, *args, timeout=300):
