@@ -82,7 +82,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
@@ -283,19 +282,9 @@ def resolve_log_path(key_path: str | Path | None, log: str | Path | None = None)
 
 def write_record(path: str | Path, c: Commitment) -> None:
     """Write record ``c`` to ``path`` (JSON, atomically; mode 0644: it is public)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".nnmark-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(c.to_dict(), fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from nnmark.keyfile import write_atomically
+
+    write_atomically(path, (json.dumps(c.to_dict(), indent=1) + "\n").encode(), 0o644)
 
 
 def read_record(path: str | Path) -> Commitment:

@@ -51,23 +51,29 @@ class KeyFile:
         return f"KeyFile(scheme={self.scheme!r}, key={self.key!r}, params={self.params!r})"
 
 
-def write_private_file(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically (temp file + rename)."""
+def write_atomically(path: str | Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with permission ``mode``, atomically (temp file in the same folder, fsync,
+    rename): a crash never leaves a half-written file, and the mode is set before any byte is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".nnmark-", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_private_file(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600 (secrets), atomically."""
+    write_atomically(path, data, 0o600)
 
 
 def save_key_file(path: str | Path, kf: KeyFile) -> None:

@@ -18,6 +18,7 @@ at most ``w``), so :func:`check_capacity` refuses ``bits > w``.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -257,9 +258,9 @@ class WhiteBoxScheme(Scheme):
         hook.finalize(model)
         return rec
 
+    @abstractmethod
     def extract(self, model: nn.Module) -> np.ndarray:
         """The ``bits`` extracted bits (0/1 int64 array) of ``model``."""
-        raise NotImplementedError
 
     def verify(self, target: Any, *, alpha: float = 1e-6, align: bool = True,
                tensors: dict[str, str] | None = None, **kwargs: Any) -> Verdict:
