@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnmark.attacks import Average, Prune, build_attack
+from nnmark.attacks import Average, Prune, build_attack, combine_models
 from nnmark.fingerprint import Product
 from nnmark.io import load_model, save_model
 from nnmark.keys import Key
@@ -49,23 +49,6 @@ def one_thread():
 def _single_thread():
     with one_thread():
         yield
-
-
-def affine_combination(models, weights) -> torch.nn.Module:
-    """``sum_i w_i model_i`` tensor by tensor (float64 accumulation); the weights may be negative."""
-    states = [m.state_dict() for m in models]
-    out = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            acc = torch.zeros_like(v, dtype=torch.float64)
-            for w, s in zip(weights, states, strict=True):
-                acc += float(w) * s[k].double()
-            out[k] = acc.to(v.dtype)
-        else:
-            out[k] = v.clone()
-    m = copy.deepcopy(models[0])
-    m.load_state_dict(out)
-    return m.eval()
 
 
 def parallel_classes(code) -> list[list[int]]:
@@ -126,7 +109,7 @@ def test_parallel_class_frames_name_no_innocent(full_shop):
         weights = [1.0 / (Q - 1)] * Q + [-1.0 / (Q - 1)]  # sums to 1: the average of b's other six lines
         frames.append((classes[b][1:], members, weights))
     for targets, members, weights in frames:
-        suspect = affine_combination([by_code[c][1] for c in members], weights)
+        suspect = combine_models([by_code[c][1] for c in members], weights)
         # the frame works on the code: the carrier reads exactly the framed code (or the framed average)
         want = np.mean([prod.layout.compose(t) for t in targets], axis=0)
         np.testing.assert_allclose(prod.carrier.extract(suspect), want, atol=1e-3)
@@ -162,7 +145,7 @@ def test_random_affine_combinations_name_no_innocent(full_shop):
             rhs = np.concatenate([prod.layout.compose(target), [1.0]])
             w, *_ = np.linalg.lstsq(a, rhs, rcond=None)
             n_frames += int(np.abs(a @ w - rhs).max() < 1e-6)
-        suspect = affine_combination([by_code[int(c)][1] for c in members], w)
+        suspect = combine_models([by_code[int(c)][1] for c in members], w)
         report = prod.trace(suspect)
         assert _innocents_named(report, [by_code[int(c)][0] for c in members]) == [], (trial, report.named)
     assert n_frames >= 5  # the search did rebuild innocents' codes exactly (about half of the 15 tries)
@@ -284,7 +267,7 @@ def test_scan_names_the_framers_and_scan_off_needs_the_decoder(full_shop):
     prod, by_code, _base, _ = full_shop
     classes = parallel_classes(prod.layout.cic)
     plus, minus, target = classes[2], classes[5][1:], classes[5][0]
-    frame = affine_combination([by_code[c][1] for c in plus + minus], [1.0] * Q + [-1.0] * (Q - 1))
+    frame = combine_models([by_code[c][1] for c in plus + minus], [1.0] * Q + [-1.0] * (Q - 1))
     report = prod.trace(frame)
     assert sorted(report.named) == sorted(by_code[c][0] for c in plus)
     assert not any(a.code_named for a in report.accused)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from nnmark.attacks import Average, Prune, build_attack
+from nnmark.attacks import Average, Prune, build_attack, combine_models
 from nnmark.data import load_splits
 from nnmark.fingerprint import Product
 from nnmark.fingerprint.carrier import patch_moment
@@ -64,23 +64,6 @@ N_PHANTOM = 20  # fresh never-issued components tested per frame trace: i.i.d. N
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def affine_combination(models, weights) -> torch.nn.Module:
-    """``sum_i w_i model_i`` tensor by tensor (float64 accumulation); weights of any sign."""
-    states = [m.state_dict() for m in models]
-    out = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            acc = torch.zeros_like(v, dtype=torch.float64)
-            for w, s in zip(weights, states, strict=True):
-                acc += float(w) * s[k].double()
-            out[k] = acc.to(v.dtype)
-        else:
-            out[k] = v.clone()
-    m = copy.deepcopy(models[0])
-    m.load_state_dict(out)
-    return m.eval()
-
-
 def parallel_classes(code) -> list[list[int]]:
     inc = code.incidence.astype(np.int64)
     meets = (inc.T @ inc) > 0
@@ -320,13 +303,13 @@ def main() -> None:
             target = classes[b][line]
             others = [c for c in classes[b] if c != target]
             members = classes[a] + others
-            m = affine_combination([by_code[c][1] for c in members], [1.0] * 7 + [-1.0] * 6)
+            m = combine_models([by_code[c][1] for c in members], [1.0] * 7 + [-1.0] * 6)
             rep = prod.trace(m)
             log.add("13 colluders +-1 (one line's code)", prod, rep, [by_code[c][0] for c in members],
                     {by_code[target][0]})
             null.add(prod, m, members)
             members = classes[a] + [target]
-            m = affine_combination([by_code[c][1] for c in members], [1 / 6] * 7 + [-1 / 6])
+            m = combine_models([by_code[c][1] for c in members], [1 / 6] * 7 + [-1 / 6])
             rep = prod.trace(m)
             log.add("8 colluders +-1/6 (six lines' average)", prod, rep, [by_code[c][0] for c in members],
                     {by_code[c][0] for c in others})
@@ -338,7 +321,7 @@ def main() -> None:
         members = [old_order[c] for c in range(1, 8)] + [old_order[c] for c in range(9, 15)]
         target = old_order[8]
         assert set(members[:7]) == set(classes[0]) and set(members[7:]) | {target} == set(classes[1])
-        frame = affine_combination([by_code[c][1] for c in members], [1.0] * 7 + [-1.0] * 6)
+        frame = combine_models([by_code[c][1] for c in members], [1.0] * 7 + [-1.0] * 6)
         victim = by_code[target][1]
         code_diff = float(np.abs(prod.carrier.extract(frame) - prod.carrier.extract(victim)).max())
         other_diff = max(float((p1 - p2).abs().max()) for (k1, p1), (_k2, p2)
@@ -358,7 +341,7 @@ def main() -> None:
         for a, b, line in pairs[:: max(1, len(pairs) // 20)][:20]:
             target = classes[b][line]
             members = classes[a] + [c for c in classes[b] if c != target]
-            m = affine_combination([by_code[c][1] for c in members], [1.0] * 7 + [-1.0] * 6)
+            m = combine_models([by_code[c][1] for c in members], [1.0] * 7 + [-1.0] * 6)
             m = build_attack("ftal", epochs=5, seed=a).attack(m, att)
             rep = prod.trace(m)
             ft_rows.append(log.add("13 colluders +-1, then FTAL", prod, rep, [by_code[c][0] for c in members],
@@ -392,7 +375,7 @@ def main() -> None:
                 w, *_ = np.linalg.lstsq(amat, rhs, rcond=None)
                 exact_frames += int(np.abs(amat @ w - rhs).max() < 1e-6)
                 family = "least-norm exact frames (50..55 copies)"
-            m = affine_combination([by_code[int(c)][1] for c in members], w)
+            m = combine_models([by_code[int(c)][1] for c in members], w)
             rep = prod.trace(m)
             framed = {by_code[target][0]} if kind == 2 else set()
             log.add(family, prod, rep, [by_code[int(c)][0] for c in members], framed)
@@ -461,11 +444,11 @@ def main() -> None:
             target = cls11[b][line]
             others = [c for c in cls11[b] if c != target]
             members = cls11[a] + others
-            m = affine_combination([by11[c][1] for c in members], [1.0] * 11 + [-1.0] * 10)
+            m = combine_models([by11[c][1] for c in members], [1.0] * 11 + [-1.0] * 10)
             log11.add("AG(2,11): 21 colluders +-1", prod11, prod11.trace(m), [by11[c][0] for c in members],
                       {by11[target][0]})
             members = cls11[a] + [target]
-            m = affine_combination([by11[c][1] for c in members], [0.1] * 11 + [-0.1])
+            m = combine_models([by11[c][1] for c in members], [0.1] * 11 + [-0.1])
             log11.add("AG(2,11): 12 colluders +-1/10", prod11, prod11.trace(m), [by11[c][0] for c in members],
                       {by11[c][0] for c in others})
         test11 = np.array([accuracy(m, data.test) for _n, m in by11.values()])

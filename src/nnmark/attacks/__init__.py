@@ -9,10 +9,10 @@ can build it::
 """
 
 from nnmark.attacks.base import Attack, AttackError, build_attack
-from nnmark.attacks.collusion import Average, average_models
+from nnmark.attacks.collusion import Average, average_models, combine_models
 from nnmark.attacks.finetune import FineTune
 from nnmark.attacks.obfuscate import Permute, PermuteRescale, Rescale
 from nnmark.attacks.prune import Prune, prune_by_magnitude
 
 __all__ = ["Attack", "AttackError", "Average", "FineTune", "Permute", "PermuteRescale", "Prune", "Rescale",
-           "average_models", "build_attack", "prune_by_magnitude"]
+           "average_models", "build_attack", "combine_models", "prune_by_magnitude"]

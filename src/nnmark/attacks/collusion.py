@@ -20,6 +20,37 @@ from nnmark.data.dataset import ImageDataset
 from nnmark.params import Param, Params
 
 
+def combine_models(models: Sequence[nn.Module], weights: Sequence[float]) -> nn.Module:
+    """A new model whose floating-point tensors are ``sum_i weights[i] * models[i]`` (float64 accumulation).
+
+    The weights may be of any sign (an affine combination when they sum to 1: the framing thief's tool,
+    see :mod:`nnmark.fingerprint.own`); integer buffers are taken from the first model. Raises ``ValueError``
+    for an empty list, a weight count that differs from the model count, or models whose tensors differ in
+    names or shapes."""
+    models = list(models)
+    if not models:
+        raise ValueError("combining needs at least one model")
+    if len(weights) != len(models):
+        raise ValueError(f"{len(weights)} weights for {len(models)} models")
+    states = [m.state_dict() for m in models]
+    ref = states[0]
+    for i, s in enumerate(states[1:], start=1):
+        if s.keys() != ref.keys() or any(s[k].shape != ref[k].shape for k in ref):
+            raise ValueError(f"model {i} has another architecture than model 0; only copies of one model combine")
+    out = {}
+    for k, v in ref.items():
+        if v.is_floating_point():
+            acc = torch.zeros_like(v, dtype=torch.float64)
+            for wi, s in zip(weights, states, strict=True):
+                acc += float(wi) * s[k].double()
+            out[k] = acc.to(v.dtype)
+        else:
+            out[k] = v.clone()
+    combined = copy.deepcopy(models[0])
+    combined.load_state_dict(out)
+    return combined.eval()
+
+
 def average_models(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
     """A new model whose floating-point tensors are the (weighted) mean of ``models``' (same architecture).
 
@@ -36,23 +67,7 @@ def average_models(models: Sequence[nn.Module], weights: Sequence[float] | None 
             raise ValueError("weights must be non-negative, one per model, not all zero")
         total = float(sum(weights))
         w = [float(x) / total for x in weights]
-    states = [m.state_dict() for m in models]
-    ref = states[0]
-    for i, s in enumerate(states[1:], start=1):
-        if s.keys() != ref.keys() or any(s[k].shape != ref[k].shape for k in ref):
-            raise ValueError(f"model {i} has another architecture than model 0; only copies of one model average")
-    out = {}
-    for k, v in ref.items():
-        if v.is_floating_point():
-            acc = torch.zeros_like(v, dtype=torch.float64)
-            for wi, s in zip(w, states, strict=True):
-                acc += wi * s[k].double()
-            out[k] = acc.to(v.dtype)
-        else:
-            out[k] = v.clone()
-    avg = copy.deepcopy(models[0])
-    avg.load_state_dict(out)
-    return avg.eval()
+    return combine_models(models, w)
 
 
 class Average(Attack):
