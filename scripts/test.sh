@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
+bash scripts/system-deps.sh
 .venv/bin/ruff check src tests benchmarks experiments
 exec .venv/bin/python -m pytest -q "$@"
