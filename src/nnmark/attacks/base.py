@@ -18,6 +18,10 @@ Each attack class declares
 - ``budget``: the name of the declared parameter that bounds the attacker's effort
   (its doc states the unit: optimisation steps, epochs, queries), or ``None``.
 
+After :meth:`Attack.attack` the attack's ``cost`` holds what it spent: ``seconds`` (wall clock),
+``samples`` (attacker data given), ``queries`` (predictions asked of the suspect: distillation,
+extraction) and any attack-specific figures a subclass adds in :meth:`Attack.run`.
+
 Attacks are found by name in the component registry (:mod:`nnmark.components`), where
 one class may be registered under several names with fixed parameters (``ftal`` is
 :class:`~nnmark.attacks.finetune.FineTune` with ``mode=FTAL``); third-party attacks
@@ -26,6 +30,7 @@ come in through the ``nnmark.attacks`` entry point group.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -51,6 +56,7 @@ class Attack(ABC):
     models: ClassVar[tuple[int, int | None]] = (1, 1)
     needs_data: ClassVar[bool] = False
     budget: ClassVar[str | None] = None
+    cost: dict[str, Any]
 
     def __init__(self, *args: Any, **params: Any) -> None:
         names = self.PARAMS.names()
@@ -65,6 +71,7 @@ class Attack(ABC):
         resolved = self.PARAMS.resolve(self.prepare(given), owner=f"attack {self.name!r}")
         for k, v in resolved.items():
             setattr(self, k, v)
+        self.cost = {}  # filled by attack()
 
     def prepare(self, given: dict[str, Any]) -> dict[str, Any]:
         """Normalise given parameters before they are typed (default: unchanged)."""
@@ -79,7 +86,11 @@ class Attack(ABC):
             raise AttackError(f"attack {self.name!r} takes {want} model(s), got {len(models)}")
         if self.needs_data and (data is None or len(data) == 0):
             raise AttackError(f"attack {self.name!r} needs attacker data")
-        return self.run(models, data)
+        self.cost = {"seconds": 0.0, "samples": 0 if data is None else len(data), "queries": 0}
+        start = time.perf_counter()
+        out = self.run(models, data)
+        self.cost["seconds"] = time.perf_counter() - start
+        return out
 
     @abstractmethod
     def run(self, models: list[nn.Module], data: ImageDataset | None) -> nn.Module:
