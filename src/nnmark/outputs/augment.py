@@ -1,0 +1,175 @@
+"""Image distortions a mark must survive: for robustness training and for attack evaluation.
+
+Every function takes and returns ``(N, C, H, W)`` float images in [0, 1] (C = 1 or 3) and keeps
+the shape. Randomness comes only from the ``gen`` argument (a seeded ``torch.Generator``).
+
+- :func:`crop_keep` -- keep one random square holding ``frac`` of the area, zero the rest
+  (HiDDeN's "crop");
+- :func:`gaussian_noise` -- additive N(0, sigma**2), clamped;
+- :func:`jpeg_differentiable` -- JPEG simulated in torch: BT.601 YCbCr, 4:2:0 chroma
+  subsampling (2x2 average, nearest upsampling), 8x8 DCT, quantisation by the IJG tables
+  scaled to ``quality`` with straight-through rounding (the gradient of rounding is taken
+  as 1), so it can sit inside a training graph;
+- :func:`jpeg_real` -- the real thing through Pillow (not differentiable; for evaluation);
+- :func:`resize` -- down by ``scale`` (antialiased bilinear) and back up (bilinear);
+- :func:`quantize_uint8` -- rounding to 8 bits, straight-through (what saving a PNG does);
+- :func:`random_augment` -- one random distortion per batch, for robustness training.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# IJG standard quantisation tables (ITU-T T.81 Annex K)
+_Q_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float32)
+_Q_CHROMA = torch.full((8, 8), 99.0)
+_Q_CHROMA[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]],
+                                 dtype=torch.float32)
+
+
+def _dct_matrix() -> torch.Tensor:
+    """Orthonormal 8-point DCT-II matrix ``(8, 8)``."""
+    k = torch.arange(8, dtype=torch.float64).view(8, 1)
+    n = torch.arange(8, dtype=torch.float64).view(1, 8)
+    m = torch.cos(math.pi * (2 * n + 1) * k / 16.0) * math.sqrt(2.0 / 8.0)
+    m[0] /= math.sqrt(2.0)
+    return m.float()
+
+
+_DCT = _dct_matrix()
+
+
+def quant_table(quality: int, chroma: bool = False) -> torch.Tensor:
+    """The IJG quantisation table ``(8, 8)`` for ``quality`` in 1..100."""
+    q = min(100, max(1, int(quality)))
+    scale = 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+    base = _Q_CHROMA if chroma else _Q_LUMA
+    return torch.floor((base * scale + 50.0) / 100.0).clamp(1.0, 255.0)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Round to multiples of 1/255 with a straight-through gradient (clamped to [0, 1])."""
+    return _round_ste(img.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
+def _rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:  # x in 0..255
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128.0
+    return torch.stack([y, cb, cr], 1)
+
+
+def _ycbcr_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    y, cb, cr = x[:, 0], x[:, 1] - 128.0, x[:, 2] - 128.0
+    return torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+
+
+def _dct_quantise(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """JPEG-quantise one channel ``(N, H, W)`` (0..255, H and W multiples of 8) blockwise."""
+    n, h, w = plane.shape
+    d = _DCT.to(plane)
+    blocks = (plane - 128.0).reshape(n, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+    coef = d @ blocks @ d.T
+    t = table.to(plane)
+    coef = _round_ste(coef / t) * t
+    back = d.T @ coef @ d
+    return back.permute(0, 1, 3, 2, 4).reshape(n, h, w) + 128.0
+
+
+def jpeg_differentiable(img: torch.Tensor, quality: int = 50) -> torch.Tensor:
+    """Differentiable JPEG approximation at ``quality`` (see module docs); 1- or 3-channel input."""
+    n, c, h, w = img.shape
+    ph, pw = (-h) % 16, (-w) % 16
+    x = F.pad(img.clamp(0.0, 1.0) * 255.0, (0, pw, 0, ph), mode="replicate")
+    if c == 1:
+        out = _dct_quantise(x[:, 0], quant_table(quality)).unsqueeze(1)
+    else:
+        ycc = _rgb_to_ycbcr(x)
+        y = _dct_quantise(ycc[:, 0], quant_table(quality))
+        chroma = F.avg_pool2d(ycc[:, 1:], 2)
+        q = quant_table(quality, chroma=True)
+        cpad_h, cpad_w = (-chroma.shape[-2]) % 8, (-chroma.shape[-1]) % 8
+        chroma = F.pad(chroma, (0, cpad_w, 0, cpad_h), mode="replicate")
+        cb = _dct_quantise(chroma[:, 0], q)
+        cr = _dct_quantise(chroma[:, 1], q)
+        cc = torch.stack([cb, cr], 1)[..., :x.shape[-2] // 2, :x.shape[-1] // 2]
+        cc = F.interpolate(cc, scale_factor=2, mode="nearest")
+        out = _ycbcr_to_rgb(torch.cat([y.unsqueeze(1), cc], 1))
+    return (out[..., :h, :w] / 255.0).clamp(0.0, 1.0)
+
+
+def jpeg_real(img: torch.Tensor, quality: int = 50) -> torch.Tensor:
+    """Encode and decode each image with Pillow's JPEG at ``quality`` (default 4:2:0 subsampling)."""
+    from PIL import Image
+
+    arr = (img.detach().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(arr)
+    for i, a in enumerate(arr):
+        pic = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+        buf = io.BytesIO()
+        pic.save(buf, format="JPEG", quality=int(quality))
+        buf.seek(0)
+        dec = np.asarray(Image.open(buf).convert("L" if a.shape[-1] == 1 else "RGB"))
+        out[i] = dec.reshape(a.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255.0).to(img.device)
+
+
+def crop_keep(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Keep one square with ``frac`` of the image area (side ``round(sqrt(frac) * min(H, W))``) at a
+    random position (the same for the whole batch), zero everything else."""
+    h, w = img.shape[-2:]
+    side = max(1, min(h, w, int(round(math.sqrt(frac) * min(h, w)))))
+    r = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+    c = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+    mask = torch.zeros((1, 1, h, w), dtype=img.dtype, device=img.device)
+    mask[..., r:r + side, c:c + side] = 1.0
+    return img * mask
+
+
+def gaussian_noise(img: torch.Tensor, sigma: float = 0.05, gen: torch.Generator | None = None) -> torch.Tensor:
+    """``img`` + N(0, ``sigma``**2) noise (images in [0, 1]), clamped to [0, 1]."""
+    noise = torch.randn(img.shape, generator=gen, dtype=img.dtype).to(img.device)
+    return (img + sigma * noise).clamp(0.0, 1.0)
+
+
+def resize(img: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """Downscale by ``scale`` (antialiased bilinear) and upscale back to the original size (bilinear)."""
+    h, w = img.shape[-2:]
+    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+    small = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+
+
+def _uniform(gen: torch.Generator | None, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def random_augment(img: torch.Tensor, gen: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
+    """One distortion for the whole batch, drawn uniformly from identity, crop (keep 1/4..1 of the area),
+    noise (sigma up to 0.06), differentiable JPEG (quality 40..90), resize (x0.4..0.9); ``strength`` in
+    (0, 1] scales how hard each may be (1 = the ranges above). Differentiable in ``img``."""
+    s = float(strength)
+    choice = int(torch.randint(0, 5, (1,), generator=gen))
+    if choice == 1:
+        return crop_keep(img, _uniform(gen, 1.0 - 0.75 * s, 1.0), gen)
+    if choice == 2:
+        return gaussian_noise(img, _uniform(gen, 0.0, 0.06 * s), gen)
+    if choice == 3:
+        return jpeg_differentiable(img, int(round(_uniform(gen, 90 - 50 * s, 90))))
+    if choice == 4:
+        return resize(img, _uniform(gen, 1.0 - 0.6 * s, 1.0))
+    return img
