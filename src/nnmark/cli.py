@@ -369,6 +369,9 @@ def schemes(kind: str | None, as_json: bool) -> None:
 from nnmark.cli_fingerprint import fingerprint  # noqa: E402
 
 cli.add_command(fingerprint)
+from nnmark.cli_evaluate import evaluate  # noqa: E402
+
+cli.add_command(evaluate)
 
 
 def main(argv: list[str] | None = None) -> None:

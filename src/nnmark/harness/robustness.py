@@ -1,0 +1,109 @@
+"""Per scheme, the cheapest attack in the grid that removes it: the honest robustness statement.
+
+An attack row (label and budget) *removes* a scheme (with one verify variant) when, at every seed of the grid,
+the cell ran, the verdict on the attacked model is not ``owned`` at the plan's alpha, and the attacked model
+lost at most ``max_loss`` points (default 5) of test accuracy. *Cheapest* orders the removing rows by the
+attacker's resources, lexicographically: attacker samples used (``data_n``; a data-free attack is cheaper
+than any that needs data), then queries, then the mean wall-clock seconds the attack took. A scheme no row
+removes is reported as such -- for this grid only: an attack that is not in the grid is not evidence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from nnmark.harness.config import NO_ATTACK
+
+MAX_LOSS_POINTS = 5.0
+
+
+def variant_label(variant: dict[str, Any]) -> str:
+    """``align=on`` style text for a verify variant (``default`` when empty)."""
+    if not variant:
+        return "default"
+    return ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}" for k, v in sorted(variant.items()))
+
+
+def groups(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
+    """Cells grouped by (scheme, verify variant, attack, budget); each entry the cell's figures for that variant."""
+    out: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        variants = rec.get("verdicts") or [{"verify": {}}]
+        for v in variants:
+            key = (rec["scheme"], variant_label(v.get("verify", {})), rec["attack"], json.dumps(rec.get("budget")))
+            out.setdefault(key, []).append({"record": rec, "verdict": v})
+    return out
+
+
+def group_outcome(entries: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS) -> dict[str, Any]:
+    """What one attack row did to one scheme variant over the seeds: removed or not, and its mean cost."""
+    ok = [e for e in entries if e["record"].get("status") == "ok"]
+    lost = [e["record"]["accuracy_lost_points"] for e in ok]
+    owned = [bool(e["verdict"].get("owned")) for e in ok]
+    ps = [float(e["verdict"]["p_value"]) for e in ok]
+    removed_all = bool(ok) and len(ok) == len(entries) and not any(owned)
+    within = bool(lost) and max(lost) <= max_loss
+    cost = [e["record"].get("cost", {}) for e in ok]
+
+    def mean(vals: list[float]) -> float | None:
+        return sum(vals) / len(vals) if vals else None
+
+    return {"seeds": len(entries), "errors": len(entries) - len(ok), "owned": sum(owned),
+            "removed": removed_all and within, "removed_but_costly": removed_all and not within,
+            "max_p": max(ps) if ps else None, "min_p": min(ps) if ps else None,
+            "mean_lost_points": mean(lost), "max_lost_points": max(lost) if lost else None,
+            "mean_score": mean([e["verdict"].get("score") for e in ok if e["verdict"].get("score") is not None]),
+            "seconds": mean([c.get("seconds", 0.0) for c in cost]), "data_n": max([c.get("data_n", 0) for c in cost],
+                                                                                 default=0),
+            "queries": max([c.get("queries", 0) for c in cost], default=0)}
+
+
+def robustness_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS) -> list[dict[str, Any]]:
+    """One row a (scheme, verify variant): the cheapest removing attack row (or none), with every removing row
+    and the rows that removed the mark only at a larger accuracy loss."""
+    by_variant: dict[tuple[str, str], list[tuple[str, str, dict[str, Any]]]] = {}
+    for (scheme, variant, attack, budget), entries in groups(records).items():
+        if attack == NO_ATTACK:
+            continue
+        by_variant.setdefault((scheme, variant), []).append((attack, budget, group_outcome(entries, max_loss)))
+    rows = []
+    for (scheme, variant), outcomes in sorted(by_variant.items()):
+        removing = sorted((o for o in outcomes if o[2]["removed"]),
+                          key=lambda o: (o[2]["data_n"], o[2]["queries"], o[2]["seconds"] or 0.0))
+        costly = [o for o in outcomes if o[2]["removed_but_costly"]]
+        best = removing[0] if removing else None
+        rows.append({"scheme": scheme, "verify": variant, "attacks_tried": len(outcomes),
+                     "cheapest": None if best is None else attack_name(best[0], best[1]),
+                     "cheapest_outcome": None if best is None else best[2],
+                     "removing": [attack_name(a, b) for a, b, _ in removing],
+                     "removed_only_beyond_loss": [attack_name(a, b) for a, b, _ in costly]})
+    return rows
+
+
+def attack_name(attack: str, budget_json: str) -> str:
+    """``ftal@200`` for a budgeted row, the label alone otherwise."""
+    budget = json.loads(budget_json)
+    return attack if budget is None else f"{attack}@{budget}"
+
+
+def robustness_markdown(rows: list[dict[str, Any]], alpha: float, max_loss: float = MAX_LOSS_POINTS) -> str:
+    """The table as Markdown, with the rule that made it."""
+    lines = [f"| scheme | verify | cheapest removing attack (<= {max_loss:g} points lost) | its cost | "
+             "p after it (max over seeds) | accuracy lost (max) | removing rows | removed only beyond the loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = r["cheapest_outcome"]
+        if o is None:
+            cheapest, cost, p, lost = f"none of {r['attacks_tried']} rows", "", "", ""
+        else:
+            cheapest = r["cheapest"]
+            cost = f"{o['data_n']} samples, {o['queries']} queries, {o['seconds']:.2f} s"
+            p, lost = f"{o['max_p']:.3g}", f"{o['max_lost_points']:.1f}"
+        lines.append(f"| {r['scheme']} | {r['verify']} | {cheapest} | {cost} | {p} | {lost} | "
+                     f"{len(r['removing'])} | {', '.join(r['removed_only_beyond_loss']) or '-'} |")
+    rule = (f"An attack row removes a scheme when at every seed the verdict on the attacked model is not owned at "
+            f"alpha = {alpha:g} and at most {max_loss:g} points of test accuracy were lost. Cheapest: fewest attacker "
+            "samples, then fewest queries, then least wall time. 'none' holds for the attacks in this grid only.")
+    return "\n".join(lines) + "\n\n" + rule + "\n"

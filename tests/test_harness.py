@@ -1,0 +1,203 @@
+"""The evaluation harness: config validation before training, a grid killed with SIGKILL and resumed, the
+artifact store, the results log, the false-alarm interval, and the HTML report as headless Chromium shows it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+
+from nnmark.harness.cache import ArtifactStore
+from nnmark.harness.config import ConfigError, load_plan, plan_from_mapping
+from nnmark.harness.falsealarm import clopper_pearson, false_alarm_rate
+from nnmark.harness.grid import ResultsLog, cells
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# one scheme x two attacks x one seed on digits; the FTAL cell takes ~1-2 s so that a kill lands inside it
+TINY = {
+    "name": "tiny", "dataset": "digits", "host": {"arch": "cnn", "epochs": 2}, "alpha": 1e-3, "seeds": [0],
+    "schemes": [{"name": "uchida", "params": {"bits": 32}, "verify": [{"align": True}, {"align": False}]}],
+    "attacks": ["permute", {"name": "ftal", "params": {"epochs": 30}}],
+    "false_alarm": {"clean_seeds": 1, "architectures": ["cnn"], "other_keys": 1, "epochs": 1},
+}
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"schemes": ["no-such-mark"]}, "unknown scheme 'no-such-mark'; known:"),
+    ({"attacks": ["no-such-attack"]}, "unknown attack 'no-such-attack'; known:"),
+    ({"attacks": [{"name": "ftal", "params": {"epoch": 3}}]}, "unknown attack 'ftal' parameter(s) epoch; valid:"),
+    ({"schemes": [{"name": "uchida", "params": {"bitz": 3}}]}, "unknown scheme 'uchida' parameter(s) bitz"),
+    ({"schemes": [{"name": "uchida", "verify": {"align": "maybe"}}]}, "parameter 'align' must be a bool"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; known:"),
+    ({"host": {"arch": "resnet9000"}}, "unknown architecture 'resnet9000'; known: cnn"),
+    ({"host": {"arch": "no_such_module:f"}}, "cannot be imported"),
+    ({"attacks": [{"name": "permute", "budgets": [1, 2]}]}, "declares a budget parameter"),
+    ({"attacks": ["average"]}, "combines several models"),
+    ({"colour": "red"}, "unknown key(s) colour"),
+])
+def test_config_rejected_before_training(tmp_path, change, expect):
+    """A bad config is refused with the known names, and nothing is written (no artifact, no results)."""
+    cfg = _write(tmp_path / "bad.yaml", {**TINY, **change})
+    out = tmp_path / "out"
+    res = run_cli("evaluate", cfg, "--out", out, "--no-progress")
+    assert res.returncode == 2, res.stderr
+    assert expect in res.stderr
+    assert not out.exists()
+
+
+def test_config_plan_counts_cells_and_budgets():
+    plan = plan_from_mapping({**TINY, "seeds": [0, 1],
+                              "attacks": ["none", {"name": "ftal", "budgets": [5, 50]},
+                                          {"label": "p+f", "chain": ["permute", "ftal"], "budgets": ["7"]}]})
+    grid = cells(plan)
+    assert len(grid) == 2 * (1 + 2 + 1)
+    assert [c.budget for c in grid[:4]] == [None, 5, 50, 7]  # "7" typed by the budget parameter's declaration
+    assert grid[3].steps()[1]["params"]["max_batches"] == 7 and "max_batches" not in grid[3].steps()[0]["params"]
+    assert len({c.ident(plan) for c in grid}) == len(grid)
+    with pytest.raises(ConfigError, match="share a label"):
+        plan_from_mapping({**TINY, "attacks": ["ftal", "ftal"]})
+
+
+def test_artifact_store_builds_once_and_writes_atomically(tmp_path):
+    store = ArtifactStore(tmp_path)
+    recipe = {"kind": "test", "seed": 3}
+    calls = []
+
+    def build():
+        calls.append(1)
+        return torch.nn.Linear(3, 2), {"note": "built"}
+
+    assert store.build_once(recipe, build) is False
+    assert store.build_once(recipe, build) is True
+    assert store.build_once(dict(reversed(list(recipe.items()))), build) is True  # canonical: key order is irrelevant
+    assert calls == [1] and (store.hits, store.builds) == (2, 1)
+    assert set(store.state(recipe)) == {"weight", "bias"} and store.info(recipe) == {"note": "built"}
+    assert not list(tmp_path.rglob(".nnmark-*"))  # no temp file left behind
+    assert not store.has({"kind": "test", "seed": 4})
+
+
+def test_results_log_ignores_and_cuts_a_torn_line(tmp_path):
+    log = ResultsLog(tmp_path / "r.jsonl")
+    log.append({"cell": "a"})
+    with open(log.path, "a") as fh:
+        fh.write('{"cell": "b", "half')  # what a writer killed mid-line leaves
+    assert log.finished() == {"a"}
+    log.append({"cell": "c"})
+    assert [json.loads(x)["cell"] for x in log.path.read_text().splitlines()] == ["a", "c"]
+
+
+def test_false_alarm_rate_interval():
+    lo, hi = clopper_pearson(0, 30)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 30), rel=1e-6)
+    recs = [{"scheme": "s", "alpha": 1e-3, "suspect": {"kind": "clean", "arch": "cnn"},
+             "verdicts": [{"verify": {}, "p_value": p, "owned": p < 1e-3}]} for p in (0.5, 0.2, 1e-4)]
+    recs.append({"scheme": "s", "alpha": 1e-3, "suspect": {"kind": "clean", "arch": "x"},
+                 "verdicts": [{"verify": {}, "refused": "SchemeError: no conv4"}]})
+    (g,) = false_alarm_rate(recs)
+    assert (g["checks"], g["verdicts"], g["refused"], g["false_alarms"]) == (4, 3, 1, 1)
+    assert g["rate"] == pytest.approx(1 / 3) and g["ci_low"] > 0 and g["min_p"] == 1e-4
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Run the tiny grid as a real ``nnmark evaluate`` process, SIGKILL it once the first cell is recorded, then
+    rerun it: (folder, records after the kill, the killed process's pid)."""
+    root = tmp_path_factory.mktemp("grid")
+    cfg = _write(root / "tiny.yaml", TINY)
+    out = root / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nnmark.cli", "evaluate", str(cfg), "--out", str(out),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = ResultsLog(out / "results.jsonl")
+    deadline = time.monotonic() + 600
+    while not log.records() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = log.records()
+    assert proc.returncode == -signal.SIGKILL
+    res = run_cli("evaluate", cfg, "--out", out, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    return out, before, proc.pid
+
+
+def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
+    out, before, killed_pid = killed_and_resumed
+    assert len(before) == 1 and before[0]["attack"] == "permute" and before[0]["pid"] == killed_pid
+    after = ResultsLog(out / "results.jsonl").records()
+    assert [r["attack"] for r in after] == ["permute", "ftal"]  # each cell recorded once
+    assert after[0] == before[0]  # the finished cell was not run again
+    assert after[1]["pid"] == os.getpid() and after[1]["status"] == "ok"
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 1  # the killed run never finished
+    assert (runs[0]["skipped"], runs[0]["ran"], runs[0]["hosts_built"]) == (1, 1, 0)  # the marked host: cached
+    assert runs[0]["hosts_cached"] >= 1
+    # an unattacked-equivalent obfuscation keeps accuracy; the verdict with alignment off is recorded too
+    perm = after[0]
+    assert abs(perm["accuracy_lost_points"]) < 1e-9 and [v["verify"] for v in perm["verdicts"]] == [
+        {"align": True}, {"align": False}]
+    assert perm["verdicts"][0]["owned"] and perm["verdicts"][0]["alpha"] == 1e-3
+    assert perm["cost"]["data_n"] == 0 and after[1]["cost"]["data_n"] > 0
+    fa = [json.loads(x) for x in (out / "false_alarm.jsonl").read_text().splitlines()]
+    assert len(fa) == 2 and not any(v.get("owned") for r in fa for v in r["verdicts"])
+    # a third run has nothing left to do
+    res = run_cli("evaluate", out.parent / "tiny.yaml", "--out", out, "--no-progress")
+    assert "0 run" in res.stdout and "0 trained" in res.stdout and "false-alarm checks run: 0" in res.stdout
+    assert len(ResultsLog(out / "results.jsonl").records()) == 2
+
+
+def test_reports_written(killed_and_resumed):
+    out, _, _ = killed_and_resumed
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("scheme,verify,attack,budget,seed,status") and len(rows) == 1 + 2 * 2
+    summary = (out / "summary.md").read_text()
+    assert "| uchida | align=on |" in summary and "Clopper-Pearson" in summary
+    assert {p.name for p in (out / "plots").iterdir()} == {"p_vs_accuracy_lost.png", "p_vs_cost.png",
+                                                           "score_vs_accuracy_lost.png"}
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp}", *args], capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/system-deps.sh installs it)")
+def test_html_report_as_chromium_renders_it(killed_and_resumed, tmp_path):
+    out, _, _ = killed_and_resumed
+    url = (out / "report.html").resolve().as_uri()
+    res = _chromium("--virtual-time-budget=5000", "--dump-dom", url, tmp=tmp_path / "profile")
+    dom = res.stdout
+    assert "nnmark evaluation: tiny" in dom and 'id="main-table"' in dom
+    main = dom.split('id="main-table"')[1].split("</table>")[0]
+    assert "<td>uchida</td><td>align=on</td>" in main.replace("\n", "")
+    assert main.count(">kept<") + main.count(">removed<") >= 2  # a verdict string in every attack column
+    images = dom.count("<img")
+    assert images == 3 and dom.count('data-loaded="yes"') == images, "a plot did not load in the browser"
+    fa = dom.split('id="false-alarm-table"')[1].split("</table>")[0]
+    assert "0.001" in fa and "[0, " in fa
+
+
+def test_plan_of_the_checked_in_grid_is_valid():
+    plan = load_plan(Path(__file__).parents[1] / "experiments" / "harness" / "digits_full.yaml")
+    assert {s.name for s in plan.schemes} >= {"uchida", "projection", "wang-manu", "wang-auto", "trigger"}
+    n_clean = len(plan.false_alarm["clean_seeds"]) * len(plan.false_alarm["architectures"])
+    assert n_clean >= 20 and any(":" in a for a in plan.false_alarm["architectures"])
+    assert math.isclose(plan.alpha, 1e-3)
