@@ -1,0 +1,107 @@
+"""Accuracy-privacy trade-off of partitioned training (SecureMark-DL Tables I-II, NoPeek and noise baselines).
+
+Each named run trains with :func:`nnmark.split.protocol.simulate` (every party in one process; the same
+computation as separate processes) and is attacked with :func:`nnmark.split.evaluation.privacy_report`.
+Results are appended, one JSON object per run, to ``experiments/results/split/<suite>.jsonl``; runs already
+there are skipped (rerun-safe). Usage::
+
+    python experiments/split/tradeoff.py mlp            # MLP 784-900x4-10 cut after fc2, 4 owners
+    python experiments/split/tradeoff.py cnn            # CNN cut at pool1 / pool2
+    python experiments/split/tradeoff.py mlp --only none,multi-l10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nnmark.keys import Key
+from nnmark.split.attackers import AttackConfig
+from nnmark.split.evaluation import privacy_report
+from nnmark.split.protocol import SplitConfig, simulate
+
+OUT = Path(__file__).resolve().parents[1] / "results" / "split"
+MLP = {"arch": "mlp", "arch_overrides": {"hidden": [900, 900, 900, 900], "dropout": 0.15}, "at": "fc2",
+       "owners": 4, "epochs": 10}
+ALL8 = ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8"]
+FOUR = ["a1", "a3", "a4", "a8"]
+
+
+def mlp_runs() -> dict[str, tuple[dict, list[str]]]:
+    adv = {**MLP, "defense": "adversarial"}
+    runs = {"none": (MLP, ALL8),
+            "single-l1": ({**adv, "defenders": "single", "strength": 1.0}, ALL8),
+            "single-l10": ({**adv, "defenders": "single", "strength": 10.0}, FOUR),
+            "multi-l1": ({**adv, "strength": 1.0}, FOUR),
+            "multi-l3": ({**adv, "strength": 3.0}, FOUR),
+            "multi-l10": ({**adv, "strength": 10.0}, ALL8),
+            "multi-l30": ({**adv, "strength": 30.0}, FOUR),
+            "multi-l30-ramp": ({**adv, "strength": 30.0, "ramp_rounds": 115}, FOUR),
+            "multi-l30-warm": ({**adv, "strength": 30.0, "warm_rounds": 69}, FOUR),
+            "multi-l30-clip": ({**adv, "strength": 30.0, "clip": 1.0}, FOUR),
+            "multi-l30-dsteps3": ({**adv, "strength": 30.0, "defender_steps": 3}, FOUR),
+            "multi-l100-clip": ({**adv, "strength": 100.0, "clip": 1.0}, FOUR),
+            "multi-l10-clip-dsteps3": ({**adv, "strength": 10.0, "clip": 1.0, "defender_steps": 3}, FOUR),
+            "all-l10-clip": ({**adv, "defenders": "all", "strength": 10.0, "clip": 1.0}, FOUR),
+            "artificial": ({**MLP, "defense": "artificial"}, FOUR),
+            "nopeek-l0.5": ({**MLP, "defense": "nopeek", "strength": 0.5}, FOUR),
+            "nopeek-l2": ({**MLP, "defense": "nopeek", "strength": 2.0}, FOUR),
+            "gaussian-0.5": ({**MLP, "defense": "gaussian", "strength": 0.5}, FOUR),
+            "gaussian-2": ({**MLP, "defense": "gaussian", "strength": 2.0}, FOUR),
+            "laplace-1": ({**MLP, "defense": "laplace", "strength": 1.0}, FOUR)}
+    return runs
+
+
+def cnn_runs() -> dict[str, tuple[dict, list[str]]]:
+    base = {"arch": "cnn", "arch_overrides": {"channels": [16, 16, 32, 32], "dense": [128, 128], "dropout": 0.3},
+            "owners": 4, "epochs": 6}
+    runs = {}
+    for at in ("pool1", "pool2"):
+        b = {**base, "at": at}
+        runs[f"{at}-none"] = (b, ["m1", "m2", "m3", "m5"])
+        runs[f"{at}-multi-l10-clip"] = ({**b, "defense": "adversarial", "strength": 10.0, "clip": 1.0},
+                                        ["m1", "m2", "m3", "m5"])
+        runs[f"{at}-nopeek-l2"] = ({**b, "defense": "nopeek", "strength": 2.0}, ["m1", "m2", "m3", "m5"])
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("suite", choices=["mlp", "cnn"])
+    ap.add_argument("--only", default="")
+    ap.add_argument("--attack-epochs", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.suite}.jsonl"
+    done = set()
+    if path.exists():
+        done = {json.loads(line)["name"] for line in path.read_text().splitlines() if line.strip()}
+    runs = mlp_runs() if args.suite == "mlp" else cnn_runs()
+    only = [s for s in args.only.split(",") if s]
+    for name, (overrides, attackers) in runs.items():
+        if name in done or (only and name not in only):
+            continue
+        cfg = SplitConfig.from_dict(overrides)
+        t0 = time.perf_counter()
+        res = simulate(cfg, Key.from_seed(f"split-experiment/{name}"))
+        t1 = time.perf_counter()
+        rep = privacy_report(res.model, cfg, attackers, attack=AttackConfig(epochs=args.attack_epochs),
+                             unsplit=name.endswith("none") or name == "multi-l10")
+        row = {"name": name, "config": cfg.to_dict(), "accuracy": res.accuracy, "rounds": res.rounds,
+               "train_seconds": round(t1 - t0, 1), "attack_seconds": round(time.perf_counter() - t1, 1),
+               "reports": res.reports, **rep}
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        b = rep.get("best", {})
+        print(f"{name}: acc {res.accuracy:.3f} best {b.get('attacker')} ssim {b.get('ssim', float('nan')):.3f} "
+              f"(floor {rep['floor']['ssim']:.3f}) mse {b.get('mse', float('nan')):.4f} "
+              f"[{t1 - t0:.0f}+{time.perf_counter() - t1:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
