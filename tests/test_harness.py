@@ -106,12 +106,14 @@ def test_results_log_ignores_and_cuts_a_torn_line(tmp_path):
 def test_false_alarm_rate_interval():
     lo, hi = clopper_pearson(0, 30)
     assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 30), rel=1e-6)
-    recs = [{"scheme": "s", "alpha": 1e-3, "suspect": {"kind": "clean", "arch": "cnn"},
-             "verdicts": [{"verify": {}, "p_value": p, "owned": p < 1e-3}]} for p in (0.5, 0.2, 1e-4)]
+    recs = [{"scheme": "s", "alpha": 1e-3, "suspect": {"kind": "clean", "arch": "cnn", "seed": i},
+             "verdicts": [{"verify": {}, "p_value": p, "owned": p < 1e-3}]} for i, p in enumerate((0.5, 0.2, 1e-4))]
+    # a second owner key claiming the same model is one false alarm, not two
+    recs.append({**recs[2], "owner_seed": 1})
     recs.append({"scheme": "s", "alpha": 1e-3, "suspect": {"kind": "clean", "arch": "x"},
                  "verdicts": [{"verify": {}, "refused": "SchemeError: no conv4"}]})
     (g,) = false_alarm_rate(recs)
-    assert (g["checks"], g["verdicts"], g["refused"], g["false_alarms"]) == (4, 3, 1, 1)
+    assert (g["checks"], g["verdicts"], g["refused"], g["models"], g["false_alarms"]) == (5, 4, 1, 3, 1)
     assert g["rate"] == pytest.approx(1 / 3) and g["ci_low"] > 0 and g["min_p"] == 1e-4
 
 
@@ -201,3 +203,29 @@ def test_plan_of_the_checked_in_grid_is_valid():
     n_clean = len(plan.false_alarm["clean_seeds"]) * len(plan.false_alarm["architectures"])
     assert n_clean >= 20 and any(":" in a for a in plan.false_alarm["architectures"])
     assert math.isclose(plan.alpha, 1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fan_out", ["processes", "ray"])
+def test_cells_fan_out_over_processes_and_ray(tmp_path, fan_out):
+    """The same tiny grid through spawned worker processes and through a local Ray cluster: every cell is
+    recorded once, by a worker (not this process), with the same verdicts as in this process."""
+    base = {**TINY, "false_alarm": None, "attacks": ["none", "permute", {"name": "ftal", "params": {"epochs": 2}}]}
+    cfg = {**base, "ray": {"address": "local", "num_cpus": 2}} if fan_out == "ray" else base
+    res = run_cli("evaluate", _write(tmp_path / "c.yaml", cfg), "--out", tmp_path / "out", "--workers", "2",
+                  "--no-progress")
+    if fan_out == "ray":
+        import ray
+
+        ray.shutdown()
+    assert res.returncode == 0, res.stderr
+    assert f"({fan_out})" in res.stdout
+    recs = ResultsLog(tmp_path / "out" / "results.jsonl").records()
+    assert sorted(r["attack"] for r in recs) == ["ftal", "none", "permute"]
+    assert all(r["status"] == "ok" and r["pid"] != os.getpid() for r in recs)
+    ref = run_cli("evaluate", _write(tmp_path / "r.yaml", base), "--out", tmp_path / "ref", "--no-progress")
+    assert ref.returncode == 0 and "(in-process)" in ref.stdout
+    mine = {r["attack"]: [v["p_value"] for v in r["verdicts"]] for r in recs}
+    inproc = {r["attack"]: [v["p_value"] for v in r["verdicts"]]
+              for r in ResultsLog(tmp_path / "ref" / "results.jsonl").records()}
+    assert mine == inproc

@@ -19,6 +19,7 @@ scheme, attack, dataset, architecture or parameter is a :class:`ConfigError` tha
       - none                          # the unattacked marked model (the baseline row)
       - {name: ftal, params: {epochs: 5}, budgets: [1, 5]}   # budgets: values of the attack's budget parameter
       - {label: permute+ftal, chain: [permute, {name: ftal, params: {epochs: 5}}]}
+      - {name: input-jpeg, applies_to: [black-box]}   # run only against black-box schemes
     false_alarm: {clean_seeds: 10, architectures: [cnn, lenet5, "my_models:tiny"], other_keys: 2}
     workers: 2                        # processes on this machine (the --workers option overrides it)
     ray: {address: auto}              # optional: fan the cells out over a Ray cluster instead
@@ -48,6 +49,7 @@ HOST_KEYS = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", 
 FALSE_ALARM_KEYS = ("clean_seeds", "architectures", "other_keys", "epochs")
 MAX_CELLS = 100_000
 NO_ATTACK = "none"
+ACCESS_KINDS = ("black-box", "white-box")
 
 
 class ConfigError(NNMarkError):
@@ -78,13 +80,16 @@ class AttackStep:
 @dataclass(frozen=True)
 class AttackEntry:
     """An attack row of the grid: a ``label``, its ``steps`` (empty: no attack) and the ``budgets`` to sweep
-    (values of ``budget_param`` of step ``budget_step``; ``[None]``: the step's own parameters)."""
+    (values of ``budget_param`` of step ``budget_step``; ``[None]``: the step's own parameters). ``applies_to``:
+    the scheme access kinds it is run against (``None``: all; an input-side attack on the thief's API inputs
+    leaves the weights a white-box verifier reads unchanged, so it applies to ``black-box`` schemes only)."""
 
     label: str
     steps: tuple[AttackStep, ...]
     budgets: tuple[Any, ...] = (None,)
     budget_step: int | None = None
     budget_param: str | None = None
+    applies_to: tuple[str, ...] | None = None
 
     def steps_for(self, budget: Any) -> list[dict[str, Any]]:
         """The chain's steps as plain dicts, with ``budget`` written into the budgeted step."""
@@ -130,7 +135,8 @@ class Plan:
             "schemes": [{"label": s.label, "name": s.name, "params": s.params, "variants": list(s.variants),
                          "access": s.access} for s in self.schemes],
             "attacks": [{"label": a.label, "steps": [s.to_dict() for s in a.steps], "budgets": list(a.budgets),
-                         "budget_step": a.budget_step, "budget_param": a.budget_param} for a in self.attacks],
+                         "budget_step": a.budget_step, "budget_param": a.budget_param,
+                         "applies_to": list(a.applies_to) if a.applies_to else None} for a in self.attacks],
             "false_alarm": self.false_alarm, "workers": self.workers, "ray": self.ray,
             "references": self.references, "out": self.out, "paths": self.paths,
         }
@@ -140,7 +146,8 @@ class Plan:
         schemes = [SchemeEntry(s["label"], s["name"], dict(s["params"]), tuple(s["variants"]), s["access"])
                    for s in d["schemes"]]
         attacks = [AttackEntry(a["label"], tuple(AttackStep(s["name"], dict(s["params"])) for s in a["steps"]),
-                               tuple(a["budgets"]), a["budget_step"], a["budget_param"]) for a in d["attacks"]]
+                               tuple(a["budgets"]), a["budget_step"], a["budget_param"],
+                               tuple(a["applies_to"]) if a.get("applies_to") else None) for a in d["attacks"]]
         return cls(d["name"], dict(d["dataset"]), dict(d["host"]), float(d["alpha"]), list(d["seeds"]), schemes,
                    attacks, d.get("false_alarm"), int(d.get("workers", 1)), d.get("ray"),
                    list(d.get("references", [])), d.get("out"), list(d.get("paths", [])))
@@ -279,19 +286,24 @@ def _attack(entry: Any, i: int) -> AttackEntry:
     if entry == NO_ATTACK or (isinstance(entry, Mapping) and entry.get("name") == NO_ATTACK):
         return AttackEntry(NO_ATTACK, ())
     if isinstance(entry, Mapping) and "chain" in entry:
-        _unknown(where, entry, ("chain", "label", "budgets"))
+        _unknown(where, entry, ("chain", "label", "budgets", "applies_to"))
         chain = entry["chain"]
         if not isinstance(chain, list) or not chain:
             raise ConfigError(f"{where}: 'chain' must be a non-empty list of attacks")
         raw_steps = chain
         budgets_raw = entry.get("budgets")
         label = entry.get("label")
+        applies = entry.get("applies_to")
     else:
         name, params, rest = _named(entry, where)
-        _unknown(f"attack {name!r}", rest, ("label", "budgets"))
+        _unknown(f"attack {name!r}", rest, ("label", "budgets", "applies_to"))
         raw_steps = [{"name": name, "params": params}]
         budgets_raw = rest.get("budgets")
         label = rest.get("label")
+        applies = rest.get("applies_to")
+    if applies is not None and (not isinstance(applies, list) or not applies
+                                or set(applies) - set(ACCESS_KINDS)):
+        raise ConfigError(f"{where}: applies_to must be a non-empty list of {', '.join(ACCESS_KINDS)}")
     steps = []
     budget_step = budget_param = None
     for j, raw in enumerate(raw_steps):
@@ -323,7 +335,7 @@ def _attack(entry: Any, i: int) -> AttackEntry:
             raise ConfigError(f"{where}: budget {budget_param!r}: {exc}") from None
     label = str(label or "+".join(s.name for s in steps))
     return AttackEntry(label, tuple(steps), budgets, budget_step if budgets != (None,) else None,
-                       budget_param if budgets != (None,) else None)
+                       budget_param if budgets != (None,) else None, tuple(applies) if applies else None)
 
 
 def _false_alarm(raw: Any, paths: list[str], host: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,7 +7,8 @@ schemes. Verifiers: the owner key of every grid seed, with every verify variant.
 ``owned`` on such a suspect; a verifier that refuses the suspect (e.g. a white-box key on an architecture
 without its carrier layer: a :class:`~nnmark.errors.NNMarkError`) issues no verdict and is counted apart.
 
-The figure (:func:`false_alarm_rate`): the empirical false-positive rate k/n over the verdicts issued, with
+The figure (:func:`false_alarm_rate`): the empirical false-positive rate k/n over the n distinct suspect models
+that got a verdict (k: those claimed by any owner key), with
 its exact two-sided Clopper-Pearson interval (95% by default), beside the nominal alpha. With k = 0 the
 interval's upper end is 1 - (0.025)^(1/n) (n = 30: 0.116) -- what n models can show, not alpha itself; the
 verdicts' own alpha is a per-test guarantee of the schemes' exact nulls.
@@ -123,32 +124,38 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 
 
 def false_alarm_rate(records: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Per scheme and verify variant: suspects and verdicts issued, refusals, false alarms k, the empirical
-    rate k/n with its Clopper-Pearson interval, the nominal alpha, the smallest p-value seen, and the
-    suspects by kind."""
+    """Per scheme and verify variant: checks and verdicts issued, refusals, and -- over the distinct suspect
+    models that got at least one verdict (``models``) -- the false alarms ``k`` (models claimed by any owner
+    key), the empirical rate k/models with its Clopper-Pearson interval, the nominal alpha, the smallest p-value
+    seen, and the suspects by kind. Counting models, not (key, model) pairs, keeps the interval honest when
+    several owner keys test the same models."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for rec in records:
+        suspect = json.dumps(rec["suspect"], sort_keys=True)
         for row in rec.get("verdicts", []):
             key = (rec["scheme"], json.dumps(row.get("verify", {}), sort_keys=True))
             g = groups.setdefault(key, {"scheme": rec["scheme"], "verify": row.get("verify", {}), "checks": 0,
-                                        "verdicts": 0, "refused": 0, "false_alarms": 0, "alpha": rec["alpha"],
-                                        "min_p": 1.0, "kinds": {}, "architectures": set(), "accused": []})
+                                        "verdicts": 0, "refused": 0, "alpha": rec["alpha"], "min_p": 1.0,
+                                        "kinds": {}, "architectures": set(), "accused": [], "_models": {}})
             g["checks"] += 1
-            kind = rec["suspect"]["kind"]
-            g["kinds"][kind] = g["kinds"].get(kind, 0) + 1
-            g["architectures"].add(rec["suspect"]["arch"])
             if "refused" in row:
                 g["refused"] += 1
                 continue
+            if suspect not in g["_models"]:
+                kind = rec["suspect"]["kind"]
+                g["kinds"][kind] = g["kinds"].get(kind, 0) + 1
+                g["architectures"].add(rec["suspect"]["arch"])
             g["verdicts"] += 1
             g["min_p"] = min(g["min_p"], row["p_value"])
+            g["_models"][suspect] = g["_models"].get(suspect, False) or bool(row["owned"])
             if row["owned"]:
-                g["false_alarms"] += 1
-                g["accused"].append(rec["suspect"])
+                g["accused"].append({**rec["suspect"], "owner_seed": rec.get("owner_seed"), "p": row["p_value"]})
     out = []
     for g in groups.values():
-        lo, hi = clopper_pearson(g["false_alarms"], g["verdicts"], confidence)
-        g.update({"rate": g["false_alarms"] / g["verdicts"] if g["verdicts"] else None, "ci_low": lo, "ci_high": hi,
+        models = g.pop("_models")
+        n, k = len(models), sum(models.values())
+        lo, hi = clopper_pearson(k, n, confidence)
+        g.update({"models": n, "false_alarms": k, "rate": k / n if n else None, "ci_low": lo, "ci_high": hi,
                   "confidence": confidence, "architectures": sorted(g["architectures"])})
         out.append(g)
     return sorted(out, key=lambda g: (g["scheme"], json.dumps(g["verify"], sort_keys=True)))

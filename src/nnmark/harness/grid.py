@@ -32,6 +32,9 @@ import nnmark
 from nnmark.harness.cache import ArtifactStore
 from nnmark.harness.config import NO_ATTACK, AttackEntry, Plan, SchemeEntry, canonical_json, content_hash
 
+#: in an attack's parameters, ``scheme: same`` means the scheme of the cell (e.g. ``overwrite``)
+SAME_SCHEME = "same"
+
 # -- data and hosts --------------------------------------------------------------------------------------
 
 
@@ -194,11 +197,35 @@ def verdict_row(verdict: Any, variant: dict[str, Any]) -> dict[str, Any]:
             "null_hypothesis": verdict.null_hypothesis}
 
 
-def run_attack_chain(steps: list[dict[str, Any]], model: nn.Module, attacker_data: Any, seed: int
-                     ) -> tuple[nn.Module, dict[str, Any]]:
+def _scheme_assignments(params: dict[str, Any]) -> list[str]:
+    """A scheme's parsed parameters as ``KEY=VALUE`` strings (``None``: left to the scheme's default)."""
+    out = []
+    for k, v in sorted(params.items()):
+        if v is None:
+            continue
+        out.append(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
+    return out
+
+
+def resolve_same_scheme(steps: list[dict[str, Any]], scheme: SchemeEntry) -> list[dict[str, Any]]:
+    """Steps with ``scheme: same`` (an attack that embeds a scheme of its own, e.g. ``overwrite``) set to the
+    cell's scheme and, unless the step gives them, its parameters."""
+    out = []
+    for step in steps:
+        params = dict(step["params"])
+        if params.get("scheme") == SAME_SCHEME:
+            params["scheme"] = scheme.name
+            params.setdefault("scheme_params", _scheme_assignments(scheme.params))
+        out.append({"name": step["name"], "params": params})
+    return out
+
+
+def run_attack_chain(steps: list[dict[str, Any]], model: nn.Module, attacker_data: Any, seed: int,
+                     attacks_out: list[Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Run the chain's attacks in order (step ``j`` seeded ``seed * 100 + j``); returns the attacked model and
-    the cost: ``seconds`` (wall time), ``data_n`` (attacker samples handed to data-using attacks; the same
-    set counted once), ``queries`` (summed from each attack's ``cost`` dict when it reports one)."""
+    the cost: ``seconds`` (wall time), ``data_n`` (attacker samples used: the attack's ``cost["samples"]``, else
+    the split's size for an attack that needs data; the same split counted once over the chain), ``queries``
+    (summed from each attack's ``cost["queries"]``)."""
     from nnmark.attacks import build_attack
 
     seconds, queries, data_n, reported = 0.0, 0, 0, []
@@ -207,13 +234,16 @@ def run_attack_chain(steps: list[dict[str, Any]], model: nn.Module, attacker_dat
         t = time.perf_counter()
         model = attack.attack(model, attacker_data if attack.needs_data else None)
         seconds += time.perf_counter() - t
+        if attacks_out is not None:
+            attacks_out.append(attack)
         cost = getattr(attack, "cost", None)
         if isinstance(cost, dict):
             reported.append({"attack": step["name"], **{k: v for k, v in cost.items()
                                                          if isinstance(v, (int, float, str, bool))}})
             queries += int(cost.get("queries", 0) or 0)
-        if attack.needs_data:
-            data_n = max(data_n, len(attacker_data))
+        used = cost.get("samples") if isinstance(cost, dict) and "samples" in cost else \
+            (len(attacker_data) if attack.needs_data else 0)
+        data_n = max(data_n, int(used or 0))
     return model, {"seconds": seconds, "data_n": data_n, "queries": queries, "reported": reported}
 
 
@@ -227,6 +257,10 @@ def run_cell(plan: Plan, store: ArtifactStore, cell: Cell) -> dict[str, Any]:
                               "access": cell.scheme.access, "attack": cell.attack.label, "budget": cell.budget,
                               "budget_param": cell.attack.budget_param, "seed": cell.seed, "steps": cell.steps(),
                               "marked_artifact": store.address(recipe), "pid": os.getpid()}
+    if cell.attack.applies_to is not None and cell.scheme.access not in cell.attack.applies_to:
+        record.update(status="n/a", reason=f"attack applies to {', '.join(cell.attack.applies_to)} schemes only",
+                      seconds=time.perf_counter() - start)
+        return record
     try:
         hit = build_artifact(plan, store, recipe)
         record["host_cache"] = "hit" if hit else "built"
@@ -237,7 +271,15 @@ def run_cell(plan: Plan, store: ArtifactStore, cell: Cell) -> dict[str, Any]:
         if cell.attack.label == NO_ATTACK or not cell.steps():
             attacked, cost = marked, {"seconds": 0.0, "data_n": 0, "queries": 0, "reported": []}
         else:
-            attacked, cost = run_attack_chain(cell.steps(), marked, splits.attacker, cell.seed)
+            ran: list[Any] = []
+            attacked, cost = run_attack_chain(resolve_same_scheme(cell.steps(), cell.scheme), marked,
+                                              splits.attacker, cell.seed, ran)
+            rival = next((a.attacker_scheme for a in ran if getattr(a, "attacker_scheme", None) is not None), None)
+            if rival is not None:  # an overwrite: can the attacker's own key claim the models?
+                record["attacker_claim"] = {
+                    "key_id": rival.key.key_id,
+                    "on_attacked": verdict_row(rival.verify(attacked, alpha=plan.alpha), {}),
+                    "on_owner_original": verdict_row(rival.verify(marked, alpha=plan.alpha), {})}
         record["accuracy_attacked"] = accuracy(attacked, splits.test)
         record["accuracy_lost_points"] = 100.0 * (record["accuracy_marked"] - record["accuracy_attacked"])
         record["cost"] = cost

@@ -49,6 +49,8 @@ def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows: one a cell and verify variant (an errored cell: one row with its error)."""
     out = []
     for rec in records:
+        if rec.get("status") == "n/a":
+            continue
         cost = rec.get("cost") or {}
         base = {"scheme": rec["scheme"], "attack": rec["attack"], "budget": rec.get("budget"), "seed": rec["seed"],
                 "status": rec.get("status"), "accuracy_marked": rec.get("accuracy_marked"),
@@ -102,7 +104,7 @@ def main_table_markdown(table: dict[str, Any]) -> str:
         cells = []
         for c in cols:
             e = r["cells"].get(c)
-            cells.append("" if e is None else e["mark"])
+            cells.append("n/a" if e is None else e["mark"])
         lines.append(f"| {r['scheme']} | {r['verify']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -126,16 +128,20 @@ def detail_markdown(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_PO
 def false_alarm_markdown(rates: list[dict[str, Any]]) -> str:
     if not rates:
         return "No false-alarm study in this config.\n"
-    lines = ["| scheme | verify | suspects | verdicts | refused | false alarms | empirical FPR | "
-             "95% Clopper-Pearson | nominal alpha | smallest p | architectures | suspects by kind |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    note = ("models: distinct suspects that got a verdict; a false alarm: a model claimed (owned at alpha) by any "
+            "owner key of the scheme; the interval is over models. refused: the verifier could not read the suspect "
+            "(no verdict, no claim).\n\n")
+    lines = ["| scheme | verify | checks | verdicts | refused | models | false alarms | empirical FPR | "
+             "95% Clopper-Pearson | nominal alpha | smallest p | architectures | models by kind |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in rates:
         rate = "" if g["rate"] is None else f"{g['rate']:.3g}"
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(g["kinds"].items()))
         lines.append(f"| {g['scheme']} | {variant_label(g['verify'])} | {g['checks']} | {g['verdicts']} | "
-                     f"{g['refused']} | {g['false_alarms']} | {rate} | [{g['ci_low']:.3g}, {g['ci_high']:.3g}] | "
+                     f"{g['refused']} | {g['models']} | {g['false_alarms']} | {rate} | "
+                     f"[{g['ci_low']:.3g}, {g['ci_high']:.3g}] | "
                      f"{g['alpha']:g} | {g['min_p']:.3g} | {', '.join(g['architectures'])} | {kinds} |")
-    return "\n".join(lines) + "\n"
+    return note + "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], folder: Path, alpha: float) -> list[str]:
@@ -233,7 +239,7 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     head = (f"# {plan.name}\n\nDataset {plan.dataset['name']}, host {plan.host['arch']} "
             f"({plan.host['epochs']} epochs), "
             f"alpha {plan.alpha:g}, seeds {plan.seeds}; {len(records)} cells recorded, "
-            f"{sum(r.get('status') != 'ok' for r in records)} errors.\n")
+            f"{sum(r.get('status') == 'error' for r in records)} errors.\n")
     if run:
         head += (f"Last run: {run['ran']} cells run, {run['skipped']} already recorded, {run['hosts_built']} hosts "
                  f"trained, {run['hosts_cached']} from the cache, {run['seconds']:.0f} s ({run.get('mode')}).\n")
@@ -251,10 +257,10 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
         details.append({"scheme": scheme, "verify": variant, "attack": attack_name(attack, budget),
                         **group_outcome(entries)})
     html = template.render(plan=plan, run=run, n_records=len(records),
-                           n_errors=sum(r.get("status") != "ok" for r in records), table=table, robust=robust,
+                           n_errors=sum(r.get("status") == "error" for r in records), table=table, robust=robust,
                            false_alarms=fa, plots=plots, details=details, max_loss=MAX_LOSS_POINTS,
                            variant_label=variant_label,
-                           errors=[r for r in records if r.get("status") != "ok"][:20])
+                           errors=[r for r in records if r.get("status") == "error"][:20])
     (folder / "report.html").write_text(html)
     return {"csv": folder / "results.csv", "summary": folder / "summary.md", "robustness": folder / "robustness.md",
             "false_alarm": folder / "false_alarm.md", "html": folder / "report.html"}

@@ -30,6 +30,8 @@ def groups(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, str],
     """Cells grouped by (scheme, verify variant, attack, budget); each entry the cell's figures for that variant."""
     out: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for rec in records:
+        if rec.get("status") == "n/a":  # an attack that does not apply to the scheme's access
+            continue
         variants = rec.get("verdicts") or [{"verify": {}}]
         for v in variants:
             key = (rec["scheme"], variant_label(v.get("verify", {})), rec["attack"], json.dumps(rec.get("budget")))

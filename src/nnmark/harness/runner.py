@@ -181,7 +181,7 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
             log.append(rec)
             count[0] += 1
             summary["ran"] += 1
-            summary["errors"] += rec.get("status") != "ok"
+            summary["errors"] += rec.get("status") == "error"
             if progress:
                 progress("cells", count[0], len(todo))
 
