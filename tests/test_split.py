@@ -183,3 +183,23 @@ def test_checkpoint_resume_gives_the_same_model(tmp_path):
     resumed = simulate(cfg, key, checkpoint_dir=str(tmp_path))
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+@pytest.mark.slow
+def test_copies_issued_from_the_partitioned_model_are_traced(fingerprinted_run, tmp_path):
+    """The partitioned model is a product's base as any other: copies are issued from it (carrier fc3, in the
+    server's part) and the tracer names exactly the two customers whose copies were averaged."""
+    from nnmark.attacks.collusion import combine_models
+    from nnmark.fingerprint import Product
+    from nnmark.io import load_model, save_model
+
+    _cfg, res, _owners, _server = fingerprinted_run
+    save_model(tmp_path / "base.safetensors", res.model, {"data": "digits"})
+    prod = Product.create(tmp_path / "shop", tmp_path / "base.safetensors", key=PRODUCT_KEY, code="ag:7",
+                          layers=("fc3",))
+    names = ["a", "b", "c", "d"]
+    prod.add_customers(names)
+    models = {n: load_model(prod.issue(n).model_path)[0] for n in names}
+    report = prod.trace(combine_models([models["a"], models["c"]], [0.5, 0.5]))
+    assert report.named == ["a", "c"] and report.status == "accused"
+    assert prod.trace(res.model).named == []  # the base itself was issued to nobody

@@ -135,7 +135,7 @@ class FingerprintPlan:
     fingerprint: np.ndarray
     layers: tuple[str, ...]
     scale: float = 2.0
-    strength: float = 1.0
+    strength: float = 5.0
 
 
 def code_bit_errors(carrier: Any, code: Any, model: nn.Module, j: int) -> tuple[int, int]:
