@@ -31,6 +31,7 @@ TINY = {
     "schemes": [{"name": "uchida", "params": {"bits": 32}, "verify": [{"align": True}, {"align": False}]}],
     "attacks": ["permute", {"name": "ftal", "params": {"epochs": 30}}],
     "false_alarm": {"clean_seeds": 1, "architectures": ["cnn"], "other_keys": 1, "epochs": 1},
+    "forgery": {"tries": 5},
 }
 
 
@@ -51,6 +52,7 @@ def _write(path: Path, cfg: dict) -> Path:
     ({"attacks": [{"name": "permute", "budgets": [1, 2]}]}, "declares a budget parameter"),
     ({"attacks": ["average"]}, "combines several models"),
     ({"colour": "red"}, "unknown key(s) colour"),
+    ({"forgery": {"tries": 0}}, "forgery tries must be a positive integer"),
 ])
 def test_config_rejected_before_training(tmp_path, change, expect):
     """A bad config is refused with the known names, and nothing is written (no artifact, no results)."""
@@ -159,9 +161,12 @@ def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
     assert perm["cost"]["data_n"] == 0 and after[1]["cost"]["data_n"] > 0
     fa = [json.loads(x) for x in (out / "false_alarm.jsonl").read_text().splitlines()]
     assert len(fa) == 2 and not any(v.get("owned") for r in fa for v in r["verdicts"])
+    (forged,) = [json.loads(x) for x in (out / "forgery.jsonl").read_text().splitlines()]
+    assert forged["kind"] == "key-search" and forged["tries"] == 5 and forged["claims"] == 0 and not forged["forgeable"]
     # a third run has nothing left to do
     res = run_cli("evaluate", out.parent / "tiny.yaml", "--out", out, "--no-progress")
     assert "0 run" in res.stdout and "0 trained" in res.stdout and "false-alarm checks run: 0" in res.stdout
+    assert "forgery checks run: 0" in res.stdout
     assert len(ResultsLog(out / "results.jsonl").records()) == 2
 
 

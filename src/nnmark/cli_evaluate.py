@@ -57,7 +57,8 @@ def evaluate(config: str, out: str | None, workers: int | None, report_only: boo
         click.echo(f"cells: {summary['cells']} ({summary['skipped']} already recorded, {summary['ran']} run, "
                    f"{summary['errors']} errors); hosts: {summary['hosts_built']} trained, "
                    f"{summary['hosts_cached']} from the cache; false-alarm checks run: "
-                   f"{summary['false_alarm_checks']}; {summary['seconds']:.0f} s ({summary['mode']})")
+                   f"{summary['false_alarm_checks']}; forgery checks run: {summary['forgery_checks']}; "
+                   f"{summary['seconds']:.0f} s ({summary['mode']})")
     from nnmark.harness.report import write_reports
 
     written = write_reports(folder, plan)

@@ -21,6 +21,7 @@ scheme, attack, dataset, architecture or parameter is a :class:`ConfigError` tha
       - {label: permute+ftal, chain: [permute, {name: ftal, params: {epochs: 5}}]}
       - {name: input-jpeg, applies_to: [black-box]}   # run only against black-box schemes
     false_alarm: {clean_seeds: 10, architectures: [cnn, lenet5, "my_models:tiny"], other_keys: 2}
+    forgery: {tries: 100, eps: 0.1, triggers: 50}   # key search (white-box) / adversarial triggers (trigger sets)
     workers: 2                        # processes on this machine (the --workers option overrides it)
     ray: {address: auto}              # optional: fan the cells out over a Ray cluster instead
 
@@ -43,8 +44,9 @@ import yaml
 
 from nnmark.errors import NNMarkError
 
-TOP_KEYS = ("name", "dataset", "host", "alpha", "seeds", "schemes", "attacks", "false_alarm", "workers", "ray",
-            "references", "out")
+TOP_KEYS = ("name", "dataset", "host", "alpha", "seeds", "schemes", "attacks", "false_alarm", "forgery", "workers",
+            "ray", "references", "out")
+FORGERY_KEYS = ("tries", "eps", "triggers")
 HOST_KEYS = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "arch_params")
 FALSE_ALARM_KEYS = ("clean_seeds", "architectures", "other_keys", "epochs")
 MAX_CELLS = 100_000
@@ -128,6 +130,7 @@ class Plan:
     references: list[int] = field(default_factory=lambda: [900, 901, 902, 903, 904])
     out: str | None = None
     paths: list[str] = field(default_factory=list)
+    forgery: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,7 +141,7 @@ class Plan:
                          "budget_step": a.budget_step, "budget_param": a.budget_param,
                          "applies_to": list(a.applies_to) if a.applies_to else None} for a in self.attacks],
             "false_alarm": self.false_alarm, "workers": self.workers, "ray": self.ray,
-            "references": self.references, "out": self.out, "paths": self.paths,
+            "references": self.references, "out": self.out, "paths": self.paths, "forgery": self.forgery,
         }
 
     @classmethod
@@ -150,7 +153,7 @@ class Plan:
                                tuple(a["applies_to"]) if a.get("applies_to") else None) for a in d["attacks"]]
         return cls(d["name"], dict(d["dataset"]), dict(d["host"]), float(d["alpha"]), list(d["seeds"]), schemes,
                    attacks, d.get("false_alarm"), int(d.get("workers", 1)), d.get("ray"),
-                   list(d.get("references", [])), d.get("out"), list(d.get("paths", [])))
+                   list(d.get("references", [])), d.get("out"), list(d.get("paths", [])), d.get("forgery"))
 
 
 def _unknown(where: str, got: Mapping[str, Any], known: tuple[str, ...]) -> None:
@@ -398,9 +401,18 @@ def plan_from_mapping(raw: Any, *, base_dir: str | Path | None = None) -> Plan:
         raise ConfigError("ray must be a mapping with 'address' (and optionally 'num_cpus')")
     refs = _seeds(raw.get("references", [900, 901, 902, 903, 904]), "references")
     out = raw.get("out")
+    forgery = raw.get("forgery")
+    if forgery is not None:
+        if not isinstance(forgery, Mapping):
+            raise ConfigError("forgery must be a mapping (tries, eps, triggers)")
+        _unknown("forgery", forgery, FORGERY_KEYS)
+        for k, v in forgery.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or (k != "eps" and int(v) != v):
+                raise ConfigError(f"forgery {k} must be a positive {'number' if k == 'eps' else 'integer'}, got {v!r}")
+        forgery = dict(forgery)
     return Plan(name, dataset, host, float(alpha), seeds, schemes, attacks,
                 _false_alarm(raw.get("false_alarm"), paths, host), workers, dict(ray) if ray else None, refs,
-                str(out) if out else None, paths)
+                str(out) if out else None, paths, forgery)
 
 
 def load_plan(path: str | Path) -> Plan:

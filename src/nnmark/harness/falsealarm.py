@@ -86,10 +86,12 @@ def run_check(plan: Plan, store: ArtifactStore, payload: dict[str, Any]) -> dict
 
 
 class FalseAlarmLog:
-    """``false_alarm.jsonl``: one record a finished check (appended, fsynced; torn lines ignored)."""
+    """``false_alarm.jsonl`` (or ``forgery.jsonl``): one record a finished check, identified by its ``key``
+    field (appended, fsynced; torn lines ignored)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, key: str = "check") -> None:
         self.path = Path(path)
+        self.key = key
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -100,12 +102,12 @@ class FalseAlarmLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and "check" in rec:
+            if isinstance(rec, dict) and self.key in rec:
                 out.append(rec)
         return out
 
     def finished(self) -> set[str]:
-        return {r["check"] for r in self.records()}
+        return {r[self.key] for r in self.records()}
 
     def append(self, record: dict[str, Any]) -> None:
         from nnmark.harness.grid import ResultsLog

@@ -22,6 +22,7 @@ from typing import Any
 
 from nnmark.harness.config import NO_ATTACK, Plan
 from nnmark.harness.falsealarm import FalseAlarmLog, false_alarm_rate
+from nnmark.harness.forgery import forgery_markdown
 from nnmark.harness.grid import ResultsLog
 from nnmark.harness.robustness import (
     MAX_LOSS_POINTS,
@@ -233,6 +234,7 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     table = main_table(records)
     robust = robustness_table(records)
     fa = false_alarm_rate(FalseAlarmLog(folder / "false_alarm.jsonl").records())
+    forgeries = FalseAlarmLog(folder / "forgery.jsonl", key="forgery").records()
     run = _last_run(folder)
     (folder / "robustness.md").write_text(f"# Robustness: {plan.name}\n\n" + robustness_markdown(robust, plan.alpha))
     (folder / "false_alarm.md").write_text(f"# False alarms: {plan.name}\n\n" + false_alarm_markdown(fa))
@@ -245,7 +247,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
                  f"trained, {run['hosts_cached']} from the cache, {run['seconds']:.0f} s ({run.get('mode')}).\n")
     md = (head + f"\n## Main table (removed: not owned at every seed, <= {MAX_LOSS_POINTS:g} points lost)\n\n"
           + main_table_markdown(table) + "\n## Robustness\n\n" + robustness_markdown(robust, plan.alpha)
-          + "\n## False alarms\n\n" + false_alarm_markdown(fa) + "\n## Every attack row\n\n"
+          + "\n## False alarms\n\n" + false_alarm_markdown(fa)
+          + "\n## Forgery (ambiguity) attempts\n\n" + forgery_markdown(forgeries) + "\n## Every attack row\n\n"
           + detail_markdown(records))
     (folder / "summary.md").write_text(md)
     plots = plot(rows, folder, plan.alpha)
@@ -256,7 +259,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     for (scheme, variant, attack, budget), entries in groups(records).items():
         details.append({"scheme": scheme, "verify": variant, "attack": attack_name(attack, budget),
                         **group_outcome(entries)})
-    html = template.render(plan=plan, run=run, n_records=len(records),
+    forgeries = sorted(forgeries, key=lambda r: (r["scheme"], r["seed"]))
+    html = template.render(plan=plan, run=run, forgeries=forgeries, n_records=len(records),
                            n_errors=sum(r.get("status") == "error" for r in records), table=table, robust=robust,
                            false_alarms=fa, plots=plots, details=details, max_loss=MAX_LOSS_POINTS,
                            variant_label=variant_label,

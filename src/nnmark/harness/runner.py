@@ -53,6 +53,10 @@ def _task(kind: str, plan_dict: dict[str, Any], store_root: str, payload: dict[s
         from nnmark.harness.falsealarm import run_check
 
         return run_check(plan, store, payload)
+    if kind == "forgery":
+        from nnmark.harness.forgery import run_forgery
+
+        return run_forgery(plan, store, payload)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -126,6 +130,7 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
     returns this run's summary, which is also appended to ``out/runs.jsonl``: cells in the grid, skipped
     (already recorded), run, errors, hosts built and found in the cache, seconds."""
     from nnmark.harness.falsealarm import FalseAlarmLog, checks
+    from nnmark.harness.forgery import forgery_checks
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +143,11 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
     todo = [c for c in all_cells if c.ident(plan) not in done]
     fa_log = FalseAlarmLog(out / "false_alarm.jsonl")
     fa_todo = [c for c in checks(plan) if c["check"] not in fa_log.finished()] if plan.false_alarm else []
+    fg_log = FalseAlarmLog(out / "forgery.jsonl", key="forgery")
+    fg_todo = [c for c in forgery_checks(plan) if c["forgery"] not in fg_log.finished()] if plan.forgery else []
     summary: dict[str, Any] = {"cells": len(all_cells), "skipped": len(all_cells) - len(todo), "ran": 0, "errors": 0,
-                               "hosts_built": 0, "hosts_cached": 0, "false_alarm_checks": len(fa_todo)}
+                               "hosts_built": 0, "hosts_cached": 0, "false_alarm_checks": len(fa_todo),
+                               "forgery_checks": len(fg_todo)}
 
     recipes: dict[str, dict[str, Any]] = {}
     ref_labels = {s.label for s in plan.schemes if needs_references(plan, s)}
@@ -151,7 +159,7 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
         for s in plan.references:
             r = clean_recipe(plan, s)
             recipes[content_hash(r)] = r
-    for chk in fa_todo:
+    for chk in fa_todo + fg_todo:
         for r in chk["artifacts"]:
             recipes[content_hash(r)] = r
 
@@ -200,6 +208,16 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
         if fa_todo and progress:
             progress("false alarms", 0, len(fa_todo))
         fan.run("false_alarm", [{k: v for k, v in c.items()} for c in fa_todo], check_done)
+
+        count[0] = 0
+
+        def forgery_done(rec: dict[str, Any]) -> None:
+            fg_log.append(rec)
+            count[0] += 1
+            if progress:
+                progress("forgeries", count[0], len(fg_todo))
+
+        fan.run("forgery", fg_todo, forgery_done)
     finally:
         fan.close()
     summary["seconds"] = time.perf_counter() - start
