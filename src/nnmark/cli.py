@@ -372,6 +372,9 @@ cli.add_command(fingerprint)
 from nnmark.cli_split import split  # noqa: E402
 
 cli.add_command(split)
+from nnmark.cli_outputs import outputs  # noqa: E402
+
+cli.add_command(outputs)
 from nnmark.cli_evaluate import evaluate  # noqa: E402
 
 cli.add_command(evaluate)

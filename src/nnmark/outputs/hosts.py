@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,3 +147,49 @@ def train_host(model: nn.Module, task: str, epochs: int = 5, seed: int = 0, *, n
     model.eval()
     xt, yt = photo_patches(task, x.shape[-1], "test", 256, seed)
     return {"losses": losses, "seconds": seconds, "test_psnr": crit.fidelity(model, xt, yt)}
+
+
+MAX_HOST_FILE_BYTES = 64 * 2**20
+
+
+def save_host(path: str | Path, model: nn.Module, task: str, **meta: Any) -> Path:
+    """Write host weights and how to rebuild them (kind, channels, width, task) to a safetensors file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    kind = "unet" if isinstance(model, UNetHost) else "resnet"
+    width = model.enc1[0].out_channels if isinstance(model, UNetHost) else model.head.out_channels
+    in_ch = model.enc1[0].in_channels if isinstance(model, UNetHost) else model.head.in_channels
+    info = {"kind": kind, "in_channels": in_ch, "out_channels": model.out_channels, "width": width,
+            "task": task, **meta}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"nnmark-output-host": json.dumps(info)})
+    return path
+
+
+def load_host(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a host written by :func:`save_host` (size bounded, shapes checked); ``(model in eval, info)``."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NNMarkError(f"no host file at {path}")
+    if path.stat().st_size > MAX_HOST_FILE_BYTES:
+        raise NNMarkError(f"{path}: host file larger than {MAX_HOST_FILE_BYTES >> 20} MB")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {})["nnmark-output-host"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if info["kind"] not in HOST_KINDS or not 1 <= int(info["width"]) <= 256 \
+                or int(info["in_channels"]) not in (1, 3) or int(info["out_channels"]) not in (1, 3):
+            raise ValueError("implausible host description")
+        model = build_host(info["kind"], int(info["in_channels"]), int(info["out_channels"]), int(info["width"]))
+        model.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        raise NNMarkError(f"{path}: not an nnmark output host file ({str(exc)[:200]})") from None
+    return model.eval(), info

@@ -1,0 +1,123 @@
+"""False-positive study of ``output-message`` for FIXED keys over >= 10,000 negative images.
+
+    .venv/bin/python experiments/outputs/fpr_study.py          # after mark_hosts.py (it reads its hosts)
+
+Negatives (32x32, none made with the keys tested):
+- natural photo patches of the test and attacker photos (never used to train or calibrate the extractor);
+- outputs of the unmarked hosts of mark_hosts.py on test / attacker inputs;
+- outputs of the hosts marked under the owners' keys of mark_hosts.py (other keys than the ones tested).
+
+For each of ``--keys`` fixed keys, every negative is verified alone; the measured false-positive rate at
+each nominal alpha (1e-2, 1e-3, 1e-6) is given with its two-sided 99% Clopper-Pearson interval, beside the
+exact size of the binomial test at that alpha (the test is discrete: P[p < alpha] under H0). The same is
+measured for the raw decoder (signs of its logits, no whitening, no keyed rotation, no centring) to show
+what the calibration fixes. Also: the bits' bias and pairwise correlation over all negatives, for both.
+Writes experiments/results/outputs/fpr.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats as sps
+
+ALPHAS = (1e-2, 1e-3, 1e-6)
+
+
+def interval(k: int, n: int, conf: float = 0.99) -> tuple[float, float]:
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=conf, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def rates(matches: np.ndarray, bits: int) -> dict[str, dict[str, float]]:
+    p = sps.binom.sf(matches - 1, bits, 0.5)
+    out = {}
+    for a in ALPHAS:
+        m_star = next(m for m in range(bits + 1) if sps.binom.sf(m - 1, bits, 0.5) < a)
+        k = int((p < a).sum())
+        lo, hi = interval(k, len(p))
+        size = float(sps.binom.sf(m_star - 1, bits, 0.5))
+        out[f"{a:g}"] = {"claims": k, "n": len(p), "fpr": k / len(p), "ci99": [lo, hi], "exact_size": size,
+                         "size_inside_ci": lo <= size <= hi}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default="/tmp/nnmark-outputs")
+    ap.add_argument("--natural", type=int, default=4000)
+    ap.add_argument("--per-host", type=int, default=1000)
+    ap.add_argument("--keys", type=int, default=3)
+    ap.add_argument("--out", default="experiments/results/outputs/fpr.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from nnmark.keys import Key
+    from nnmark.outputs.agnostic import OutputMessage
+    from nnmark.outputs.data import natural_images, photo_patches
+    from nnmark.outputs.extractor import bit_stats, load_shipped
+    from nnmark.outputs.hosts import host_for_task
+
+    hosts = {"sr2": "unet", "colourise": "unet", "denoise": "resnet"}
+    t0 = time.perf_counter()
+    groups: dict[str, torch.Tensor] = {}
+    half = args.natural // 2
+    groups["natural"] = torch.cat([natural_images(half, 32, 11, split="test"),
+                                   natural_images(args.natural - half, 32, 12, split="attacker")])
+    cache = Path(args.cache)
+    for task, kind in hosts.items():
+        xs = torch.cat([photo_patches(task, 32, "test", args.per_host // 2, seed=21)[0],
+                        photo_patches(task, 32, "attacker", args.per_host - args.per_host // 2, seed=22)[0]])
+        for state in ("unmarked", "marked"):
+            f = cache / f"{task}-{kind}-{state}.pt"
+            if not f.exists():
+                print(f"missing {f}: run mark_hosts.py first; skipped")
+                continue
+            host = host_for_task(task, kind)
+            host.load_state_dict(torch.load(f, weights_only=True))
+            host.eval()
+            with torch.no_grad():
+                out = torch.cat([host(xs[i:i + 256]).clamp(0, 1) for i in range(0, len(xs), 256)])
+            groups[f"{task}-{state}"] = (out * 255).round() / 255  # as saved to PNG
+    negatives = torch.cat(list(groups.values()))
+    print(f"{len(negatives)} negatives ({', '.join(f'{k}: {len(v)}' for k, v in groups.items())}) "
+          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    ext = load_shipped()
+    with torch.no_grad():
+        raw = torch.cat([ext.decoder(negatives[i:i + 1024]) for i in range(0, len(negatives), 1024)])
+    result = {"negatives": {k: len(v) for k, v in groups.items()}, "n": len(negatives), "keys": {},
+              "raw_decoder_bits": bit_stats(raw)}
+    for i in range(args.keys):
+        key = Key.from_seed(f"fpr-fixed-{i}")
+        scheme = OutputMessage.create(key, None)
+        r, _ = scheme.image_readouts(negatives)
+        matches = (((r > 0).long().numpy()) == scheme.message[None]).sum(1)
+        raw_matches = (((raw > 0).long().numpy()) == scheme.message[None]).sum(1)
+        per_group, start = {}, 0
+        for name, g in groups.items():
+            per_group[name] = rates(matches[start:start + len(g)], scheme.bits)["0.01"]
+            start += len(g)
+        result["keys"][key.key_id] = {
+            "calibrated": rates(matches, scheme.bits), "raw_decoder": rates(raw_matches, scheme.bits),
+            "calibrated_bits": bit_stats(r), "per_group_at_0.01": per_group,
+            "max_matches": int(matches.max()), "max_matches_raw": int(raw_matches.max())}
+        print(key.key_id, json.dumps(result["keys"][key.key_id]["calibrated"]), flush=True)
+        print("  raw:", json.dumps(result["keys"][key.key_id]["raw_decoder"]), flush=True)
+    pooled = {}
+    for a in ALPHAS:
+        k = sum(v["calibrated"][f"{a:g}"]["claims"] for v in result["keys"].values())
+        n = sum(v["calibrated"][f"{a:g}"]["n"] for v in result["keys"].values())
+        pooled[f"{a:g}"] = {"claims": k, "n": n, "fpr": k / n, "ci99": interval(k, n)}
+    result["pooled_over_keys"] = pooled
+    result["seconds"] = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

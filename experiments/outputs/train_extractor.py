@@ -1,0 +1,68 @@
+"""Pre-train the message-agnostic extractor that nnmark ships (src/nnmark/outputs/assets/).
+
+    .venv/bin/python experiments/outputs/train_extractor.py --steps 2000 --bits 48 --width 16 \
+        --out src/nnmark/outputs/assets/extractor48.safetensors
+
+An encoder/decoder pair learns to hide and read uniformly random 48-bit messages in 32x32
+patches of the bundled train photos under the distortions of nnmark.outputs.augment; the
+decoder is kept and calibrated (mean and whitening of its logits over other train-photo
+patches). Writes the extractor (safetensors), the encoder beside it (``*.encoder.safetensors``)
+and the training log as JSON (experiments/results/outputs/extractor_log.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--bits", type=int, default=48)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--budget", type=float, default=0.012)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="src/nnmark/outputs/assets/extractor48.safetensors")
+    ap.add_argument("--log", default="experiments/results/outputs/extractor_log.json")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="only redo the null calibration of the extractor at --out (no training)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.recalibrate:
+        from nnmark.outputs.extractor import Extractor, calibration_images
+
+        ext = Extractor.load(args.out)
+        ext.calibrate(calibration_images(8192, 32, args.seed + 1))
+        ext.save(args.out)
+        print(f"recalibrated {args.out}")
+        return
+    from safetensors.torch import save_file
+
+    from nnmark.outputs.extractor import pretrain_extractor
+
+    def progress(step: int, stats: dict[str, float]) -> None:
+        print(f"step {step}/{args.steps}: loss {stats['loss']:.4f} bit accuracy {stats['bit_acc']:.4f}", flush=True)
+
+    ext, enc, log = pretrain_extractor(args.bits, args.steps, args.seed, width=args.width, budget=args.budget,
+                                       lr=args.lr, batch_size=args.batch_size, progress=progress,
+                                       log_every=50)
+    out = Path(args.out)
+    ext.save(out)
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()},
+              str(out.with_suffix(".encoder.safetensors")), metadata={"bits": str(args.bits),
+                                                                     "width": str(args.width),
+                                                                     "budget": str(args.budget)})
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.log).write_text(json.dumps({"args": vars(args), **log}, indent=1))
+    print(f"wrote {out} ({out.stat().st_size} bytes) in {log['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Output marks read by a message-agnostic extractor (``output-message``): every image the marked host
+outputs decodes, under the owner's key, to the key's message.
+
+How it works (the approach of HiDDeN / Stable Signature, :mod:`nnmark.outputs.extractor`):
+
+1. a decoder pre-trained to read *any* ``k``-bit message hidden by its encoder, robust to crop, noise,
+   JPEG and resizing, calibrated on natural photos (mean ``mu``, whitening ``W``);
+2. the key draws the message ``m`` (``k`` uniform bits), a secret orthogonal rotation ``R`` ``(k, k)`` and
+   nothing else; the keyed read-out of an image is ``r = R W (decoder(x) - mu) - c``, with ``c`` the
+   per-bit median of ``R W (decoder(x) - mu)`` over unmarked train-photo images
+   (:func:`~nnmark.outputs.extractor.calibration_images`); bit ``i`` is ``r_i > 0``.
+   On unmarked natural images ``r`` has zero median, unit variance and no correlation across bits, and
+   without ``R`` the decoder's own logits say nothing about the bits;
+3. the host ``G`` is fine-tuned (:meth:`OutputMessage.embed_host`) so that
+   ``BCE(r(distort(G(x))), m) + fidelity * MSE(G(x), G0(x)) / mse_at(psnr_target)`` is small, ``G0`` the
+   unmarked host (frozen), the distortion drawn per quarter-batch by
+   :func:`nnmark.outputs.augment.random_augment` after 8-bit quantisation.
+
+Verification (:meth:`OutputMessage.verify`) reads a batch of images (one image is a batch of one): each
+image is cut into ``tile`` x ``tile`` tiles (a smaller image is upsampled, a grey one replicated, an alpha
+channel dropped), read-outs are averaged over the tiles and the images, and the ``k`` signs are compared
+with ``m``: ``p = P[Binomial(k, 1/2) >= matches]``. The null is exact over the key's randomness (``m`` is
+uniform and independent of any image made without this key -- which needs the key committed before the
+suspect images existed, :mod:`nnmark.commitment`). For one *fixed* key the false-positive rate over
+negatives is measured by ``experiments/outputs/fpr_study.py`` (natural photos, unmarked host outputs,
+outputs of hosts marked under other keys).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnmark.errors import SchemeError
+from nnmark.keys import Key
+from nnmark.outputs import augment
+from nnmark.outputs.extractor import Extractor, load_shipped
+from nnmark.params import Param, Params
+from nnmark.schemes.base import Scheme
+from nnmark.stats import Verdict, bit_match_verdict
+from nnmark.train import TrainingHook
+
+TILE = 32
+MAX_TILES_PER_IMAGE = 256
+CALIBRATION_PATCHES = 2048
+CALIBRATION_SEED = 7919
+
+
+def _orthogonal(rng: np.random.Generator, k: int) -> torch.Tensor:
+    """A uniformly random ``(k, k)`` orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((k, k)))
+    q = q * np.sign(np.diag(r))
+    return torch.from_numpy(q).float()
+
+
+def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TILE,
+                   max_tiles: int = MAX_TILES_PER_IMAGE) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Tiles for reading: ``images`` ``(N, C, H, W)`` or a list of ``(C, H, W)`` / ``(1, C, H, W)`` tensors in
+    [0, 1] -> ``(tiles (T, 3, tile, tile), tiles per image, notes)``. C = 1 is replicated, C = 4 loses its
+    alpha channel, other channel counts are refused; an image smaller than ``tile`` on a side is upsampled
+    (bilinear) so its short side is ``tile``; at most ``max_tiles`` evenly spaced grid tiles per image."""
+    items = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
+    tiles, counts, notes = [], [], []
+    for i, img in enumerate(items):
+        img = img.squeeze(0) if img.ndim == 4 and img.shape[0] == 1 else img
+        if img.ndim != 3:
+            raise SchemeError(f"image {i}: expected (C, H, W), got shape {tuple(img.shape)}")
+        c, h, w = img.shape
+        if c == 4:
+            img, note = img[:3], "alpha channel dropped"
+        elif c == 1:
+            img, note = img.expand(3, -1, -1), "grey replicated to RGB"
+        elif c == 3:
+            note = ""
+        else:
+            raise SchemeError(f"image {i}: {c} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) are read")
+        img = img.float().clamp(0.0, 1.0)
+        if min(h, w) < tile:
+            s = tile / min(h, w)
+            img = F.interpolate(img[None], size=(max(tile, round(h * s)), max(tile, round(w * s))),
+                                mode="bilinear", align_corners=False)[0]
+            note = ", ".join(filter(None, [note, f"upsampled from {h}x{w}"]))
+            h, w = img.shape[-2:]
+        grid = img[:, : h // tile * tile, : w // tile * tile].unfold(1, tile, tile).unfold(2, tile, tile)
+        t = grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, tile, tile)
+        if len(t) > max_tiles:
+            t = t[torch.linspace(0, len(t) - 1, max_tiles).round().long()]
+        tiles.append(t)
+        counts.append(len(t))
+        if note:
+            notes.append(f"image {i}: {note}")
+    if not tiles:
+        raise SchemeError("no images to read")
+    return torch.cat(tiles), counts, notes
+
+
+class OutputMarkHook(TrainingHook):
+    """Adds the mark loss to nnmark's training loop: remembers each batch's inputs (``augment_batch``) and
+    returns :meth:`OutputMessage.mark_loss` of the model's outputs on them (a second forward pass)."""
+
+    def __init__(self, scheme: OutputMessage, reference: nn.Module | None = None) -> None:
+        self.scheme, self.reference = scheme, reference
+        self._x: torch.Tensor | None = None
+        self.gen = scheme.key.torch_generator("output-message/augment")
+
+    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        self._x = x
+        return x, y
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self._x is None:
+            return None
+        if self.reference is None:
+            self.reference = copy.deepcopy(model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        with torch.no_grad():
+            ref = self.reference(self._x)
+        return self.scheme.mark_loss(model(self._x), ref, self.gen)
+
+
+class OutputMessage(Scheme):
+    """A ``k``-bit message in every output image of a host, read by a secret calibrated extractor
+    (module docs). Parameters: the extractor (``"shipped"`` or a safetensors path), the fidelity weight,
+    the PSNR target the fidelity term is scaled to, distortion strength, fine-tuning epochs and rate."""
+
+    name = "output-message"
+    access = "black-box"
+    PARAMS = Params(
+        Param("extractor", str, "shipped", "pre-trained extractor: 'shipped' or a safetensors file"),
+        Param("fidelity", float, 0.05, "weight of MSE(marked, unmarked output) / mse at psnr_target", low=0.0),
+        Param("psnr_target", float, 40.0, "PSNR (dB) at which the fidelity term equals its weight",
+              low=10.0, high=80.0),
+        Param("strength", float, 0.5, "distortion strength while fine-tuning (0: none, 1: full)",
+              low=0.0, high=1.0),
+        Param("epochs", int, 12, "fine-tuning epochs over the host's training inputs", low=1, high=1000),
+        Param("lr", float, 2e-3, "fine-tuning learning rate (Adam)", low=0.0),
+    )
+    VERIFY_PARAMS = Params()
+
+    def __init__(self, key: Key, extractor: Extractor, *, fidelity: float = 0.05, psnr_target: float = 40.0,
+                 strength: float = 0.5, epochs: int = 12, lr: float = 2e-3, extractor_name: str = "shipped",
+                 centre: torch.Tensor | None = None) -> None:
+        super().__init__(key)
+        self.extractor = extractor.eval()
+        self.bits = extractor.bits
+        self.fidelity, self.psnr_target, self.strength = float(fidelity), float(psnr_target), float(strength)
+        self.epochs, self.lr, self.extractor_name = int(epochs), float(lr), str(extractor_name)
+        self.message = key.numpy_rng("output-message/message").integers(0, 2, self.bits).astype(np.int64)
+        self.rotation = _orthogonal(key.numpy_rng("output-message/rotation"), self.bits)
+        self._target = torch.from_numpy(self.message).float()
+        self.centre = torch.zeros(self.bits)
+        if centre is None:
+            u = extractor.calibration_readout(CALIBRATION_PATCHES, CALIBRATION_SEED)
+            centre = (u @ self.rotation.T).median(0).values
+        self.centre = centre.float().clone()
+
+    @classmethod
+    def build(cls, key: Key, model: nn.Module | None = None, data: Any = None, *, extractor: str = "shipped",
+              **params: Any) -> OutputMessage:
+        ext = load_shipped() if extractor == "shipped" else Extractor.load(extractor)
+        return cls(key, ext, extractor_name=extractor if extractor == "shipped" else Path(extractor).name,
+                   **params)
+
+    # -- read-out ---------------------------------------------------------------
+    def readout(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Keyed read-out ``(N, k)`` of ``tiles`` ``(N, 3, H, W)`` (differentiable; bits are ``> 0``)."""
+        out = []
+        for i in range(0, len(tiles), 1024):
+            z = self.extractor(tiles[i:i + 1024]) @ self.rotation.T.to(tiles.device)
+            out.append(z - self.centre.to(tiles.device))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def image_readouts(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+        """Per-image read-outs ``(N, k)`` (means over each image's tiles) and notes on conversions."""
+        tiles, counts, notes = prepare_images(images)
+        r = self.readout(tiles)
+        return torch.stack([part.mean(0) for part in r.split(counts)]), notes
+
+    @torch.no_grad()
+    def matches(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1) -> np.ndarray:
+        """Matched bits per group of ``group`` consecutive images ``(N // group,)`` (read-outs averaged in
+        each group) -- the raw statistic behind :meth:`verify`, for false-positive studies."""
+        r, _ = self.image_readouts(images)
+        n = len(r) // group * group
+        bits = (r[:n].view(-1, group, self.bits).mean(1) > 0).long().numpy()
+        return (bits == self.message[None]).sum(1)
+
+    def p_values(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1) -> np.ndarray:
+        """Binomial p-values per group (see :meth:`matches`)."""
+        from scipy import stats as sps
+
+        return sps.binom.sf(self.matches(images, group) - 1, self.bits, 0.5)
+
+    # -- embedding ------------------------------------------------------------------
+    def mark_loss(self, outputs: torch.Tensor, reference: torch.Tensor,
+                  gen: torch.Generator | None = None) -> torch.Tensor:
+        """``BCE(readout(distort(quantise(outputs))), m) + fidelity * MSE(outputs, reference) / mse_target``."""
+        x = augment.quantize_uint8(outputs)
+        if self.strength > 0:
+            x = torch.cat([augment.random_augment(part, gen, self.strength) for part in x.chunk(4)])
+        r = self.readout(x)
+        bce = F.binary_cross_entropy_with_logits(r, self._target.to(r).expand_as(r))
+        mse_target = 10.0 ** (-self.psnr_target / 10.0)
+        return bce + self.fidelity * F.mse_loss(outputs, reference) / mse_target
+
+    def training_hook(self) -> TrainingHook:
+        return OutputMarkHook(self)
+
+    def embed_host(self, model: nn.Module, inputs: torch.Tensor, *, targets: torch.Tensor | None = None,
+                   task_weight: float = 0.0, batch_size: int = 32, seed: int = 0,
+                   progress: Callable[[int, dict[str, float]], None] | None = None,
+                   checkpoint: str | Path | None = None) -> dict[str, Any]:
+        """Fine-tune ``model`` (in place) so its outputs on ``inputs`` ``(N, C, H, W)`` carry the mark,
+        for :attr:`epochs` epochs of Adam at :attr:`lr`. ``targets`` with ``task_weight`` > 0 adds the task's
+        L1 loss. ``checkpoint``: a file written after every epoch (safetensors: model weights, optimiser-free)
+        from which an interrupted run resumes. ``progress(epoch, stats)`` after every epoch.
+        Returns ``{"seconds", "epochs", "losses", "bit_acc"}`` (bit accuracy of undistorted outputs)."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        reference = copy.deepcopy(model).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        start = 0
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        if ckpt is not None and ckpt.exists():
+            with safe_open(str(ckpt), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                start = int((f.metadata() or {}).get("epoch", 0))
+            for prefix, net in (("model.", model), ("reference.", reference)):
+                net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        gen = torch.Generator().manual_seed(seed)
+        aug_gen = torch.Generator().manual_seed(seed + 1)
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        model.train()
+        for epoch in range(start, self.epochs):
+            order = torch.randperm(len(inputs), generator=gen)
+            total = 0.0
+            for i in range(0, len(inputs), batch_size):
+                j = order[i:i + batch_size]
+                out = model(inputs[j])
+                with torch.no_grad():
+                    ref = reference(inputs[j])
+                loss = self.mark_loss(out, ref, aug_gen)
+                if targets is not None and task_weight > 0:
+                    loss = loss + task_weight * (out - targets[j]).abs().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(j)
+            losses.append(total / len(inputs))
+            if ckpt is not None:
+                tensors = {**{f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()},
+                           **{f"reference.{k}": v.contiguous() for k, v in reference.state_dict().items()}}
+                save_file(tensors, str(ckpt), metadata={"epoch": str(epoch + 1)})
+            if progress is not None:
+                progress(epoch + 1, {"loss": losses[-1]})
+        model.eval()
+        with torch.no_grad():
+            probe = inputs[:256]
+            bits = (self.readout(model(probe).clamp(0, 1)) > 0).long()
+            acc = float((bits == torch.from_numpy(self.message)).float().mean())
+        return {"seconds": time.perf_counter() - t0, "epochs": self.epochs, "losses": losses, "bit_acc": acc}
+
+    def mark_images(self, images: torch.Tensor, steps: int = 100, max_delta: float = 4 / 255, lr: float = 0.05,
+                    seed: int = 0) -> torch.Tensor:
+        """Mark given images directly, after the fact (no host): a residual bounded by ``max_delta`` per pixel
+        (``tanh`` parametrisation) optimised for ``steps`` Adam steps so the images decode to the message,
+        through :attr:`strength` distortions. ``images`` ``(N, 3, 32, 32)`` in [0, 1] (one tile each);
+        returns the marked images, rounded to 8 bits."""
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, TILE, TILE):
+            raise SchemeError(f"mark_images takes (N, 3, {TILE}, {TILE}) tiles, got {tuple(images.shape)}")
+        images = images.detach()
+        w = torch.zeros_like(images, requires_grad=True)
+        opt = torch.optim.Adam([w], lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x = augment.quantize_uint8(images + max_delta * torch.tanh(w))
+            if self.strength > 0:
+                x = torch.cat([augment.random_augment(part, gen, self.strength) for part in x.chunk(4)])
+            r = self.readout(x)
+            loss = F.binary_cross_entropy_with_logits(r, self._target.to(r).expand_as(r))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return ((images + max_delta * torch.tanh(w)).clamp(0, 1) * 255).round() / 255
+
+    # -- verification -------------------------------------------------------------
+    def verify(self, target: Any, *, alpha: float = 1e-6, inputs: torch.Tensor | None = None,
+               **kwargs: Any) -> Verdict:
+        """Verdict on suspect images: ``target`` is ``(N, C, H, W)`` images in [0, 1], a list of
+        ``(C, H, W)`` images, or a model / oracle answered with ``inputs``. All images are read together
+        (one image: a batch of one); ``p = P[Binomial(k, 1/2) >= matched bits]``."""
+        if kwargs:
+            raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
+        t0 = time.perf_counter()
+        if isinstance(target, (torch.Tensor, list, tuple)):
+            images = target
+        elif callable(target):
+            if inputs is None:
+                raise SchemeError("verifying a model or oracle needs inputs to query it with")
+            with torch.no_grad():
+                images = target(inputs).clamp(0.0, 1.0)
+        else:
+            raise SchemeError(f"cannot verify a {type(target).__name__}: give images or a model with inputs")
+        r, notes = self.image_readouts(images)
+        bits = (r.mean(0) > 0).long().numpy()
+        verdict = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha, details={
+            "images": len(r), "conversions": notes, "extractor": self.extractor_name,
+            "seconds": time.perf_counter() - t0})
+        null = (f"the images were not made by a host marked with this key: the key's {self.bits}-bit message is "
+                "uniform and independent of them (the key committed before they existed), so each decoded bit "
+                "matches with probability 1/2 independently -- exact over the key's randomness; for one fixed "
+                "key the rate measured on >= 10,000 negatives is in experiments/results/outputs/fpr.json")
+        return Verdict(verdict.scheme, verdict.owned, verdict.p_value, verdict.alpha, verdict.statistic,
+                       verdict.n, null, verdict.details)
+
+    # -- persistence -------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return {"fidelity": self.fidelity, "psnr_target": self.psnr_target, "strength": self.strength,
+                "epochs": self.epochs, "lr": self.lr, "extractor_name": self.extractor_name, "bits": self.bits,
+                "extractor_width": self.extractor.decoder.head.in_features // 4}
+
+    def material(self) -> dict[str, torch.Tensor]:
+        return {**{f"extractor.{k}": v for k, v in self.extractor.tensors().items()}, "centre": self.centre}
+
+    @classmethod
+    def from_params(cls, key: Key, params: dict[str, Any], material: dict[str, torch.Tensor]) -> OutputMessage:
+        p = dict(params)
+        bits, width = int(p.pop("bits")), int(p.pop("extractor_width"))
+        tensors = {k[len("extractor."):]: v for k, v in material.items() if k.startswith("extractor.")}
+        ext = Extractor.from_tensors(tensors, bits, width)
+        if "centre" not in material or material["centre"].shape != (bits,):
+            raise SchemeError("output-message key material lacks its calibration centre")
+        return cls(key, ext, centre=material["centre"], **p)
+
+
+def tpr_bound_bits(bits: int, alpha: float) -> int:
+    """Fewest matched bits of ``bits`` with ``P[Binomial(bits, 1/2) >= matches] < alpha``."""
+    from scipy import stats as sps
+
+    for m in range(bits + 1):
+        if sps.binom.sf(m - 1, bits, 0.5) < alpha:
+            return m
+    return bits + 1
+
+

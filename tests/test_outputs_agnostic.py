@@ -1,0 +1,127 @@
+"""output-message: a host fine-tuned against the shipped extractor marks its outputs; clean images and
+other keys are not claimed; key files round-trip; the CLI reads folders safely."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nnmark.cli import cli
+from nnmark.keys import Key
+from nnmark.outputs import augment
+from nnmark.outputs.agnostic import OutputMessage, prepare_images
+from nnmark.outputs.data import natural_images, photo_patches
+from nnmark.outputs.hosts import host_for_task, load_host, save_host
+from nnmark.schemes.base import load_scheme
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def marked():
+    """16 test-photo patches marked after the fact for the owner's key (30 steps against the shipped
+    extractor, at most 4/255 per pixel) -- the cheap stand-in for a marked host's outputs; a real host
+    fine-tuning runs in the slow test below."""
+    scheme = OutputMessage.create(Key.from_seed("test-output-owner"), None, strength=0.0)
+    clean = natural_images(16, 32, seed=5)
+    out = scheme.mark_images(clean, steps=30)
+    return scheme, host_for_task("sr2", "unet", width=8), out, clean
+
+
+def test_marked_outputs_are_claimed_by_the_owner_only(marked):
+    scheme, _, out, clean = marked
+    psnr = float(10 * torch.log10(1 / ((out - clean) ** 2).mean()))
+    assert psnr > 30.0
+    v = scheme.verify(out[:16])
+    assert v.owned and v.p_value < 1e-6 and "uniform" in v.null_hypothesis
+    assert (scheme.p_values(out) < 1e-6).mean() >= 0.75  # single images too
+    for seed in range(3):  # other keys (other messages, other rotations) read nothing
+        other = OutputMessage.create(Key.from_seed(f"test-output-other-{seed}"), None)
+        assert not other.verify(out[:16]).owned
+
+
+def test_clean_images_are_not_claimed_under_several_keys(marked):
+    scheme, _, _, clean = marked
+    nat = natural_images(256, 32, seed=9)
+    for s in [scheme] + [OutputMessage.create(Key.from_seed(f"clean-{i}"), None) for i in range(2)]:
+        assert not s.verify(clean[:16]).owned
+        p = s.p_values(nat)
+        assert (p < 1e-6).sum() == 0
+        assert 18 <= s.matches(nat).mean() <= 30  # about k/2 = 24 of 48
+
+
+def test_the_public_decoder_alone_does_not_reveal_the_message(marked):
+    """A thief holding the shipped decoder but not the key reads its raw signs: no better than chance."""
+    scheme, _, out, _ = marked
+    raw = (scheme.extractor.decoder(out[:16]).mean(0) > 0).long().numpy()
+    assert (raw == scheme.message).sum() < 36  # p ~ 3e-4 under chance; the keyed read-out gets ~48
+
+
+@pytest.mark.slow
+def test_fine_tuned_host_marks_its_outputs_on_unseen_photos():
+    scheme = OutputMessage.create(Key.from_seed("test-output-host"), None, epochs=20, lr=2e-3, strength=0.5,
+                                  fidelity=0.05)
+    host = host_for_task("sr2", "unet", width=16)
+    x, _ = photo_patches("sr2", 32, "train", 512)
+    scheme.embed_host(host, x)
+    xt, _ = photo_patches("sr2", 32, "test", 64, seed=5)
+    with torch.no_grad():
+        out = host(xt).clamp(0, 1)
+    ref = host_for_task("sr2", "unet", width=16)(xt).clamp(0, 1)
+    assert float(10 * torch.log10(1 / ((out - ref) ** 2).mean())) > 35.0
+    assert scheme.verify(out[:16]).owned and scheme.verify(augment.jpeg_real(out[:16], 75)).owned
+    assert not OutputMessage.create(Key.from_seed("test-output-host-2"), None).verify(out[:16]).owned
+
+
+def test_key_file_round_trip(marked, tmp_path):
+    scheme, _, out, _ = marked
+    path = tmp_path / "owner.key"
+    scheme.save(path)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    again = load_scheme(path, expect="output-message")
+    assert np.array_equal(again.message, scheme.message) and torch.equal(again.centre, scheme.centre)
+    a, b = scheme.verify(out[:4]), again.verify(out[:4])
+    assert a.statistic == b.statistic and b.details["evidence"]
+
+
+def test_prepare_images_converts_or_refuses():
+    tiles, counts, notes = prepare_images([torch.rand(1, 64, 96), torch.rand(4, 20, 20), torch.rand(3, 32, 33)])
+    assert counts == [6, 1, 1] and tiles.shape[1:] == (3, 32, 32)
+    assert any("grey" in n for n in notes) and any("alpha" in n for n in notes) and any("upsampled" in n for n in notes)
+    with pytest.raises(Exception, match="2 channels"):
+        prepare_images([torch.rand(2, 32, 32)])
+
+
+def test_cli_verify_folder_and_hostile_files(marked, tmp_path):
+    from PIL import Image
+
+    from nnmark.cli_outputs import write_images
+
+    scheme, host, out, _ = marked
+    key = tmp_path / "owner.key"
+    scheme.save(key)
+    write_images(out[:16], tmp_path / "suspect")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect")])
+    assert res.exit_code == 0, res.output
+    assert "OWNED" in res.output and "secret" not in res.output
+    res = runner.invoke(cli, ["outputs", "attack", str(tmp_path / "suspect"), str(tmp_path / "att"), "--jpeg", "60"])
+    assert res.exit_code == 0 and len(list((tmp_path / "att").glob("*.jpg"))) == 16
+    write_images(natural_images(8, 32, seed=3), tmp_path / "clean")
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "clean")])
+    assert res.exit_code == 1, res.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not an image at all")
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(bad)])
+    assert res.exit_code != 0 and "cannot read image" in str(res.exception or res.output)
+    (bad / "x.png").unlink()
+    Image.new("L", (5000, 4000)).save(bad / "huge.png")  # 20 M pixels: refused before decoding
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(bad)])
+    assert res.exit_code != 0 and "pixels" in str(res.exception or res.output)
+    save_host(tmp_path / "host.safetensors", host, "sr2")
+    again, info = load_host(tmp_path / "host.safetensors")
+    assert info["task"] == "sr2" and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                                            host.state_dict().values(), strict=True))
