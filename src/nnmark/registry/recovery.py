@@ -1,8 +1,9 @@
 """Crash recovery and consistency audit of a registry (a mixin of :class:`~nnmark.registry.store.Registry`).
 
 A crash between reserving a code and completing its issue leaves a ``reserved`` row holding a code.
-:meth:`RecoveryMixin.recover` finds reservations older than a limit whose process is no longer alive and either
-completes them (the planned file exists and passes an optional ``verify`` callback) or releases the code, so no
+:meth:`RecoveryMixin.recover` finds reservations older than a limit whose issuer is gone -- its lease expired
+(no heartbeat renewed it), or, on this host, its process is dead -- and either completes them (the planned
+file exists and passes an optional ``verify`` callback) or releases the code, so no
 code is lost; :meth:`RecoveryMixin.audit` lists what is inconsistent, one line each.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from nnmark.registry.records import RecoveryReport, RegistryError, Reservation
-from nnmark.registry.schema import codes_table, customers_table, issues_table
+from nnmark.registry.schema import codes_table, customers_table, issues_table, leases_table
 
 
 def _sha256_of(path: str | os.PathLike) -> str:
@@ -48,8 +49,11 @@ class RecoveryMixin:
     ) -> RecoveryReport:
         """Settle reservations left by crashed or killed issuers.
 
-        A ``reserved`` issue older than ``older_than_s`` is settled unless (with
-        ``check_alive``) its process is still running on this host. If its planned
+        A ``reserved`` issue older than ``older_than_s`` is settled unless (with ``check_alive``) its issuer
+        may still be at work: its process is running on this host, or its lease has not expired (an issuer on
+        any host renews its lease while it lives, see :mod:`nnmark.registry.store`); a reservation of a dead
+        process on this host is settled at once, one without a lease (made before leases) by the process check
+        alone. If its planned
         file exists (and ``verify(path, reservation)`` returns true, when given --
         e.g. a check that the file carries the reserved fingerprint), the issue is
         completed with the file's SHA-256; otherwise it is released and the code
@@ -71,10 +75,18 @@ class RecoveryMixin:
                 .mappings()
                 .all()
             )
+        leases = self._lease_expiries([row["token"] for row in rows])
+        now = time.time()
         completed, released, skipped = [], [], []
         for row in rows:
-            if check_alive and row["host"] == host and row["pid"] != os.getpid() and _pid_alive(row["pid"]):
+            local = row["host"] == host
+            if check_alive and local and row["pid"] != os.getpid() and _pid_alive(row["pid"]):
                 skipped.append(row["token"])
+                continue
+            dead_here = local and row["pid"] != os.getpid() and not _pid_alive(row["pid"])
+            expiry = leases.get(row["token"])
+            if check_alive and not dead_here and expiry is not None and expiry > now:
+                skipped.append(row["token"])  # an issuer elsewhere still renews its lease
                 continue
             res = Reservation(
                 row["token"],
@@ -98,6 +110,18 @@ class RecoveryMixin:
             except RegistryError:
                 continue  # settled concurrently by someone else
         return RecoveryReport(tuple(completed), tuple(released), tuple(skipped))
+
+    def _lease_expiries(self, tokens: list[str]) -> dict[str, float]:
+        if not tokens or not getattr(self, "leases_enabled", False):
+            return {}
+        out: dict[str, float] = {}
+        with self._engine.connect() as conn:
+            for start in range(0, len(tokens), 500):
+                part = tokens[start:start + 500]
+                for token, expiry in conn.execute(sa.select(leases_table.c.token, leases_table.c.expires_at)
+                                                  .where(leases_table.c.token.in_(part))):
+                    out[token] = float(expiry)
+        return out
 
     def audit(self, check_files: bool = False) -> list[str]:
         """Consistency problems, one line each (empty when sound): codes reserved without a pending issue,

@@ -3,7 +3,8 @@
 Tables: ``nnmark_meta`` (schema version), ``product`` (one row: the base model's SHA-256, the key id, the code
 family), ``customers``, ``codes`` (codebook, index, issue ``rank``, holder, state ``free | reserved | assigned``)
 and ``issues`` (one row per issued copy: token, planned/final path, SHA-256, status ``reserved | complete |
-aborted | released``, host and pid of the issuer). See :mod:`nnmark.registry.store` for how they are used.
+aborted | released``, host and pid of the issuer), and ``issue_leases`` (the lease of each reservation: holder,
+expiry, last renewal). See :mod:`nnmark.registry.store` for how they are used.
 """
 
 from __future__ import annotations
@@ -73,3 +74,17 @@ issues_table = sa.Table(
     sa.Column("note", sa.Text, nullable=True),
 )
 sa.Index("ix_issues_status", issues_table.c.status)
+
+# Leases of reservations (one row per reserved issue, renewed by the live issuer's heartbeat). Kept in its own
+# metadata so that registries made before leases still open: the table is created when first needed, and a
+# registry that cannot create it (read-only) falls back to the same-host process check.
+lease_metadata = sa.MetaData()
+
+leases_table = sa.Table(
+    "issue_leases",
+    lease_metadata,
+    sa.Column("token", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(300), nullable=False),  # host:pid:random of the issuing Registry object
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("renewed_at", sa.Float, nullable=False),
+)

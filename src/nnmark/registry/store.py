@@ -27,10 +27,17 @@ Issuing protocol (crash-safe)
 Only ``complete`` rows point to model files, and they are written after the
 file is verified, so a crash never leaves a record pointing to a missing
 model. A crash between 1 and 3 leaves a ``reserved`` row holding a code;
-:meth:`Registry.recover` finds reservations older than a limit whose process is
-no longer alive, and either completes them (the planned file exists and passes
+:meth:`Registry.recover` finds reservations older than a limit whose issuer is
+gone, and either completes them (the planned file exists and passes
 an optional ``verify`` callback) or releases the code -- so no code is lost.
 A customer keeps its code for later copies (same fingerprint).
+
+Leases: every reservation holds a lease (``issue_leases``: holder, expiry) of ``lease_s`` seconds (default
+:data:`DEFAULT_LEASE_S`), which the issuing :class:`Registry` object renews from a background heartbeat thread
+every ``lease_s / 3`` until the issue is completed or aborted. An issuer killed by SIGKILL stops renewing; an
+issuer alive on any host keeps its lease current, so :meth:`Registry.recover` (see
+:mod:`nnmark.registry.recovery`) never releases its reservation -- no same-host process check is needed
+(it is still used as a shortcut: a reservation of a dead process on this host is settled at once).
 
 Layout: the tables are in :mod:`nnmark.registry.schema`, the errors and records in
 :mod:`nnmark.registry.records`, crash recovery and the audit in :mod:`nnmark.registry.recovery`;
@@ -46,6 +53,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -76,10 +84,15 @@ from nnmark.registry.schema import (
     codes_table,
     customers_table,
     issues_table,
+    lease_metadata,
+    leases_table,
     meta_table,
     metadata,
     product_table,
 )
+
+DEFAULT_LEASE_S = 60.0
+"""How long a reservation's lease lasts without renewal (seconds); the issuer renews it every third of that."""
 
 __all__ = ["SCHEMA_VERSION", "Customer", "IssuedCopy", "ProductInfo", "RecoveryReport", "Registry", "RegistryError",
            "RegistryNotFoundError", "RegistryProductError", "RegistrySchemaError", "Reservation", "database_url"]
@@ -88,13 +101,28 @@ __all__ = ["SCHEMA_VERSION", "Customer", "IssuedCopy", "ProductInfo", "RecoveryR
 class Registry(RecoveryMixin):
     """An issued-copies registry (use :meth:`create` or :meth:`open`; both take a database URL or a file path).
 
-    ``busy_timeout_s``: how long an SQLite writer waits for the lock. Thread- and
-    process-safe; keep one ``Registry`` per process.
+    ``busy_timeout_s``: how long an SQLite writer waits for the lock. ``lease_s``: the lease of this object's
+    reservations (module doc). Thread- and process-safe; keep one ``Registry`` per process.
     """
 
-    def __init__(self, engine: Engine, url: str) -> None:
+    def __init__(self, engine: Engine, url: str, lease_s: float = DEFAULT_LEASE_S) -> None:
         self._engine = engine
         self.url = url
+        self.lease_s = float(lease_s)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.leases_enabled = False  # set by create() / open() once the database is known to be a registry
+
+    def _ensure_lease_table(self) -> bool:
+        try:
+            with self._engine.begin() as conn:
+                lease_metadata.create_all(conn, checkfirst=True)
+            return True
+        except DBAPIError:  # e.g. a read-only database: leases off, recovery uses the same-host check
+            return False
 
     # -- construction -------------------------------------------------------------
     @staticmethod
@@ -135,6 +163,7 @@ class Registry(RecoveryMixin):
         codes: int | Sequence[int] | np.ndarray,
         codebook: str = "cic",
         busy_timeout_s: float = 60.0,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> Registry:
         """Create a new registry and fill its code table.
 
@@ -184,7 +213,9 @@ class Registry(RecoveryMixin):
             rows = [{"codebook": codebook, "idx": int(i), "rank": r, "state": "free"} for r, i in enumerate(order)]
             for start in range(0, len(rows), 5000):
                 conn.execute(codes_table.insert(), rows[start : start + 5000])
-        return cls(engine, url)
+        reg = cls(engine, url, lease_s=lease_s)
+        reg.leases_enabled = reg._ensure_lease_table()
+        return reg
 
     @classmethod
     def open(
@@ -195,6 +226,7 @@ class Registry(RecoveryMixin):
         base_sha256: str | None = None,
         key_id: str | None = None,
         busy_timeout_s: float = 60.0,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> Registry:
         """Open an existing registry; checks the schema and, when given, the product name, base-model hash and
         key id. Raises :class:`RegistryNotFoundError`, :class:`RegistrySchemaError`, :class:`RegistryProductError`."""
@@ -205,11 +237,12 @@ class Registry(RecoveryMixin):
         if path is not None and not Path(path).is_file():
             raise RegistryNotFoundError(f"registry not found: {path}")
         engine = cls._make_engine(url, busy_timeout_s)
-        reg = cls(engine, url)
+        reg = cls(engine, url, lease_s=lease_s)
         try:
             reg._check_schema()
         except DBAPIError as exc:
             raise RegistrySchemaError(f"{url} is not a readable registry database ({exc.orig})") from None
+        reg.leases_enabled = reg._ensure_lease_table()
         info = reg.product
         for what, want, have in (
             ("product", product, info.name),
@@ -241,8 +274,52 @@ class Registry(RecoveryMixin):
                     raise RegistrySchemaError(f"registry table {table.name!r} lacks columns {missing}")
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Stop the heartbeat and release the database connections."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(5)
         self._engine.dispose()
+
+    # -- leases -------------------------------------------------------------------
+    def renew(self, token: str) -> bool:
+        """Extend this issuer's lease on reservation ``token`` by ``lease_s`` from now; ``False`` when the lease
+        is no longer this issuer's (the reservation was settled)."""
+        now = time.time()
+        with self._engine.begin() as conn:
+            res = conn.execute(leases_table.update()
+                               .where(leases_table.c.token == token, leases_table.c.holder == self.holder)
+                               .values(expires_at=now + self.lease_s, renewed_at=now))
+        return res.rowcount == 1
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3.0):
+            with self._held_lock:
+                tokens = list(self._held)
+            for token in tokens:
+                try:
+                    self.renew(token)
+                except Exception:  # noqa: BLE001 - database unreachable: the lease lapses, as it should
+                    pass
+
+    def _hold(self, token: str) -> None:
+        with self._held_lock:
+            self._held.add(token)
+            if self._heartbeat is None or not self._heartbeat.is_alive():
+                self._stop.clear()
+                self._heartbeat = threading.Thread(target=self._beat, name="nnmark-lease-heartbeat", daemon=True)
+                self._heartbeat.start()
+
+    def _release_hold(self, token: str) -> None:
+        with self._held_lock:
+            self._held.discard(token)
+
+    def leases(self) -> dict[str, tuple[str, float]]:
+        """``{token: (holder, expires_at)}`` of the reservations' leases."""
+        if not self.leases_enabled:
+            return {}
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(leases_table.c.token, leases_table.c.holder, leases_table.c.expires_at))
+            return {t: (h, float(e)) for t, h, e in rows}
 
     def __enter__(self) -> Registry:
         return self
@@ -320,7 +397,9 @@ class Registry(RecoveryMixin):
         self, customer: str, planned_path: str | os.PathLike | None = None, retries: int = 20
     ) -> Reservation:
         """Reserve a code for ``customer`` (atomic; see the module doc). A customer that already holds a code
-        (from an earlier complete issue) gets the same code again; one with an issue in progress is refused."""
+        (from an earlier complete issue) gets the same code again; one with an issue in progress is refused.
+        The reservation's lease (``lease_s``) is taken in the same transaction and renewed by this object's
+        heartbeat until the issue is completed or aborted."""
         planned = None if planned_path is None else str(Path(planned_path).expanduser().resolve())
         c, k, i = customers_table, codes_table, issues_table
         for _ in range(max(1, retries)):
@@ -373,6 +452,11 @@ class Registry(RecoveryMixin):
                             pid=os.getpid(),
                         )
                     )
+                    if self.leases_enabled:
+                        conn.execute(leases_table.insert().values(token=token, holder=self.holder,
+                                                                  expires_at=now + self.lease_s, renewed_at=now))
+                if self.leases_enabled:
+                    self._hold(token)
                 return Reservation(token, customer, cid, codebook, int(idx), planned, now)
             except (_Retry, IntegrityError):
                 time.sleep(0.01)
@@ -411,7 +495,13 @@ class Registry(RecoveryMixin):
                 .values(status="complete", model_path=path, model_sha256=sha, completed_at=now, note=note)
             )
             conn.execute(codes_table.update().where(codes_table.c.id == row["code_id"]).values(state="assigned"))
+            self._drop_lease(conn, token)
+        self._release_hold(token)
         return self.issued_copy(token)
+
+    def _drop_lease(self, conn: Connection, token: str) -> None:
+        if self.leases_enabled:
+            conn.execute(leases_table.delete().where(leases_table.c.token == token))
 
     def abort(self, reservation: Reservation | str, note: str | None = None) -> None:
         """Give up a reservation: the code returns to the free pool unless the customer already holds it from
@@ -419,6 +509,7 @@ class Registry(RecoveryMixin):
         token = reservation.token if isinstance(reservation, Reservation) else str(reservation)
         with self._engine.begin() as conn:
             self._abort(conn, token, "aborted", note)
+        self._release_hold(token)
 
     def _abort(self, conn: Connection, token: str, status: str, note: str | None) -> None:
         row = self._issue_row(conn, token)
@@ -434,6 +525,7 @@ class Registry(RecoveryMixin):
             .where(codes_table.c.id == row["code_id"], codes_table.c.state == "reserved")
             .values(customer_id=None, state="free")
         )
+        self._drop_lease(conn, token)
     # -- look-ups -----------------------------------------------------------------
     def _copies_query(self):
         i, c, k = issues_table, customers_table, codes_table
