@@ -125,3 +125,14 @@ def test_cli_verify_folder_and_hostile_files(marked, tmp_path):
     again, info = load_host(tmp_path / "host.safetensors")
     assert info["task"] == "sr2" and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
                                                                             host.state_dict().values(), strict=True))
+
+
+def test_a_key_made_after_the_images_existed_is_no_evidence(marked, tmp_path):
+    """The thief's claim: fit a key to someone else's images after seeing them. A key committed after the
+    suspect images were seen is refused, however well its message matches."""
+    scheme, _, out, _ = marked
+    path = tmp_path / "late.key"
+    scheme.save(path)
+    late = load_scheme(path)
+    v = late.verify(out[:16], suspect_seen_at="2020-01-01T00:00:00Z")
+    assert not v.owned and v.details.get("evidence") is False
