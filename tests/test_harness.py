@@ -175,7 +175,7 @@ def test_reports_written(killed_and_resumed):
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("scheme,verify,attack,budget,seed,status") and len(rows) == 1 + 2 * 2
     summary = (out / "summary.md").read_text()
-    assert "| uchida | align=on |" in summary and "Clopper-Pearson" in summary
+    assert "| attack | uchida (align=on) | uchida (align=off) |" in summary and "Clopper-Pearson" in summary
     assert {p.name for p in (out / "plots").iterdir()} == {"p_vs_accuracy_lost.png", "p_vs_cost.png",
                                                            "score_vs_accuracy_lost.png"}
 
@@ -194,7 +194,8 @@ def test_html_report_as_chromium_renders_it(killed_and_resumed, tmp_path):
     dom = res.stdout
     assert "nnmark evaluation: tiny" in dom and 'id="main-table"' in dom
     main = dom.split('id="main-table"')[1].split("</table>")[0]
-    assert "<td>uchida</td><td>align=on</td>" in main.replace("\n", "")
+    assert "<th>uchida<br><span class=\"small\">align=on</span></th>" in main.replace("\n", "")
+    assert "<tr><td>permute</td>" in main.replace("\n", "") and "<tr><td>ftal</td>" in main.replace("\n", "")
     assert main.count(">kept<") + main.count(">removed<") >= 2  # a verdict string in every attack column
     images = dom.count("<img")
     assert images == 3 and dom.count('data-loaded="yes"') == images, "a plot did not load in the browser"
@@ -234,3 +235,15 @@ def test_cells_fan_out_over_processes_and_ray(tmp_path, fan_out):
     inproc = {r["attack"]: [v["p_value"] for v in r["verdicts"]]
               for r in ResultsLog(tmp_path / "ref" / "results.jsonl").records()}
     assert mine == inproc
+
+
+def test_a_refused_suspect_is_recorded_as_not_owned(killed_and_resumed):
+    """A verifier that cannot read the attacked model (here: another architecture) gives no claim: the row says
+    refused and not owned, so the report counts the attack as removing the mark, not as a crash."""
+    from nnmark.harness.grid import load_owner_scheme, marked_recipe, new_host, splits_of, verify_variants
+
+    out, _, _ = killed_and_resumed
+    plan = load_plan(out.parent / "tiny.yaml")
+    scheme = load_owner_scheme(plan, ArtifactStore(out / "artifacts"), marked_recipe(plan, plan.schemes[0], 0))
+    rows = verify_variants(scheme, new_host("lenet5", splits_of(plan), 0), plan.schemes[0], plan.alpha)
+    assert len(rows) == 2 and all(r["owned"] is False and r["p_value"] is None and r["refused"] for r in rows)

@@ -220,6 +220,29 @@ def resolve_same_scheme(steps: list[dict[str, Any]], scheme: SchemeEntry) -> lis
     return out
 
 
+def uses_data(attack: Any) -> bool:
+    """Whether ``attack`` is handed the attacker's data: it needs data, or its budget (fine-tuning epochs after
+    pruning or quantising, say) is set above zero."""
+    budget = getattr(attack, "budget", None)
+    return bool(attack.needs_data or (budget and getattr(attack, budget, None) not in (None, 0)))
+
+
+def verify_variants(scheme: Any, target: nn.Module, entry: SchemeEntry, alpha: float) -> list[dict[str, Any]]:
+    """A verdict row for each verify variant of ``entry``; a verifier that refuses the suspect (another
+    architecture, no carrier tensor: an :class:`~nnmark.errors.NNMarkError`) gives a row with ``refused`` and
+    ``owned`` False -- the owner cannot claim that model with this key."""
+    from nnmark.errors import NNMarkError
+
+    rows = []
+    for v in entry.variants:
+        try:
+            rows.append(verdict_row(scheme.verify(target, alpha=alpha, **v), v))
+        except NNMarkError as exc:
+            rows.append({"verify": v, "refused": f"{type(exc).__name__}: {exc}"[:300], "owned": False,
+                         "p_value": None, "alpha": alpha, "score": None})
+    return rows
+
+
 def run_attack_chain(steps: list[dict[str, Any]], model: nn.Module, attacker_data: Any, seed: int,
                      attacks_out: list[Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Run the chain's attacks in order (step ``j`` seeded ``seed * 100 + j``); returns the attacked model and
@@ -232,7 +255,7 @@ def run_attack_chain(steps: list[dict[str, Any]], model: nn.Module, attacker_dat
     for j, step in enumerate(steps):
         attack = build_attack(step["name"], **step["params"], seed=seed * 100 + j)
         t = time.perf_counter()
-        model = attack.attack(model, attacker_data if attack.needs_data else None)
+        model = attack.attack(model, attacker_data if uses_data(attack) else None)
         seconds += time.perf_counter() - t
         if attacks_out is not None:
             attacks_out.append(attack)
@@ -242,7 +265,7 @@ def run_attack_chain(steps: list[dict[str, Any]], model: nn.Module, attacker_dat
                                                          if isinstance(v, (int, float, str, bool))}})
             queries += int(cost.get("queries", 0) or 0)
         used = cost.get("samples") if isinstance(cost, dict) and "samples" in cost else \
-            (len(attacker_data) if attack.needs_data else 0)
+            (len(attacker_data) if uses_data(attack) else 0)
         data_n = max(data_n, int(used or 0))
     return model, {"seconds": seconds, "data_n": data_n, "queries": queries, "reported": reported}
 
@@ -256,6 +279,7 @@ def run_cell(plan: Plan, store: ArtifactStore, cell: Cell) -> dict[str, Any]:
     record: dict[str, Any] = {"cell": cell.ident(plan), "scheme": cell.scheme.label, "scheme_name": cell.scheme.name,
                               "access": cell.scheme.access, "attack": cell.attack.label, "budget": cell.budget,
                               "budget_param": cell.attack.budget_param, "seed": cell.seed, "steps": cell.steps(),
+                              "variants": list(cell.scheme.variants),
                               "marked_artifact": store.address(recipe), "pid": os.getpid()}
     if cell.attack.applies_to is not None and cell.scheme.access not in cell.attack.applies_to:
         record.update(status="n/a", reason=f"attack applies to {', '.join(cell.attack.applies_to)} schemes only",
@@ -283,8 +307,7 @@ def run_cell(plan: Plan, store: ArtifactStore, cell: Cell) -> dict[str, Any]:
         record["accuracy_attacked"] = accuracy(attacked, splits.test)
         record["accuracy_lost_points"] = 100.0 * (record["accuracy_marked"] - record["accuracy_attacked"])
         record["cost"] = cost
-        record["verdicts"] = [verdict_row(scheme.verify(attacked, alpha=plan.alpha, **v), v)
-                              for v in cell.scheme.variants]
+        record["verdicts"] = verify_variants(scheme, attacked, cell.scheme, plan.alpha)
         record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing cell is recorded (and reported), not fatal to the grid
         record["status"] = "error"
@@ -318,8 +341,9 @@ class ResultsLog:
         return out
 
     def finished(self) -> set[str]:
-        """Ids of the cells recorded so far."""
-        return {r["cell"] for r in self.records()}
+        """Ids of the cells recorded so far, except those that ended in an error (a rerun tries them again;
+        the report keeps each cell's latest record)."""
+        return {r["cell"] for r in self.records() if r.get("status") != "error"}
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for v in rec.get("verdicts") or [{}]:
             out.append({**base, "verify": variant_label(v.get("verify", {})), "p_value": v.get("p_value"),
                         "neg_log10_p": neg_log10(v.get("p_value")), "owned": v.get("owned"), "alpha": v.get("alpha"),
-                        "score": v.get("score")})
+                        "score": v.get("score"), "error": v.get("refused") or base["error"]})
     return out
 
 
@@ -72,9 +72,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def main_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS) -> dict[str, Any]:
+def main_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS,
+               order: list[str] | None = None) -> dict[str, Any]:
     """The SoK-style matrix: rows (scheme, verify variant), columns attack rows in config order; each entry
-    ``{"mark": "removed" | "kept" | "removed, > N pts" | "error", "p": max p over seeds, "lost": max points}``."""
+    ``{"mark": "removed" | "kept" | "removed, > N pts" | "error", "p": max p over seeds, "lost": max points}``.
+    ``order``: the column order (default: as first recorded)."""
     g = groups(records)
     columns: list[str] = []
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -87,6 +89,8 @@ def main_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS)
             mark = "error"
         elif attack == NO_ATTACK:
             mark = "kept" if o["owned"] == o["seeds"] else f"not owned ({o['seeds'] - o['owned']}/{o['seeds']})"
+        elif o["removed"] and o["refused"]:
+            mark = "removed (verifier refused)"
         elif o["removed"]:
             mark = "removed"
         elif o["removed_but_costly"]:
@@ -95,18 +99,23 @@ def main_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS)
             mark = "kept"
         rows.setdefault((scheme, variant), {})[col] = {"mark": mark, "p": o["max_p"], "lost": o["max_lost_points"],
                                                        "owned": o["owned"], "seeds": o["seeds"]}
+    if order:  # the config's order of attack rows; rows no longer in the config last
+        rank = {c: i for i, c in enumerate(order)}
+        columns.sort(key=lambda c: rank.get(c, len(rank)))
     return {"columns": columns, "rows": [{"scheme": s, "verify": v, "cells": rows[(s, v)]} for (s, v) in rows]}
 
 
 def main_table_markdown(table: dict[str, Any]) -> str:
-    cols = table["columns"]
-    lines = ["| scheme | verify | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for r in table["rows"]:
+    """The main table as Markdown: one row an attack row, one column a scheme and verify variant (the SoK's
+    layout)."""
+    heads = [f"{r['scheme']} ({r['verify']})" for r in table["rows"]]
+    lines = ["| attack | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for c in table["columns"]:
         cells = []
-        for c in cols:
+        for r in table["rows"]:
             e = r["cells"].get(c)
             cells.append("n/a" if e is None else e["mark"])
-        lines.append(f"| {r['scheme']} | {r['verify']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +240,7 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     records = list(latest.values())
     rows = rows_of(records)
     write_csv(folder / "results.csv", rows)
-    table = main_table(records)
+    table = main_table(records, order=[attack_name(a.label, json.dumps(b)) for a in plan.attacks for b in a.budgets])
     robust = robustness_table(records)
     fa = false_alarm_rate(FalseAlarmLog(folder / "false_alarm.jsonl").records())
     forgeries = FalseAlarmLog(folder / "forgery.jsonl", key="forgery").records()

@@ -1,8 +1,9 @@
 """Per scheme, the cheapest attack in the grid that removes it: the honest robustness statement.
 
 An attack row (label and budget) *removes* a scheme (with one verify variant) when, at every seed of the grid,
-the cell ran, the verdict on the attacked model is not ``owned`` at the plan's alpha, and the attacked model
-lost at most ``max_loss`` points (default 5) of test accuracy. *Cheapest* orders the removing rows by the
+the cell ran, the verdict on the attacked model is not ``owned`` at the plan's alpha (or the verifier refused
+the attacked model -- e.g. a key for another architecture -- so the owner cannot claim it), and the attacked
+model lost at most ``max_loss`` points (default 5) of test accuracy. *Cheapest* orders the removing rows by the
 attacker's resources, lexicographically: attacker samples used (``data_n``; a data-free attack is cheaper
 than any that needs data), then queries, then the mean wall-clock seconds the attack took. A scheme no row
 removes is reported as such -- for this grid only: an attack that is not in the grid is not evidence.
@@ -29,10 +30,17 @@ def variant_label(variant: dict[str, Any]) -> str:
 def groups(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
     """Cells grouped by (scheme, verify variant, attack, budget); each entry the cell's figures for that variant."""
     out: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    records = list(records)
+    seen: dict[str, list[dict[str, Any]]] = {}  # a scheme's verify variants, for records that hold no verdict
+    for rec in records:
+        if rec.get("verdicts"):
+            seen.setdefault(rec["scheme"], [{"verify": v["verify"]} for v in rec["verdicts"]])
+        elif rec.get("variants"):
+            seen.setdefault(rec["scheme"], [{"verify": v} for v in rec["variants"]])
     for rec in records:
         if rec.get("status") == "n/a":  # an attack that does not apply to the scheme's access
             continue
-        variants = rec.get("verdicts") or [{"verify": {}}]
+        variants = rec.get("verdicts") or seen.get(rec["scheme"]) or [{"verify": {}}]
         for v in variants:
             key = (rec["scheme"], variant_label(v.get("verify", {})), rec["attack"], json.dumps(rec.get("budget")))
             out.setdefault(key, []).append({"record": rec, "verdict": v})
@@ -44,7 +52,8 @@ def group_outcome(entries: list[dict[str, Any]], max_loss: float = MAX_LOSS_POIN
     ok = [e for e in entries if e["record"].get("status") == "ok"]
     lost = [e["record"]["accuracy_lost_points"] for e in ok]
     owned = [bool(e["verdict"].get("owned")) for e in ok]
-    ps = [float(e["verdict"]["p_value"]) for e in ok]
+    ps = [float(e["verdict"]["p_value"]) for e in ok if e["verdict"].get("p_value") is not None]
+    refused = sum("refused" in e["verdict"] for e in ok)
     removed_all = bool(ok) and len(ok) == len(entries) and not any(owned)
     within = bool(lost) and max(lost) <= max_loss
     cost = [e["record"].get("cost", {}) for e in ok]
@@ -52,7 +61,7 @@ def group_outcome(entries: list[dict[str, Any]], max_loss: float = MAX_LOSS_POIN
     def mean(vals: list[float]) -> float | None:
         return sum(vals) / len(vals) if vals else None
 
-    return {"seeds": len(entries), "errors": len(entries) - len(ok), "owned": sum(owned),
+    return {"seeds": len(entries), "errors": len(entries) - len(ok), "owned": sum(owned), "refused": refused,
             "removed": removed_all and within, "removed_but_costly": removed_all and not within,
             "max_p": max(ps) if ps else None, "min_p": min(ps) if ps else None,
             "mean_lost_points": mean(lost), "max_lost_points": max(lost) if lost else None,

@@ -28,6 +28,20 @@ from nnmark.harness.grid import Cell, ResultsLog, build_artifact, cells, clean_r
 Progress = Callable[[str, int, int], None]
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this worker when the process that spawned it dies (a killed
+    ``nnmark evaluate`` leaves no orphan training on); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _init_worker(paths: list[str]) -> None:
     import torch
 
@@ -35,6 +49,11 @@ def _init_worker(paths: list[str]) -> None:
     for p in reversed(paths):
         if p not in sys.path:
             sys.path.insert(0, p)
+
+
+def _pool_worker(paths: list[str]) -> None:
+    _die_with_parent()
+    _init_worker(paths)
 
 
 def _task(kind: str, plan_dict: dict[str, Any], store_root: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +103,7 @@ class FanOut:
             import multiprocessing
 
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(plan.paths,))
+                                             initializer=_pool_worker, initargs=(plan.paths,))
 
     @property
     def mode(self) -> str:
