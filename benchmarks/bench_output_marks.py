@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_output_marks.py [--size 512] [--cache /tmp/nnmark-outputs]
 
 Images: 5 bundled photos (chelsea, flower: never trained on; coffee, astronaut, rocket: train photos),
-centre-cropped to ``--size`` px.
+centre-cropped to ``--size`` px (or the largest multiple of 32 that fits: 288 for chelsea).
 - peer: invisible-watermark's DWT-DCT (the watermark Stable Diffusion ships) embeds 32 bits into each
   photo after the fact; PSNR against the photo; bits decoded with its decoder.
 - output-message: the x2 super-resolution host marked by experiments/outputs/mark_hosts.py (from
@@ -30,7 +30,7 @@ PHOTOS = ("chelsea", "flower", "coffee", "astronaut", "rocket")
 
 def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
-    s = min(h, w, size)
+    s = min(h, w, size) // 32 * 32
     r, c = (h - s) // 2, (w - s) // 2
     return np.ascontiguousarray(img[r:r + s, c:c + s])
 
@@ -59,7 +59,7 @@ def main() -> None:
         "noise0.05": lambda x: augment.gaussian_noise(x, 0.05, gen),
     }
     photos = [centre_crop(_photo(n), args.size) for n in PHOTOS]
-    tens = [torch.from_numpy(p).permute(2, 0, 1).float().div(255)[None] for p in photos]
+    tens = [torch.from_numpy(p.copy()).permute(2, 0, 1).float().div(255)[None] for p in photos]
     res: dict = {"photos": list(PHOTOS), "size": args.size, "peer": {}, "output_message": {}}
 
     # peer: invisible-watermark, 32 bits, DWT-DCT

@@ -67,6 +67,8 @@ def test_fresh_host_is_identity_and_training_lowers_loss(kind):
     model = build_host(kind, 1, 3, width=8)
     x = torch.rand(2, 1, 16, 16)
     assert torch.allclose(model(x), x.expand(-1, 3, -1, -1))
+    odd = torch.rand(1, 1, 37, 42)  # any size (the U-Net pads to multiples of 4 and crops back)
+    assert model(odd).shape == (1, 3, 37, 42)
     model = host_for_task("denoise", kind, width=8)
     data = photo_patches("denoise", 16, "train", 128)
     out = train_host(model, "denoise", epochs=3, data=data, batch_size=32, lr=2e-3)

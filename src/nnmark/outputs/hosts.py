@@ -2,7 +2,7 @@
 
 Both predict a residual over the input image (the grey input replicated to 3 channels for
 colourisation), so an untrained host already outputs something close to its input, and
-both keep the spatial size (any H, W divisible by 4 for the U-Net). Outputs are clamped to
+both keep the spatial size (any H, W). Outputs are clamped to
 [0, 1] at read-out (``nnmark.tasks.ImageToImage.read``), not inside the network.
 """
 
@@ -45,7 +45,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNetHost(nn.Module):
-    """Two-level U-Net: ``(N, C_in, H, W)`` -> ``(N, C_out, H, W)`` (H, W divisible by 4)."""
+    """Two-level U-Net: ``(N, C_in, H, W)`` -> ``(N, C_out, H, W)`` (any H, W: padded to multiples of 4)."""
 
     def __init__(self, in_channels: int, out_channels: int = 3, width: int = 16) -> None:
         super().__init__()
@@ -59,6 +59,10 @@ class UNetHost(nn.Module):
         self.task = ImageToImage()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % 4 or w % 4:  # pad to a multiple of 4 (replicated edges), crop the output back
+            padded = F.pad(x, (0, (-w) % 4, 0, (-h) % 4), mode="replicate")
+            return self.forward(padded)[..., :h, :w]
         e1 = self.enc1(x)
         e2 = self.enc2(F.max_pool2d(e1, 2))
         m = self.mid(F.max_pool2d(e2, 2))
