@@ -111,6 +111,7 @@ BUILTIN: dict[str, dict[str, Component]] = {
         "projection": "nnmark.schemes.projection:ProjectionRegularizer",
         "wang-manu": "nnmark.schemes.wang:WangManu",
         "wang-auto": "nnmark.schemes.wang:WangAuto",
+        "output-wu": "nnmark.outputs.wu_scheme:OutputWu",
         "output-message": "nnmark.outputs.agnostic:OutputMessage",
     }),
     "attack": _builtin("attack", {

@@ -1,0 +1,178 @@
+"""output-wu: Wu et al.'s secret extraction network E(image, key), trained jointly with a tiny host.
+
+One session fixture fine-tunes a tiny U-Net host (16 px sr2 photo patches) jointly with a tiny E, then
+calibrates on held-out negatives (photos never trained on, the unmarked host's outputs). The tests assert
+measured quantities on *other* held-out images: no claim on unmarked outputs or photos, wrong keys rejected,
+and a key-file round trip that gives the same verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nnmark.data.dataset import ImageDataset
+from nnmark.errors import SchemeError
+from nnmark.keys import Key
+from nnmark.outputs.data import natural_images, photo_patches
+from nnmark.outputs.hosts import host_for_task, train_host
+from nnmark.outputs.wu_network import WuExtractor, binary_logo, colour_logo, flip_bits, key_bits
+from nnmark.outputs.wu_scheme import OutputWu, rejection_rates
+from nnmark.schemes.base import SCHEMES, load_scheme
+from nnmark.train import TrainConfig
+
+SIZE = 16
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "outputs" / "wu_sr2_binary_model"
+
+
+@pytest.fixture(scope="session")
+def wu_tiny():
+    """A tiny host fine-tuned jointly with a tiny E (16 px, 25 steps): the training mechanics."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = photo_patches("sr2", SIZE, "train", 128, 0)
+    unmarked = host_for_task("sr2", "unet", 4)
+    train_host(unmarked, "sr2", epochs=1, data=(x, y), batch_size=32)
+    marked = copy.deepcopy(unmarked)
+    scheme = OutputWu.create(Key.from_seed("wu-test"), marked, image_size=SIZE, wm_size=8, width=8,
+                             key_channels=4, wrong_keys=2)
+    before = {k: v.clone() for k, v in scheme.extractor.state_dict().items()}
+    cfg = TrainConfig(epochs=10, batch_size=8, max_steps=25, progress=False)
+    rec = scheme.embed(marked, ImageDataset(x, y, 0), cfg, natural=natural_images(128, SIZE, 1, split="val"))
+    return scheme, unmarked, marked, before, rec
+
+
+@pytest.fixture(scope="session")
+def wu_marked():
+    """(scheme, unmarked host, marked host, held-out inputs, held-out photos): the checkpoint and committed key
+    that experiments/outputs/wu_measure.py made (32 px sr2, 1,000 joint steps; calibrated before committing on
+    1,000 negatives from photos never trained on: patches and unmarked-host outputs). The tests measure on other
+    patches of those photos (the calibration is part of the committed key: recalibrating would void it)."""
+    torch.set_num_threads(1)
+    scheme = load_scheme(SHIPPED / "owner_key.json", expect="output-wu", log=SHIPPED / "commitments.log")
+    hosts = []
+    for name in ("unmarked_host", "marked_host"):
+        h = host_for_task("sr2", "unet", 16)
+        h.load_state_dict(load_file(str(SHIPPED / f"{name}.safetensors")))
+        hosts.append(h.eval())
+    xt, _ = photo_patches("sr2", 32, "test", 256, 77)
+    photos = natural_images(256, 32, 78, split="test")
+    return scheme, hosts[0], hosts[1], xt, photos
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return model(x).clamp(0, 1)
+
+
+def test_registered_and_declared():
+    assert SCHEMES["output-wu"] is OutputWu
+    assert OutputWu.PARAMS.resolve({"recipe": "paper"})["recipe"] == "paper"
+    paper = OutputWu(Key.from_seed(1), recipe="paper", image_size=SIZE, wm_size=8, width=4, key_channels=4)
+    assert (paper.distance, paper.alpha, paper.beta, paper.gamma, paper.theta, paper.hard_negatives) == \
+        ("l1", 1.0, 0.5, 0.5, 1.0, False)
+
+
+def test_network_shapes_and_key_reaches_every_pixel():
+    torch.manual_seed(0)
+    e = WuExtractor(SIZE, 3, 8, 3, 256, 8, 4, "film")
+    nn_init = e.film[2]
+    torch.nn.init.normal_(nn_init.weight, std=0.1)  # a non-trivial global key path
+    img = torch.rand(2, 3, SIZE, SIZE)
+    bits = key_bits(Key.from_seed(2), 256)
+    out = e(img, bits)
+    assert out.shape == (2, 3, 8, 8) and out.abs().max() <= 1
+    one = flip_bits(bits, 1, torch.Generator().manual_seed(0))
+    changed = (e(img, one) - out).abs().amax(dim=(0, 1)) > 0
+    assert changed.all()  # one flipped bit changes every output pixel through the FiLM path
+    with pytest.raises(ValueError, match="reads"):
+        e(torch.rand(1, 3, 20, 20), bits)
+
+
+def test_watermarks_from_the_key():
+    k1, k2 = Key.from_seed(1), Key.from_seed(2)
+    b = binary_logo(k1, 16)
+    assert set(b.unique().tolist()) == {-1.0, 1.0} and b.shape == (1, 16, 16)
+    assert not torch.equal(b, binary_logo(k2, 16))
+    c = colour_logo(k1, 16)
+    assert c.shape == (3, 16, 16) and c.min() >= -1 and c.max() <= 1 and c.std() > 0.2
+
+
+def test_no_claim_on_unmarked_outputs_or_photos(wu_marked):
+    scheme, unmarked, _, xt, photos = wu_marked
+    thr = scheme.threshold(0.01)
+    neg = torch.cat([scheme.statistics(_outputs(unmarked, xt)), scheme.statistics(photos)])
+    fpr = float((neg >= thr).double().mean())
+    assert fpr <= 0.04, f"held-out false-positive rate {fpr:.3f} at the 1% threshold"
+    for batch in (_outputs(unmarked, xt[:8]), _outputs(unmarked, xt[8:24]), photos[:8]):
+        v = scheme.verify(batch, alpha=0.05)
+        assert not v.owned and "not a binomial" in v.null_hypothesis.lower()
+        lo, hi = v.details["calibration_fpr_ci95"]
+        assert lo <= 0.05 <= hi or hi < 0.05
+
+
+def test_marked_outputs_are_detected(wu_marked):
+    scheme, _, marked, xt, _ = wu_marked
+    stats = scheme.statistics(_outputs(marked, xt))
+    tpr = float((stats >= scheme.threshold(0.01)).double().mean())
+    assert tpr >= 0.9, f"detection rate {tpr:.2f} at the 1% threshold"
+    v = scheme.verify(_outputs(marked, xt[:16]), alpha=0.05)
+    assert v.owned and v.p_value < 0.05 and v.n == 16
+
+
+def test_wrong_keys_are_rejected(wu_marked):
+    scheme, _, marked, xt, _ = wu_marked
+    rates = rejection_rates(scheme, _outputs(marked, xt[:96]), [1, 8, 512], alpha=0.01)
+    assert rates[8] >= 0.99 and rates[512] >= 0.99, rates
+    wrong = flip_bits(scheme.bits, 8, torch.Generator().manual_seed(3))[0]
+    right_stats = scheme.statistics(_outputs(marked, xt[:96]))
+    assert float(scheme.statistics(_outputs(marked, xt[:96]), wrong).mean()) < float(right_stats.mean()) - 0.3
+
+
+def test_key_file_round_trip_and_hostile_inputs(wu_marked, tmp_path):
+    scheme, _, marked, xt, _ = wu_marked
+    path = tmp_path / "wu.key"
+    scheme.save(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    again = load_scheme(path, expect="output-wu")
+    imgs = _outputs(marked, xt[:8])
+    a, b = scheme.verify(imgs, alpha=0.05), again.verify(imgs, alpha=0.05)
+    assert math.isclose(a.p_value, b.p_value) and a.statistic == pytest.approx(b.statistic)
+    with pytest.raises(SchemeError, match="32x32"):
+        scheme.verify(torch.rand(2, 3, 20, 20))
+    with pytest.raises(SchemeError, match="smaller than"):
+        scheme.verify([torch.rand(3, 20, 40)])
+    with pytest.raises(SchemeError, match="NaN"):
+        scheme.verify(torch.full((2, 3, 32, 32), float("nan")))
+    tiles, notes = scheme.prepare_images([torch.rand(1, 70, 64)])
+    assert tiles.shape == (4, 3, 32, 32) and any("grey" in n for n in notes) and any("tiles" in n for n in notes)
+    with pytest.raises(SchemeError, match="smallest p-value"):
+        scheme.verify(imgs, alpha=1e-6)
+    with pytest.raises(SchemeError, match="calibrat"):
+        OutputWu(Key.from_seed(5), image_size=32, width=4, key_channels=4).verify(imgs)
+
+
+def test_joint_training_mechanics(wu_tiny):
+    scheme, unmarked, marked, before, rec = wu_tiny
+    after = scheme.extractor.state_dict()
+    trained = [k for k in before if not torch.equal(before[k], after[k])]
+    frozen = [k for k in before if k.startswith("film.")]
+    assert trained and not set(frozen) & set(trained)  # E learned; the key gate stayed fixed
+    hist = rec.config["wu_history"]
+    assert hist[0]["marked"] > hist[-1]["marked"]  # E moved towards the watermark on marked outputs
+    x, _ = photo_patches("sr2", SIZE, "test", 16, 3)
+    assert not torch.equal(_outputs(marked, x), _outputs(unmarked, x))  # the host was fine-tuned
+    # the fidelity bound is the curriculum's: 20 dB at step 0, rising to 32 dB over 300 steps
+    hook = scheme.training_hook(natural_images(8, SIZE, 0, split="val"))
+    assert hook.fidelity_bound_db() == pytest.approx(20.0)
+    hook.step = 150
+    assert hook.fidelity_bound_db() == pytest.approx(26.0)
+    hook.step = 10_000
+    assert hook.fidelity_bound_db() == pytest.approx(32.0)
