@@ -92,6 +92,7 @@ def test_artifact_store_builds_once_and_writes_atomically(tmp_path):
     assert calls == [1] and (store.hits, store.builds) == (2, 1)
     assert set(store.state(recipe)) == {"weight", "bias"} and store.info(recipe) == {"note": "built"}
     assert not list(tmp_path.rglob(".nnmark-*"))  # no temp file left behind
+    assert (tmp_path / ".gitignore").read_text().splitlines()[-1] == "*"  # key files are never committed
     assert not store.has({"kind": "test", "seed": 4})
 
 

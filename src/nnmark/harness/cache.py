@@ -72,7 +72,11 @@ class ArtifactStore:
 
     # -- reading and writing ---------------------------------------------------------------------------
     def put(self, recipe: dict[str, Any], model: torch.nn.Module, info: dict[str, Any] | None = None) -> None:
-        """Store ``model``'s state dict and ``{recipe, info}`` (the JSON record last), atomically."""
+        """Store ``model``'s state dict and ``{recipe, info}`` (the JSON record last), atomically. The store's
+        root gets a ``.gitignore`` of ``*``: it holds secret key files that must never be committed."""
+        ignore = self.root / ".gitignore"
+        if not ignore.exists():
+            write_atomically(ignore, b"# nnmark artifact store: models and SECRET key files; never commit\n*\n", 0o644)
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_atomically(self.model_path(recipe), st_save(tensors), 0o644)
         record = {"recipe": recipe, "address": self.address(recipe), "info": info or {}}

@@ -12,7 +12,9 @@ For every scheme and grid seed, on the owner's marked host:
   owner's model was stored, is refused by the commitment rule; and how far the forged set transfers to the
   clean hosts of the false-alarm study (independently trained models it must not claim).
 
-A scheme is reported *forgeable* when a forgery reaches p < alpha *and* survives the commitment rule.
+A scheme is reported *forgeable* when a key search reaches p < alpha with some fresh key (the raw statistic is
+forgeable; the commitment rule is not re-checked for key searches), or when forged triggers claim the model
+and survive the commitment rule.
 """
 
 from __future__ import annotations
@@ -103,5 +105,9 @@ def forgery_markdown(records: list[dict[str, Any]]) -> str:
             transfer = f"{r['transfer_claims']}/{len(r['transfer_p'])} claimed"
         lines.append(f"| {r['scheme']} | {r['seed']} | {attempt} | {r['min_p']:.3g} | {claims} | {after} | "
                      f"{transfer} | {'YES' if r['forgeable'] else 'no'} |")
-    return "\n".join(lines) + "\n\nForgeable: a forged key claims the owner's model at alpha and the claim survives " \
-        "the commitment rule (a key committed after the model existed is no evidence).\n"
+    return "\n".join(lines) + ("\n\nForgeable -- key search: some fresh key of the attacker's (made with the scheme's "
+                               "own construction, Wang's secret network fitted to the model as the forgery helper "
+                               "does) claims the owner's model at alpha: the raw statistic can be forged, and only the "
+                               "commitment rule (a key committed after the model existed is no evidence) refuses "
+                               "it -- not re-checked for key searches here. Adversarial triggers: the forged set, "
+                               "committed after the model, still claims it under the commitment rule.\n")
