@@ -47,12 +47,23 @@ def mlp_runs() -> dict[str, tuple[dict, list[str]]]:
             "multi-l100-clip": ({**adv, "strength": 100.0, "clip": 1.0}, FOUR),
             "multi-l10-clip-dsteps3": ({**adv, "strength": 10.0, "clip": 1.0, "defender_steps": 3}, FOUR),
             "all-l10-clip": ({**adv, "defenders": "all", "strength": 10.0, "clip": 1.0}, FOUR),
+            "multi-l20": ({**adv, "strength": 20.0}, FOUR),
+            "multi-l20-ramp": ({**adv, "strength": 20.0, "ramp_rounds": 115}, FOUR),
+            "multi-l60-ramp": ({**adv, "strength": 60.0, "ramp_rounds": 115}, FOUR),
+            "multi-l100-ramp": ({**adv, "strength": 100.0, "ramp_rounds": 230}, FOUR),
+            "multi-l10-dsteps5": ({**adv, "strength": 10.0, "defender_steps": 5}, FOUR),
+            "all-l10": ({**adv, "defenders": "all", "strength": 10.0}, FOUR),
+            "all-l30-ramp": ({**adv, "defenders": "all", "strength": 30.0, "ramp_rounds": 115}, FOUR),
+            "multi-l30-ramp-dsteps3": ({**adv, "strength": 30.0, "ramp_rounds": 115, "defender_steps": 3}, FOUR),
             "artificial": ({**MLP, "defense": "artificial"}, FOUR),
             "nopeek-l0.5": ({**MLP, "defense": "nopeek", "strength": 0.5}, FOUR),
             "nopeek-l2": ({**MLP, "defense": "nopeek", "strength": 2.0}, FOUR),
             "gaussian-0.5": ({**MLP, "defense": "gaussian", "strength": 0.5}, FOUR),
             "gaussian-2": ({**MLP, "defense": "gaussian", "strength": 2.0}, FOUR),
             "laplace-1": ({**MLP, "defense": "laplace", "strength": 1.0}, FOUR)}
+    # the same trainings attacked with the other attacker budget (15 / 30 epochs), to compare like with like
+    runs["none-a15"] = (MLP, FOUR)
+    runs["multi-l30-ramp-a30"] = runs["multi-l30-ramp"]
     return runs
 
 
@@ -63,7 +74,7 @@ def cnn_runs() -> dict[str, tuple[dict, list[str]]]:
     for at in ("pool1", "pool2"):
         b = {**base, "at": at}
         runs[f"{at}-none"] = (b, ["m1", "m2", "m3", "m5"])
-        runs[f"{at}-multi-l10-clip"] = ({**b, "defense": "adversarial", "strength": 10.0, "clip": 1.0},
+        runs[f"{at}-multi-l30-ramp"] = ({**b, "defense": "adversarial", "strength": 30.0, "ramp_rounds": 69},
                                         ["m1", "m2", "m3", "m5"])
         runs[f"{at}-nopeek-l2"] = ({**b, "defense": "nopeek", "strength": 2.0}, ["m1", "m2", "m3", "m5"])
     return runs
@@ -88,11 +99,12 @@ def main() -> None:
             continue
         cfg = SplitConfig.from_dict(overrides)
         t0 = time.perf_counter()
-        res = simulate(cfg, Key.from_seed(f"split-experiment/{name}"))
+        res = simulate(cfg, Key.from_seed(f"split-experiment/{name.removesuffix('-a15').removesuffix('-a30')}"))
         t1 = time.perf_counter()
         rep = privacy_report(res.model, cfg, attackers, attack=AttackConfig(epochs=args.attack_epochs),
                              unsplit=name.endswith("none") or name == "multi-l10")
         row = {"name": name, "config": cfg.to_dict(), "accuracy": res.accuracy, "rounds": res.rounds,
+               "attack_epochs": args.attack_epochs,
                "train_seconds": round(t1 - t0, 1), "attack_seconds": round(time.perf_counter() - t1, 1),
                "reports": res.reports, **rep}
         with path.open("a") as fh:
