@@ -118,6 +118,23 @@ def test_no_claim_on_unmarked_outputs_or_photos(wu_marked):
         assert lo <= 0.05 <= hi or hi < 0.05
 
 
+def test_thief_distorting_innocent_images_gets_no_claim(wu_marked):
+    """A thief who read the README crops, noises, JPEGs or resizes *unmarked* images hoping for a false claim
+    (zeroed crops scored above a clean-only threshold 96% of the time): the null is calibrated on such images."""
+    from nnmark.outputs import augment
+
+    scheme, unmarked, _, xt, photos = wu_marked
+    thr = scheme.threshold(0.01)
+    clean = torch.cat([_outputs(unmarked, xt[:32]), photos[:32]])
+    gen = torch.Generator().manual_seed(4)
+    for attacked in (augment.crop_keep(clean, 0.75, gen), augment.crop_keep(clean, 0.4, gen),
+                     augment.gaussian_noise(clean, 0.08, gen), augment.jpeg_real(clean, 60),
+                     augment.resize(clean, 0.6)):
+        rate = float((scheme.statistics(attacked) >= thr).double().mean())
+        assert rate <= 0.04, rate
+        assert not scheme.verify(attacked[:16], alpha=0.05).owned
+
+
 def test_marked_outputs_are_detected(wu_marked):
     scheme, _, marked, xt, _ = wu_marked
     stats = scheme.statistics(_outputs(marked, xt))

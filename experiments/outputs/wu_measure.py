@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--param", action="append", default=[], help="scheme parameter KEY=VALUE")
     ap.add_argument("--no-other-key", action="store_true", help="skip the host marked under another key")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--load", default=None, help="a --save folder: re-calibrate and measure its hosts and key "
+                    "(no training; timings and history are copied from --out if it exists)")
     ap.add_argument("--save", default=None, help="folder for the key file and both hosts' weights (safetensors)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -83,11 +85,27 @@ def main() -> None:
     res: dict = {"args": vars(args)}
     x, y = photo_patches(args.task, args.size, "train", args.train, 0)
     g0 = host_for_task(args.task, "unet", 16)
-    host = train_host(g0, args.task, epochs=4, data=(x, y))
-    res["host_seconds"], res["host_test_psnr"] = host["seconds"], host["test_psnr"]
-    scheme, g, secs, hist = mark(Key.from_seed(f"wu-{args.task}-owner"), g0, x, y, args, params)
-    res["embed_seconds"], res["embed_over_host_time"] = secs, secs / host["seconds"]
-    res["history"] = hist[:: max(1, len(hist) // 15)]
+    if args.load:
+        from safetensors.torch import load_file
+
+        from nnmark.schemes.base import load_scheme
+
+        folder = Path(args.load)
+        g = host_for_task(args.task, "unet", 16)
+        g0.load_state_dict(load_file(str(folder / "unmarked_host.safetensors")))
+        g.load_state_dict(load_file(str(folder / "marked_host.safetensors")))
+        g0.eval(), g.eval()
+        scheme = load_scheme(folder / "owner_key.json", expect="output-wu", log=folder / "commitments.log")
+        if Path(args.out).exists():
+            old = json.loads(Path(args.out).read_text())
+            res.update({k: old[k] for k in ("host_seconds", "host_test_psnr", "embed_seconds",
+                                            "embed_over_host_time", "history") if k in old})
+    else:
+        host = train_host(g0, args.task, epochs=4, data=(x, y))
+        res["host_seconds"], res["host_test_psnr"] = host["seconds"], host["test_psnr"]
+        scheme, g, secs, hist = mark(Key.from_seed(f"wu-{args.task}-owner"), g0, x, y, args, params)
+        res["embed_seconds"], res["embed_over_host_time"] = secs, secs / host["seconds"]
+        res["history"] = hist[:: max(1, len(hist) // 15)]
     n = args.negatives
     xa, ya = photo_patches(args.task, args.size, "test", n, 101)     # calibration inputs (seed A)
     xb, yb = photo_patches(args.task, args.size, "test", n, 202)     # evaluation inputs (seed B)
@@ -95,11 +113,19 @@ def main() -> None:
     att = natural_images(n, args.size, 505, "attacker")
     refs = [g0]
     other = None
-    if not args.no_other_key:
+    if not args.no_other_key and not args.load:
         _, other, _, _ = mark(Key.from_seed(f"wu-{args.task}-other"), g0, x, y, args, params)
         refs.append(other)
     counts = scheme.calibrate(refs, inputs=xa, natural=nat_a)
     res["calibration"] = counts
+    if args.save:  # commit the calibrated key now: the verdicts below are then evidence
+        from safetensors.torch import save_file
+
+        folder = Path(args.save)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(folder / "marked_host.safetensors"))
+        save_file({k: v.contiguous() for k, v in g0.state_dict().items()}, str(folder / "unmarked_host.safetensors"))
+        scheme.save(folder / "owner_key.json", log=folder / "commitments.log")
     marked_b, unmarked_b = out(g, xb), out(g0, xb)
     neg_eval = {"natural(test photos)": nat_b, "natural(attacker photo)": att, "unmarked host": unmarked_b}
     if other is not None:
@@ -142,7 +168,7 @@ def main() -> None:
         keys[str(f)] = {"rejected": float((st < thr).double().mean()), "mean_statistic": float(st.mean())}
     res["key_sensitivity"] = keys
     rob = {}
-    neg_all = torch.cat([unmarked_b[:256], nat_b[:256]])
+    neg_all = torch.cat([unmarked_b[:256], nat_b[:256]])   # evaluation negatives, attacked like the marked
     attacks = {**{f"noise {s}": (lambda im, s=s: A.gaussian_noise(im, s, torch.Generator().manual_seed(1)))
                   for s in (0.01, 0.02, 0.05, 0.1)},
                **{f"crop keep {f}": (lambda im, f=f: A.crop_keep(im, f, torch.Generator().manual_seed(2)))
@@ -154,14 +180,6 @@ def main() -> None:
         rob[name] = {"tpr": float((sp >= thr).double().mean()), "mean_statistic": float(sp.mean()),
                      "fpr_attacked_negatives": float((sn >= thr).double().mean())}
     res["robustness_at_clean_threshold_alpha_0.01"] = rob
-    if args.save:
-        from safetensors.torch import save_file
-
-        folder = Path(args.save)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(folder / "marked_host.safetensors"))
-        save_file({k: v.contiguous() for k, v in g0.state_dict().items()}, str(folder / "unmarked_host.safetensors"))
-        scheme.save(folder / "owner.key", log=folder / "commitments.log")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ("detection", "fidelity_marked_vs_unmarked", "key_sensitivity",
