@@ -6,6 +6,8 @@ in ``test_split_parties.py`` (slow).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,23 @@ def test_copies_issued_from_the_partitioned_model_are_traced(fingerprinted_run, 
     report = prod.trace(combine_models([models["a"], models["c"]], [0.5, 0.5]))
     assert report.named == ["a", "c"] and report.status == "accused"
     assert prod.trace(res.model).named == []  # the base itself was issued to nobody
+
+
+def test_cli_train_writes_a_model_a_run_record_and_a_product(tmp_path):
+    from click.testing import CliRunner
+
+    from nnmark.cli import cli
+    from nnmark.fingerprint import Product
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["split", "train", str(run), "--data", "digits", "--hidden", "32,32,32", "--owners",
+                                 "2", "--epochs", "1", "--lr", "1e-2", "--strength", "1", "--product",
+                                 str(tmp_path / "shop"), "--progress-every", "0"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["accuracy"] > 0.1 and rec["messages"]["server"]["activations"]["count"] == 2 * 16
+    assert set(rec["messages"]["server"]) == {"activations", "labels", "local-weights"}
+    assert (run / "session.key.json").stat().st_mode & 0o077 == 0
+    assert "fingerprint code 0" in r.output and Product.open(tmp_path / "shop").config.layers == ["fc3"]
+    bad = CliRunner().invoke(cli, ["split", "attack", str(tmp_path)])
+    assert bad.exit_code != 0
