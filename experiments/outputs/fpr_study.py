@@ -54,12 +54,13 @@ def main() -> None:
     ap.add_argument("--per-host", type=int, default=1000)
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--out", default="experiments/results/outputs/fpr.json")
+    ap.add_argument("--extractor", default="shipped", help="'shipped' or an extractor .safetensors file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
     from nnmark.outputs.agnostic import OutputMessage
     from nnmark.outputs.data import natural_images, photo_patches
-    from nnmark.outputs.extractor import bit_stats, load_shipped
+    from nnmark.outputs.extractor import Extractor, bit_stats, load_shipped
     from nnmark.outputs.hosts import host_for_task
 
     hosts = {"sr2": "unet", "colourise": "unet", "denoise": "resnet"}
@@ -86,14 +87,14 @@ def main() -> None:
     negatives = torch.cat(list(groups.values()))
     print(f"{len(negatives)} negatives ({', '.join(f'{k}: {len(v)}' for k, v in groups.items())}) "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    ext = load_shipped()
+    ext = load_shipped() if args.extractor == "shipped" else Extractor.load(args.extractor)
     with torch.no_grad():
         raw = torch.cat([ext.decoder(negatives[i:i + 1024]) for i in range(0, len(negatives), 1024)])
     result = {"negatives": {k: len(v) for k, v in groups.items()}, "n": len(negatives), "keys": {},
               "raw_decoder_bits": bit_stats(raw)}
     for i in range(args.keys):
         key = Key.from_seed(f"fpr-fixed-{i}")
-        scheme = OutputMessage.create(key, None)
+        scheme = OutputMessage.create(key, None, extractor=args.extractor)
         r, _ = scheme.image_readouts(negatives)
         matches = (((r > 0).long().numpy()) == scheme.message[None]).sum(1)
         raw_matches = (((raw > 0).long().numpy()) == scheme.message[None]).sum(1)

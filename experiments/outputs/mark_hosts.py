@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/nnmark-outputs")
     ap.add_argument("--out", default="experiments/results/outputs/marks.json")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--extractor", default="shipped", help="'shipped' or an extractor .safetensors file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -86,7 +87,8 @@ def main() -> None:
               flush=True)
         key = Key.from_seed(f"owner-{task}")
         scheme = OutputMessage.create(key, host, epochs=args.mark_epochs, fidelity=args.fidelity,
-                                      psnr_target=args.psnr_target, strength=args.strength)
+                                      psnr_target=args.psnr_target, strength=args.strength,
+                                      extractor=args.extractor)
         marked = host_for_task(task, kind)
         marked.load_state_dict(host.state_dict())
         emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True))
@@ -116,6 +118,7 @@ def main() -> None:
                          "single_frac_p_lt_1e-6": float((single < 1e-6).mean()),
                          "single_frac_p_lt_1e-3": float((single < 1e-3).mean()),
                          "batch16_max_p": float(batch.max()), "batch16_frac_p_lt_1e-6": float((batch < 1e-6).mean()),
+                         "batch16_frac_p_lt_1e-3": float((batch < 1e-3).mean()),
                          "seconds_per_image": (time.perf_counter() - t0) / len(img)}
             print(f"  {name}: {rob[name]}", flush=True)
         results["tasks"][task] = {"host": kind, "host_train_seconds": host_stats["seconds"],

@@ -37,6 +37,29 @@ def marks_table(path: Path) -> list[str]:
     return out + [""]
 
 
+def tpr_table(path: Path, fpr: Path) -> list[str]:
+    """TPR at FPR 1e-3 (nominal alpha 1e-3; the measured pooled FPR from ``fpr``) and at FPR 1e-6 (alpha 1e-6:
+    the binomial null bounds the FPR by the test's exact size, 3.1e-7 for 48 bits; not measurable on 10,000
+    negatives)."""
+    d = json.loads(path.read_text())
+    measured = ""
+    if fpr.exists():
+        r = json.loads(fpr.read_text())["pooled_over_keys"].get("0.001")
+        if r:
+            measured = f" (measured pooled FPR {r['fpr']:.1e} [{r['ci99'][0]:.1e}, {r['ci99'][1]:.1e}], 99% CI)"
+    out = [f"TPR, `{path.name}`: share of marked test outputs claimed at FPR 1e-3{measured} and at FPR 1e-6 "
+           "(binomial bound)", "",
+           "| task | attack | single @1e-3 | single @1e-6 | batch of 16 @1e-3 | batch of 16 @1e-6 |",
+           "|---|---|---|---|---|---|"]
+    for task, t in d["tasks"].items():
+        for name in ATTACKS:
+            r = t["robustness"][name]
+            b3 = r.get("batch16_frac_p_lt_1e-3")
+            out.append(f"| {task} | {name} | {r['single_frac_p_lt_1e-3']:.3f} | {r['single_frac_p_lt_1e-6']:.3f} | "
+                       f"{'-' if b3 is None else f'{b3:.2f}'} | {r['batch16_frac_p_lt_1e-6']:.2f} |")
+    return out + [""]
+
+
 def fpr_table(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     out = [f"`{path.name}`: {d['n']} negatives ({', '.join(f'{k} {v}' for k, v in d['negatives'].items())})", "",
@@ -66,6 +89,8 @@ def main() -> None:
     lines = []
     for p in sorted(RES.glob("marks*.json")):
         lines += marks_table(p)
+    if (RES / "marks.json").exists():
+        lines += tpr_table(RES / "marks.json", RES / "fpr.json")
     if (RES / "fpr.json").exists():
         lines += fpr_table(RES / "fpr.json")
     print("\n".join(lines))

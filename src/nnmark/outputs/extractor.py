@@ -213,14 +213,16 @@ def load_shipped() -> Extractor:
 
 def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 0, *, width: int = 32,
                        budget: float = DEFAULT_BUDGET, size: int = 32, batch_size: int = 32, lr: float = 2e-3,
-                       n_images: int = 8192, calib_images: int = 8192,
+                       n_images: int = 8192, calib_images: int = 8192, clean_frac: float = 0.1,
+                       ramp_frac: float = 0.5, boost: float = 4.0,
                        progress: Callable[[int, dict[str, float]], None] | None = None,
                        log_every: int = 100) -> tuple[Extractor, MessageEncoder, dict[str, Any]]:
     """Pre-train an encoder/decoder on uniformly random ``bits``-bit messages over ``n_images`` train-photo
     patches (``size`` px), the encoder's residual fixed at RMS ``budget``; each batch passes through
     8-bit quantisation and :func:`~nnmark.outputs.augment.random_augment` distortions (one per quarter
-    batch) whose strength ramps up to full over the first half of the steps (after 10% clean steps),
-    while the residual's RMS shrinks from 4 ``budget`` to ``budget``. Then calibrate the decoder on
+    batch) whose strength ramps up to full at ``ramp_frac`` of the steps (after ``clean_frac`` of the steps
+    with no distortion), while the residual's RMS shrinks from ``boost`` x ``budget`` to ``budget`` over the
+    same ramp (defaults 0.1, 0.5, 4). Then calibrate the decoder on
     ``calib_images`` other train-photo patches. Returns ``(extractor, encoder, log)``; ``progress(step, stats)`` every
     ``log_every`` steps."""
     torch.manual_seed(seed)
@@ -238,9 +240,9 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
         m = torch.randint(0, 2, (batch_size, bits), generator=gen).float()
         # curriculum: a 4x larger residual and no distortion at first, the target budget and full-strength
         # distortions from half-way on
-        ramp = min(1.0, 2.0 * step / steps)
-        marked = augment.quantize_uint8(enc(x, m, budget * (4.0 - 3.0 * ramp)))
-        if step >= steps // 10:  # four distortions per batch, one per quarter
+        ramp = min(1.0, step / (ramp_frac * steps))
+        marked = augment.quantize_uint8(enc(x, m, budget * (boost - (boost - 1.0) * ramp)))
+        if step >= clean_frac * steps:  # four distortions per batch, one per quarter
             marked = torch.cat([augment.random_augment(part, gen, max(0.1, ramp)) for part in marked.chunk(4)])
         logits = dec(marked)
         loss = F.binary_cross_entropy_with_logits(logits, m)
@@ -262,7 +264,8 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
     enc.eval()
     dec.eval()
     ext = Extractor(dec, meta={"bits": bits, "width": width, "budget": budget, "size": size, "steps": steps,
-                               "seed": seed, "batch_size": batch_size, "lr": lr})
+                               "seed": seed, "batch_size": batch_size, "lr": lr, "clean_frac": clean_frac,
+                               "ramp_frac": ramp_frac, "boost": boost})
     ext.calibrate(calibration_images(calib_images, size, seed + 1))
     return ext, enc, log
 
