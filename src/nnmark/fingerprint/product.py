@@ -617,6 +617,14 @@ class Product:
         """
         if isinstance(suspect, nn.Module):
             model, name, sha = suspect, "<model>", ""
+            widths = {"widths": "as given", "reason": "alignment off"}
+            if getattr(self, "align", True):  # split / dummy units merged back first (nnmark.unit_surgery)
+                from nnmark.unit_surgery import restore_widths
+                from nnmark.unit_surgery import widths as unit_widths
+
+                model, report = restore_widths(model, unit_widths(self.base_model), self._key.child("alignment"),
+                                               in_shape=self.config.spec["in_shape"])
+                widths = report.to_dict()
             self.carrier.check_model(model)
         else:
             model, name, sha = self.load_suspect(suspect), str(suspect), file_sha256(suspect)
@@ -633,6 +641,8 @@ class Product:
         level = self.config.alpha / self.layout.n_codes
         evidence = self._evidence(tr, unissued)
         evidence["alignment"] = self.alignment.to_dict()
+        if isinstance(suspect, nn.Module):
+            evidence["alignment"]["widths"] = widths
         own = self.own
         accused: list[Accusation] = []
         suspects: list[dict[str, Any]] = []

@@ -204,7 +204,8 @@ class WhiteBoxScheme(Scheme):
         except AlignmentError as exc:
             self.reference, self.reference_note = None, str(exc)
 
-    def suspect_module(self, target: Any, tensors: dict[str, str] | None = None) -> tuple[nn.Module, bool]:
+    def suspect_module(self, target: Any, tensors: dict[str, str] | None = None, check: bool = True
+                       ) -> tuple[nn.Module, bool]:
         """The module to read the carrier from, and whether it runs (alignment needs activations).
 
         ``target``: an ``nn.Module``, a :class:`~nnmark.targets.Target` (a model file, a bare state dict, an
@@ -220,7 +221,8 @@ class WhiteBoxScheme(Scheme):
                                   "not only its answers")
             target = open_target(target)
         model, runnable = carrier_module(target, [self.layer], tensors)
-        self.check_model(model)
+        if check:
+            self.check_model(model)
         return model, runnable
 
     def align_target(self, target: nn.Module, align: bool = True) -> tuple[nn.Module, dict[str, Any]]:
@@ -239,12 +241,25 @@ class WhiteBoxScheme(Scheme):
 
     def aligned_suspect(self, target: Any, align: bool = True, tensors: dict[str, str] | None = None
                         ) -> tuple[nn.Module, dict[str, Any]]:
-        """:meth:`suspect_module` then :meth:`align_target` (alignment only when the suspect runs)."""
-        model, runnable = self.suspect_module(target, tensors)
+        """:meth:`suspect_module` then :meth:`align_target` (alignment only when the suspect runs). With
+        alignment on, a runnable suspect whose hidden layers are wider than the key's reference is first
+        brought back to the reference's widths when that is function-preserving (split units merged, dummy
+        units dropped: :func:`nnmark.unit_surgery.restore_widths`; ``details["alignment"]["widths"]``)."""
+        model, runnable = self.suspect_module(target, tensors, check=False)
+        widths: dict[str, Any] = {"widths": "as given", "reason": "not needed"}
+        if runnable and align and self.reference is not None:
+            from nnmark.unit_surgery import restore_widths
+
+            target_widths = {n: int(sig.pattern.shape[1]) for n, sig in self.reference.layers.items()}
+            model, report = restore_widths(model, target_widths, self.key.child("alignment"),
+                                           in_shape=self.reference.in_shape)
+            widths = report.to_dict()
+        self.check_model(model)
         if not runnable:
             return model, {"alignment": "off", "reason": "weights only (no runnable module): read in the suspect's "
                                                          "own order"}
-        return self.align_target(model, align)
+        aligned, alignment = self.align_target(model, align)
+        return aligned, {**alignment, "widths": widths}
 
     def embed(self, model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, *,
               val: ImageDataset | None = None, description: str = "embedding") -> TrainRecord:
