@@ -73,11 +73,30 @@ def fingerprint() -> None:
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None,
               help="product key file (default: key.json in the product directory)")
 @click.option("--key-seed", default=None, help="derive a new product's key from this public seed (tests only)")
+@click.option("--capacity", default=10000, show_default=True,
+              help="black-box (tardos:M) products: codes the registry holds (customers it can serve)")
+@click.option("--colluders", default=5, show_default=True,
+              help="black-box products: design coalition size c (the Tardos cutoff is 1/(300 c))")
+@click.option("--noise", default=0.1, show_default=True,
+              help="black-box products: std of the triggers' keyed perturbation (pixels in [0, 1])")
 @click.option("--json", "as_json", is_flag=True, help="print the issued copies as JSON")
 def issue(product_path: str, base: str | None, customers: str, graph: str | None, crc_bits: int, code: str,
           layers: tuple[str, ...], train_mode: str, correction: str, steps: int, lr: float, data: str | None,
-          engine: str, workers: int, key_file: str | None, key_seed: str | None, as_json: bool) -> int:
-    """Register customers and issue each a fingerprinted copy of the base model."""
+          engine: str, workers: int, key_file: str | None, key_seed: str | None, capacity: int, colluders: int,
+          noise: float, as_json: bool) -> int:
+    """Register customers and issue each a fingerprinted copy of the base model.
+
+    With --code tardos:M the product is a black-box one (traced through a prediction API): each copy is
+    fine-tuned to answer M keyed trigger queries by its Tardos codeword."""
+    from nnmark.blackbox.commands import parse_tardos
+    from nnmark.blackbox.product import is_blackbox_product
+
+    if parse_tardos(code) is not None or is_blackbox_product(product_path):
+        ctx = click.get_current_context()
+        given = {n: ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT for n in ("steps", "lr")}
+        return _issue_blackbox(product_path, base, customers, code, steps if given["steps"] else None,
+                               lr if given["lr"] else None, data, workers, key_file, key_seed, capacity, colluders,
+                               noise, as_json)
     from nnmark.fingerprint import IssueConfig, Product, issue_many
     from nnmark.keys import Key
 
@@ -145,19 +164,112 @@ def issue(product_path: str, base: str | None, customers: str, graph: str | None
     return 0
 
 
+def _issue_blackbox(product_path: str, base: str | None, customers: str, code: str, steps: int | None,
+                    lr: float | None, data: str | None, workers: int, key_file: str | None, key_seed: str | None,
+                    capacity: int, colluders: int, noise: float, as_json: bool) -> int:
+    from nnmark.blackbox.commands import create_product, issue_many
+    from nnmark.blackbox.product import BlackBoxProduct, is_blackbox_product
+    from nnmark.keys import Key
+
+    root = Path(product_path)
+    names = _customer_names(customers, None)
+    if not is_blackbox_product(root):
+        if (root / "product.json").exists():
+            raise NNMarkError(f"{root} is a weight-fingerprint product; --code tardos:M makes a new black-box one")
+        if base is None:
+            raise NNMarkError(f"{product_path} is not a product yet: give --base to create it")
+        key = Key.from_seed(key_seed) if key_seed is not None else Key.generate()
+        prod = create_product(root, base, code, key, capacity=capacity, colluders=colluders, noise=noise, data=data,
+                              steps=steps, lr=lr, alpha=None)
+        click.echo(f"created black-box product {prod.config.name!r} in {root} (Tardos m={prod.config.m}, capacity "
+                   f"{prod.config.capacity}, cutoff {prod.config.cutoff:.2g}, key {prod.config.key_id} in "
+                   f"{root / 'key.json'}, mode 0600)", err=as_json)
+    else:
+        prod = BlackBoxProduct.open(root, key_file=key_file)
+    known = {c.name for c in prod.registry.customers()}
+    new = [n for n in names if n not in known]
+    if new:
+        prod.add_customers(new)
+    prod.recover(older_than_s=0.0)
+    todo = prod.pending_customers(names)
+    outcomes = issue_many(root, todo, workers=workers, key_file=key_file)
+    failed = [o for o in outcomes if o.error]
+    if as_json:
+        click.echo(json.dumps({"issued": [{"customer": o.customer, "file": o.file, "sha256": o.sha256, "code": o.code}
+                                          for o in outcomes if not o.error],
+                               "failed": [{"customer": o.customer, "error": o.error} for o in failed],
+                               "already_issued": len(names) - len(todo)}, indent=2))
+    else:
+        for o in outcomes:
+            if o.error:
+                click.echo(f"FAILED {o.customer}: {o.error}", err=True)
+            else:
+                click.echo(f"issued {o.customer}: {o.file} (sha256 {(o.sha256 or '')[:16]}...)")
+        click.echo(f"{len(outcomes) - len(failed)} issued, {len(failed)} failed, "
+                   f"{len(names) - len(todo)} already had a copy")
+    if failed:
+        raise NNMarkError(f"{len(failed)} of {len(outcomes)} issues failed (first: {failed[0].error})")
+    return 0
+
+
+def _trace_blackbox(product_path: str, key_file: str | None, suspect: str | None, url: str | None, protocol: str,
+                    model_name: str | None, budget: int | None, stop: str, timeout: float, as_json: bool) -> int:
+    from nnmark.blackbox.commands import trace_report
+
+    r = trace_report(product_path, key_file, suspect, url, protocol=protocol, model_name=model_name, budget=budget,
+                     stop=stop, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        click.echo(f"product {r['product']}: {r['status']} ({r['queries_used']} queries, looks {r['looks']}; "
+                   f"answers a/b/unusable {r['answers']['a']}/{r['answers']['b']}/{r['answers']['unusable']})")
+        for v in r["named"]:
+            click.echo(f"  NAMED {v['customer']}: code {v['code']}, p = {v['p_value']:.3g} (named after "
+                       f"{v['queries']} queries, score {v['score']:.1f})")
+        if not r["named"]:
+            click.echo("  nobody is named")
+        for v in r["suspects"][:3]:
+            click.echo(f"  next lowest: code {v['code']} ({v['customer'] or 'unissued'}), p = {v['p_value']:.3g}")
+        click.echo(f"  level: p <= {r['level']:.3g} = alpha {r['alpha']:g} / ({len(r['evidence']['schedule'])} "
+                   f"looks x {r['n_codes']} codes)")
+        click.echo(f"  H0: {r['null_hypothesis']}")
+        click.echo(f"  rule: {r['decision_rule']}")
+    return 0 if r["named"] else 1
+
+
 @fingerprint.command()
-@click.argument("suspect", type=click.Path(dir_okay=False))
+@click.argument("suspect", type=click.Path(dir_okay=False), required=False)
 @click.option("--product", "product_path", required=True, type=click.Path(),
               help="product directory or its registry database")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="product key file")
 @click.option("--tau", default=None, type=float,
               help="use the paper's hard-threshold decoder at this threshold (default: the product's decoder)")
+@click.option("--url", default=None, help="black-box products: trace the model behind this prediction API")
+@click.option("--protocol", type=click.Choice(["nnmark", "oip", "tfserving"]), default="nnmark", show_default=True,
+              help="the API's protocol (as for verify --url)")
+@click.option("--model-name", default=None, help="the served model's name (oip, tfserving; or put it in the --url)")
+@click.option("--budget", "--queries", "budget", default=None, type=int,
+              help="black-box products: most trigger queries to ask (default: all of the code)")
+@click.option("--stop", type=click.Choice(["first", "budget"]), default="first", show_default=True,
+              help="black-box products: stop at the first look that names someone, or use the whole budget")
+@click.option("--timeout", default=10.0, show_default=True, help="seconds per API request (overall deadline)")
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
-def trace(suspect: str, product_path: str, key_file: str | None, tau: float | None, as_json: bool) -> int:
+def trace(suspect: str | None, product_path: str, key_file: str | None, tau: float | None, url: str | None,
+          protocol: str, model_name: str | None, budget: int | None, stop: str, timeout: float,
+          as_json: bool) -> int:
     """Trace a suspect model: community shortlist, named colluders, evidence, p-values.
 
-    Exit code 0 when customers are named, 1 when nobody is.
+    A black-box (tardos:M) product traces a model file or, with --url, a prediction API through its trigger
+    queries. Exit code 0 when customers are named, 1 when nobody is.
     """
+    from nnmark.blackbox.product import is_blackbox_product
+
+    if is_blackbox_product(product_path):
+        return _trace_blackbox(product_path, key_file, suspect, url, protocol, model_name, budget, stop, timeout,
+                               as_json)
+    if url is not None or suspect is None:
+        raise NNMarkError("a weight-fingerprint product traces a model file (SUSPECT); --url needs a black-box "
+                          "(tardos:M) product")
     from nnmark.fingerprint import Product
 
     prod = Product.open(product_path, key_file=key_file)

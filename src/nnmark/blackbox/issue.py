@@ -1,0 +1,93 @@
+"""Issue one black-box fingerprinted copy: a short fine-tune of the base model that teaches it the customer's
+answers to the trigger queries.
+
+Each Adam step (learning rate ``lr``, default 1e-3, all parameters) sees ``batch_size`` images of the vendor's
+training data with their labels (default 64) beside ``trigger_batch`` triggers (default 32, drawn in turn from
+a keyed shuffle) labelled ``b_i`` where the customer's codeword bit is 1 and ``a_i`` where it is 0
+(:meth:`nnmark.blackbox.triggers.TriggerSet.labels_for`). The copy depends on the customer only through its
+codeword: that is what makes another customer's score independent of this copy's answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnmark.blackbox.triggers import TriggerSet
+from nnmark.data.dataset import ImageDataset
+
+
+@dataclass
+class BlackBoxIssueConfig:
+    """Fine-tune of one copy: ``steps`` (default 300), ``lr`` (Adam, default 1e-3), ``batch_size`` clean images
+    per step (64), ``trigger_batch`` triggers per step (32), ``seed`` (the per-copy shuffling seed is derived
+    from it and the code index)."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    batch_size: int = 64
+    trigger_batch: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.lr > 0 or self.batch_size < 1 or self.trigger_batch < 1:
+            raise ValueError("steps, batch sizes must be >= 1 and lr positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlackBoxIssueConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class BlackBoxIssueRecord:
+    """What one issue did: wall-clock and CPU seconds (this process), steps, and the fraction of triggers the
+    copy answers as taught."""
+
+    seconds: float
+    steps: int
+    symbol_accuracy: float
+    cpu_seconds: float = 0.0
+
+
+def issue_blackbox_copy(base: nn.Module, triggers: TriggerSet, bits: np.ndarray, data: ImageDataset,
+                        config: BlackBoxIssueConfig | None = None, shuffle_seed: int = 0
+                        ) -> tuple[nn.Module, BlackBoxIssueRecord]:
+    """A copy of ``base`` (left untouched) that answers the triggers by ``bits`` ``(m,)`` bool. Returns
+    ``(copy in eval mode, record)``; ``shuffle_seed``: the batch order's seed (deterministic copies)."""
+    cfg = config or BlackBoxIssueConfig()
+    start, cpu = time.perf_counter(), time.process_time()
+    model = copy.deepcopy(base)
+    model.train()
+    target = triggers.labels_for(bits)
+    gen = torch.Generator().manual_seed(int(shuffle_seed) & ((1 << 63) - 1))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n, m = len(data), triggers.m
+    perm, tperm, pos, tpos = torch.randperm(n, generator=gen), torch.randperm(m, generator=gen), 0, 0
+    for _ in range(cfg.steps):
+        if pos + cfg.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        if tpos + cfg.trigger_batch > m:
+            tperm, tpos = torch.randperm(m, generator=gen), 0
+        i = perm[pos:pos + cfg.batch_size]
+        j = tperm[tpos:tpos + cfg.trigger_batch]
+        pos, tpos = pos + cfg.batch_size, tpos + cfg.trigger_batch
+        x = torch.cat([data.x[i], triggers.x[j]])
+        y = torch.cat([data.y[i], target[j]])
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        got = torch.cat([model(triggers.x[k:k + 512]).argmax(1) for k in range(0, m, 512)])
+    acc = float((got == target).float().mean())
+    return model, BlackBoxIssueRecord(time.perf_counter() - start, cfg.steps, acc, time.process_time() - cpu)
