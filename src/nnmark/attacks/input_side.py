@@ -229,9 +229,9 @@ class MagNetDetector(Attack):
         order = torch.randperm(len(data), generator=gen)
         held = order[: max(2, len(data) // 5)]
         fit = order[len(held):]
-        ae = Autoencoder(data.image_shape[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
+            ae = Autoencoder(data.image_shape[0])  # initialised from the seed, not from the caller's RNG state
             opt = torch.optim.Adam(ae.parameters(), lr=self.lr)
             x = data.x[fit]
             ae.train()
