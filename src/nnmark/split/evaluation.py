@@ -35,7 +35,7 @@ def privacy_report(model: nn.Module, cfg: SplitConfig, attackers: list[str] | No
                    seed: int = 0) -> dict[str, Any]:
     """Attack a finished run's model (module doc). ``attackers``: names from the attacker table of the cut's
     activations (default all). Returns ``{"attackers": {name: scores}, "best": ..., "floor": ..., ...}``."""
-    from nnmark.data import load_splits
+    from nnmark.split.datasets import load_split_data as load_splits
 
     splits = load_splits(cfg.data)
     local, _ = split_model(copy.deepcopy(model), cfg.at)

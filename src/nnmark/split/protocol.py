@@ -175,7 +175,7 @@ class MessageLog:
 
 def owner_shard(cfg: SplitConfig, owner: int):
     """Owner ``owner``'s shard of the train split, and the dataset's splits (deterministic from ``cfg.seed``)."""
-    from nnmark.data import load_splits
+    from nnmark.split.datasets import load_split_data as load_splits
 
     splits = load_splits(cfg.data)
     perm = np.random.default_rng(cfg.seed).permutation(len(splits.train))
@@ -336,7 +336,7 @@ class ServerParty:
     """The server: the remote part, trained on the owners' activations with the fingerprint regulariser."""
 
     def __init__(self, cfg: SplitConfig, key: Key, fingerprint: FingerprintPlan | None = None) -> None:
-        from nnmark.data import load_splits
+        from nnmark.split.datasets import load_split_data as load_splits
 
         self.cfg, self.name = cfg, "server"
         splits = load_splits(cfg.data)
@@ -450,7 +450,7 @@ class SplitResult:
 
 def total_rounds(cfg: SplitConfig) -> int:
     """Rounds of a run: ``epochs`` times the rounds of one epoch (the smallest owner shard's batches)."""
-    from nnmark.data import load_splits
+    from nnmark.split.datasets import load_split_data as load_splits
 
     n = len(load_splits(cfg.data).train)
     per = min(len(s) for s in np.array_split(np.arange(n), cfg.owners)) // cfg.batch_size
@@ -485,7 +485,7 @@ def party_keys(session_key: Key, n_owners: int) -> tuple[list[Key], Key]:
 
 def evaluate(model: nn.Module, cfg: SplitConfig) -> float:
     """Accuracy of the assembled network on the dataset's test split."""
-    from nnmark.data import load_splits
+    from nnmark.split.datasets import load_split_data as load_splits
     from nnmark.train import accuracy
 
     return float(accuracy(model, load_splits(cfg.data).test))
