@@ -62,8 +62,8 @@ def wu_marked():
         h = host_for_task("sr2", "unet", 16)
         h.load_state_dict(load_file(str(SHIPPED / f"{name}.safetensors")))
         hosts.append(h.eval())
-    xt, _ = photo_patches("sr2", 32, "test", 256, 77)
-    photos = natural_images(256, 32, 78, split="test")
+    xt, _ = photo_patches("sr2", 32, "test", 160, 77)
+    photos = natural_images(160, 32, 78, split="test")
     return scheme, hosts[0], hosts[1], xt, photos
 
 
@@ -193,3 +193,22 @@ def test_joint_training_mechanics(wu_tiny):
     assert hook.fidelity_bound_db() == pytest.approx(26.0)
     hook.step = 10_000
     assert hook.fidelity_bound_db() == pytest.approx(32.0)
+
+
+def test_cli_verifies_a_folder_with_an_output_wu_key(wu_marked, tmp_path):
+    from click.testing import CliRunner
+
+    from nnmark.cli import cli
+    from nnmark.cli_outputs import write_images
+
+    _, unmarked, marked, xt, _ = wu_marked
+    write_images(_outputs(marked, xt[:6]), tmp_path / "marked")
+    write_images(_outputs(unmarked, xt[:6]), tmp_path / "unmarked")
+    key = str(SHIPPED / "owner_key.json")
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / "marked"), "--alpha", "0.01"])
+    assert ok.exit_code == 0 and "output-wu: OWNED" in ok.output
+    no = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / "unmarked"), "--alpha", "0.01"])
+    assert no.exit_code == 1 and "not owned" in no.output
+    low = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / "marked")])  # default alpha 1e-6
+    assert low.exit_code != 0 and "smallest p-value" in (low.output + str(low.exception))  # the entry point: exit 2

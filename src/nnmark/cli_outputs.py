@@ -224,7 +224,10 @@ def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool) 
     """Test whether the images of FOLDER were made by the host marked with this key (all together)."""
     from nnmark.schemes.base import load_scheme
 
-    scheme = load_scheme(key_path, expect="output-message")
+    scheme = load_scheme(key_path)  # any output-image scheme, by the name in its key file
+    if scheme.name not in ("output-message", "output-wu"):
+        raise NNMarkError(f"{key_path}: a key for scheme {scheme.name!r}, not an output-image scheme "
+                          "(output-message, output-wu)")
     images, names = read_image_folder(folder)
     verdict = scheme.verify(images, alpha=alpha)
     singles = [(name, scheme.verify([img], alpha=alpha))
