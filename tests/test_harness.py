@@ -164,6 +164,7 @@ def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
     assert len(fa) == 2 and not any(v.get("owned") for r in fa for v in r["verdicts"])
     (forged,) = [json.loads(x) for x in (out / "forgery.jsonl").read_text().splitlines()]
     assert forged["kind"] == "key-search" and forged["tries"] == 5 and forged["claims"] == 0 and not forged["forgeable"]
+    assert forged["committed_claims"] == 0 and forged["forgeable_raw"] is False  # both rules reported
     # a third run has nothing left to do
     res = run_cli("evaluate", out.parent / "tiny.yaml", "--out", out, "--no-progress")
     assert "0 run" in res.stdout and "0 trained" in res.stdout and "false-alarm checks run: 0" in res.stdout
@@ -258,3 +259,25 @@ def test_a_refused_suspect_is_recorded_as_not_owned(killed_and_resumed):
     scheme = load_owner_scheme(plan, ArtifactStore(out / "artifacts"), marked_recipe(plan, plan.schemes[0], 0))
     rows = verify_variants(scheme, new_host("lenet5", splits_of(plan), 0), plan.schemes[0], plan.alpha)
     assert len(rows) == 2 and all(r["owned"] is False and r["p_value"] is None and r["refused"] for r in rows)
+
+
+@pytest.mark.slow
+def test_forged_wang_keys_claim_raw_and_are_refused_by_the_commitment_rule(tmp_path):
+    """The thief's key search against Wang: a secret network fitted to the owner's model claims it on the raw
+    statistic; committed after the model was stored, every such key is refused."""
+    from datetime import datetime, timezone
+
+    from nnmark.commitment import AFTER_SUSPECT
+    from nnmark.harness.forgery import forged_key_search
+    from nnmark.models import model_spec
+    from nnmark.train import seeded_model
+
+    torch.set_num_threads(1)
+    model = seeded_model(model_spec("cnn", (1, 8, 8), 10), 3).eval()
+    seen = datetime.now(timezone.utc).isoformat()
+    time.sleep(0.05)
+    ps, committed = forged_key_search("wang-manu", model, 2, 0, 1e-3, seen, tmp_path / "forged")
+    assert len(ps) == 2 and sum(p < 1e-3 for p in ps) == len(committed) >= 1  # the raw statistic is forged
+    assert all(not c["owned"] and c["status"] == AFTER_SUSPECT for c in committed)
+    assert all(oct((tmp_path / "forged" / f).stat().st_mode & 0o777) == "0o600"
+               for f in os.listdir(tmp_path / "forged") if f.startswith("key-") and not f.endswith(".commit.json"))

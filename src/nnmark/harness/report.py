@@ -22,7 +22,7 @@ from typing import Any
 
 from nnmark.harness.config import NO_ATTACK, Plan
 from nnmark.harness.falsealarm import FalseAlarmLog, false_alarm_rate
-from nnmark.harness.forgery import forgery_markdown
+from nnmark.harness.forgery import forgeable_label, forgery_markdown
 from nnmark.harness.grid import ResultsLog
 from nnmark.harness.robustness import (
     MAX_LOSS_POINTS,
@@ -268,7 +268,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     for (scheme, variant, attack, budget), entries in groups(records).items():
         details.append({"scheme": scheme, "verify": variant, "attack": attack_name(attack, budget),
                         **group_outcome(entries)})
-    forgeries = sorted(forgeries, key=lambda r: (r["scheme"], r["seed"]))
+    forgeries = sorted(({**r, "forgeable_label": forgeable_label(r)} for r in forgeries),
+                       key=lambda r: (r["scheme"], r["seed"]))
     html = template.render(plan=plan, run=run, forgeries=forgeries, n_records=len(records),
                            n_errors=sum(r.get("status") == "error" for r in records), table=table, robust=robust,
                            false_alarms=fa, plots=plots, details=details, max_loss=MAX_LOSS_POINTS,
