@@ -281,3 +281,57 @@ def test_forged_wang_keys_claim_raw_and_are_refused_by_the_commitment_rule(tmp_p
     assert all(not c["owned"] and c["status"] == AFTER_SUSPECT for c in committed)
     assert all(oct((tmp_path / "forged" / f).stat().st_mode & 0o777) == "0o600"
                for f in os.listdir(tmp_path / "forged") if f.startswith("key-") and not f.endswith(".commit.json"))
+
+
+@pytest.mark.parametrize("fingerprint, expect", [
+    ({"customers": 3, "coalitions": [4]}, "fingerprint coalitions"),
+    ({"colluders": 2}, "fingerprint: unknown key(s) colluders"),
+    ({"attacks": ["average"]}, "combines several models"),
+    ({"attacks": ["no-such-attack"]}, "unknown attack 'no-such-attack'"),
+    ({"verify": [{"align": "yes"}]}, "fingerprint verify"),
+    ({"code": "zz:3"}, "fingerprint code"),
+])
+def test_fingerprint_section_rejected(fingerprint, expect):
+    with pytest.raises(ConfigError, match=None) as err:
+        plan_from_mapping({**TINY, "fingerprint": fingerprint})
+    assert expect in str(err.value)
+
+
+@pytest.mark.slow
+def test_tracer_row_names_coalitions_and_no_innocent(tmp_path):
+    """The tracer in the grid: single copies and averaged pairs, obfuscated, traced with the alignment defence
+    on and off; nobody innocent is named, the defence on names exactly the coalition; a rerun resumes."""
+    from nnmark.harness.report import write_reports
+    from nnmark.harness.runner import run_plan
+    from nnmark.harness.tracing import DONE_MARK
+
+    torch.set_num_threads(1)
+    cfg = {**TINY, "host": {"arch": "cnn", "epochs": 8}, "attacks": ["none"], "false_alarm": None,
+           "forgery": None, "fingerprint": {"customers": 3, "coalitions": [1, 2], "attacks": ["permute", "split"],
+                                            "verify": [{"align": True}, {"align": False}], "clean": 1}}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    plan = plan_from_mapping(cfg)
+    out = tmp_path / "out"
+    assert run_plan(plan, out)["traces"] == 5
+    recs = [json.loads(x) for x in (out / "fingerprint.jsonl").read_text().splitlines()]
+    assert sorted((r["kind"], r["size"]) for r in recs) == [("clean", 0)] + [("coalition", 1)] * 2 + \
+        [("coalition", 2)] * 2
+    for r in recs:
+        on, off = r["verdicts"]
+        assert on["verify"] == {"align": True} and not on["innocents_named"] and not off["innocents_named"]
+        if r["kind"] == "clean":
+            assert on["named"] == [] and off["named"] == []
+        else:
+            assert on["exact"], on  # the defence undoes permutation and split units
+            assert len(r["coalition"]) == r["size"] and abs(r["accuracy_lost_points"]) < 1e-6
+            if r["attack"] == "split":
+                assert off["status"] == "refused"  # widened: another architecture without the defence
+    mark = next((out / "artifacts" / "fingerprint").glob(f"*/{DONE_MARK}"))
+    built = mark.stat().st_mtime
+    lines = (out / "fingerprint.jsonl").read_text().splitlines()
+    (out / "fingerprint.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # a killed writer
+    assert run_plan(plan, out)["traces"] == 1 and mark.stat().st_mtime == built  # product not rebuilt
+    assert len((out / "fingerprint.jsonl").read_text().splitlines()) == 5
+    write_reports(out, plan)
+    assert "Innocent customers named: 0 over 10 traces" in (out / "fingerprint.md").read_text()
+    assert 'id="tracer-table"' in (out / "report.html").read_text()

@@ -22,6 +22,7 @@ scheme, attack, dataset, architecture or parameter is a :class:`ConfigError` tha
       - {name: input-jpeg, applies_to: [black-box]}   # run only against black-box schemes
     false_alarm: {clean_seeds: 10, architectures: [cnn, lenet5, "my_models:tiny"], other_keys: 2}
     forgery: {tries: 100, eps: 0.1, triggers: 50}   # key search (white-box) / adversarial triggers (trigger sets)
+    fingerprint: {customers: 8, coalitions: [1, 2, 3], attacks: [none, permute]}   # the tracer (harness.tracing)
     workers: 2                        # processes on this machine (the --workers option overrides it)
     ray: {address: auto}              # optional: fan the cells out over a Ray cluster instead
 
@@ -45,7 +46,7 @@ import yaml
 from nnmark.errors import NNMarkError
 
 TOP_KEYS = ("name", "dataset", "host", "alpha", "seeds", "schemes", "attacks", "false_alarm", "forgery", "workers",
-            "ray", "references", "out")
+            "ray", "references", "out", "fingerprint")
 FORGERY_KEYS = ("tries", "eps", "triggers")
 HOST_KEYS = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "arch_params")
 FALSE_ALARM_KEYS = ("clean_seeds", "architectures", "other_keys", "epochs")
@@ -131,6 +132,7 @@ class Plan:
     out: str | None = None
     paths: list[str] = field(default_factory=list)
     forgery: dict[str, Any] | None = None
+    fingerprint: dict[str, Any] | None = None  # the tracer study (nnmark.harness.tracing)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +144,7 @@ class Plan:
                          "applies_to": list(a.applies_to) if a.applies_to else None} for a in self.attacks],
             "false_alarm": self.false_alarm, "workers": self.workers, "ray": self.ray,
             "references": self.references, "out": self.out, "paths": self.paths, "forgery": self.forgery,
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -153,7 +156,8 @@ class Plan:
                                tuple(a["applies_to"]) if a.get("applies_to") else None) for a in d["attacks"]]
         return cls(d["name"], dict(d["dataset"]), dict(d["host"]), float(d["alpha"]), list(d["seeds"]), schemes,
                    attacks, d.get("false_alarm"), int(d.get("workers", 1)), d.get("ray"),
-                   list(d.get("references", [])), d.get("out"), list(d.get("paths", [])), d.get("forgery"))
+                   list(d.get("references", [])), d.get("out"), list(d.get("paths", [])), d.get("forgery"),
+                   d.get("fingerprint"))
 
 
 def _unknown(where: str, got: Mapping[str, Any], known: tuple[str, ...]) -> None:
@@ -410,9 +414,11 @@ def plan_from_mapping(raw: Any, *, base_dir: str | Path | None = None) -> Plan:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or (k != "eps" and int(v) != v):
                 raise ConfigError(f"forgery {k} must be a positive {'number' if k == 'eps' else 'integer'}, got {v!r}")
         forgery = dict(forgery)
+    from nnmark.harness.tracing import parse_fingerprint
+
     return Plan(name, dataset, host, float(alpha), seeds, schemes, attacks,
                 _false_alarm(raw.get("false_alarm"), paths, host), workers, dict(ray) if ray else None, refs,
-                str(out) if out else None, paths, forgery)
+                str(out) if out else None, paths, forgery, parse_fingerprint(raw.get("fingerprint")))
 
 
 def load_plan(path: str | Path) -> Plan:

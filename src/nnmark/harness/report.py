@@ -33,6 +33,7 @@ from nnmark.harness.robustness import (
     robustness_table,
     variant_label,
 )
+from nnmark.harness.tracing import tracing_markdown, tracing_table
 
 CSV_COLUMNS = ("scheme", "verify", "attack", "budget", "seed", "status", "accuracy_marked", "accuracy_attacked",
                "accuracy_lost_points", "cost_seconds", "cost_data_n", "cost_queries", "p_value", "neg_log10_p",
@@ -244,6 +245,9 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     robust = robustness_table(records)
     fa = false_alarm_rate(FalseAlarmLog(folder / "false_alarm.jsonl").records())
     forgeries = FalseAlarmLog(folder / "forgery.jsonl", key="forgery").records()
+    traces = FalseAlarmLog(folder / "fingerprint.jsonl", key="trace").records()
+    if traces:
+        (folder / "fingerprint.md").write_text(f"# Fingerprint tracer: {plan.name}\n\n" + tracing_markdown(traces))
     run = _last_run(folder)
     (folder / "robustness.md").write_text(f"# Robustness: {plan.name}\n\n" + robustness_markdown(robust, plan.alpha))
     (folder / "false_alarm.md").write_text(f"# False alarms: {plan.name}\n\n" + false_alarm_markdown(fa))
@@ -257,7 +261,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     md = (head + f"\n## Main table (removed: not owned at every seed, <= {MAX_LOSS_POINTS:g} points lost)\n\n"
           + main_table_markdown(table) + "\n## Robustness\n\n" + robustness_markdown(robust, plan.alpha)
           + "\n## False alarms\n\n" + false_alarm_markdown(fa)
-          + "\n## Forgery (ambiguity) attempts\n\n" + forgery_markdown(forgeries) + "\n## Every attack row\n\n"
+          + "\n## Forgery (ambiguity) attempts\n\n" + forgery_markdown(forgeries)
+          + ("\n## Fingerprint tracer\n\n" + tracing_markdown(traces) if traces else "") + "\n## Every attack row\n\n"
           + detail_markdown(records))
     (folder / "summary.md").write_text(md)
     plots = plot(rows, folder, plan.alpha)
@@ -270,7 +275,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
                         **group_outcome(entries)})
     forgeries = sorted(({**r, "forgeable_label": forgeable_label(r)} for r in forgeries),
                        key=lambda r: (r["scheme"], r["seed"]))
-    html = template.render(plan=plan, run=run, forgeries=forgeries, n_records=len(records),
+    html = template.render(plan=plan, run=run, forgeries=forgeries, traces=tracing_table(traces),
+                           n_records=len(records),
                            n_errors=sum(r.get("status") == "error" for r in records), table=table, robust=robust,
                            false_alarms=fa, plots=plots, details=details, max_loss=MAX_LOSS_POINTS,
                            variant_label=variant_label,

@@ -239,6 +239,10 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
         fan.run("forgery", fg_todo, forgery_done)
     finally:
         fan.close()
+    if plan.fingerprint:
+        from nnmark.harness.tracing import run_tracing
+
+        summary["traces"] = run_tracing(plan, store_root, out, progress)["ran"]
     summary["seconds"] = time.perf_counter() - start
     summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _fsync_append(out / "runs.jsonl", summary)
