@@ -37,8 +37,10 @@ CUTS = ("pool1", "pool2", "fc1")
 CNN = {"arch": "cnn", "arch_overrides": {"channels": [16, 16, 32, 32], "dense": [128, 128], "dropout": 0.3},
        "owners": 4}
 DATA = {"lfw-faces": ({"batch_size": 5, "epochs": 40}, AttackConfig(epochs=60, batch_size=16)),
+        "mnist5k": ({"batch_size": 32, "epochs": 6}, AttackConfig(epochs=15, batch_size=64)),
         "digits": ({"batch_size": 32, "epochs": 10}, AttackConfig(epochs=30, batch_size=64))}
-DEFENCES = {"none": {}, "multi-l30-ramp": {"defense": "adversarial", "strength": 30.0}}
+DEFENCES = {"none": {}, "multi-l30-ramp": {"defense": "adversarial", "strength": 30.0},
+            "multi-l10-ramp": {"defense": "adversarial", "strength": 10.0}}
 
 
 def runs() -> dict[str, tuple[dict, AttackConfig, list[str]]]:
@@ -48,6 +50,8 @@ def runs() -> dict[str, tuple[dict, AttackConfig, list[str]]]:
         for at in CUTS:
             attackers = ["a1", "a3", "a4", "a8"] if at.startswith("fc") else ["m1", "m2", "m3", "m5"]
             for name, defence in DEFENCES.items():
+                if name == "multi-l10-ramp" and (data != "lfw-faces" or at == "fc1"):
+                    continue  # the weaker defence only where lambda 30 cost accuracy
                 cfg = {**CNN, **train, "data": data, "at": at, **defence}
                 if defence:
                     cfg["ramp_rounds"] = _rounds(cfg) // 2
@@ -91,13 +95,20 @@ def report() -> None:
     import matplotlib.pyplot as plt
 
     rows = {r["name"]: r for r in map(json.loads, (OUT / "partition_points.jsonl").read_text().splitlines())}
-    lines = ["| data | cut | defence | accuracy | best attacker | its SSIM | mean-image SSIM | its MSE | "
+    from scipy.stats import binomtest
+
+    from nnmark.split.datasets import load_split_data
+
+    lines = ["| data | cut | defence | accuracy (95% CI) | best attacker | its SSIM | mean-image SSIM | its MSE | "
              "mean-image MSE | DPD | reprint acc (judge on clean test) |", "|" + "---|" * 11]
     for name, r in rows.items():
         data, rest = name.split("/")
         at, defence = rest.split("-", 1)
         b, f = r["best"], r["floor"]
-        lines.append(f"| {data} | {at} | {defence} | {100 * r['accuracy']:.1f} | {b['attacker']} | {b['ssim']:.3f} | "
+        n = len(load_split_data(data).test)
+        ci = binomtest(round(r["accuracy"] * n), n).proportion_ci(0.95)  # Clopper-Pearson over the test images
+        acc = f"{100 * r['accuracy']:.1f} ({100 * ci.low:.0f}-{100 * ci.high:.0f}, n={n})"
+        lines.append(f"| {data} | {at} | {defence} | {acc} | {b['attacker']} | {b['ssim']:.3f} | "
                      f"{f['ssim']:.3f} | {b['mse']:.4f} | {f['mse']:.4f} | {b['dpd']:.3f} | "
                      f"{b['reprint_accuracy']:.2f} ({r['judge_accuracy']:.2f}) |")
     (OUT / "partition_points.md").write_text("\n".join(lines) + "\n")
@@ -109,14 +120,16 @@ def report() -> None:
     for i, data in enumerate(DATA):
         for j, (metric, label) in enumerate(metrics):
             ax = axes[i][j]
-            for defence, style in zip(DEFENCES, ("o-", "s--"), strict=True):
+            for defence, style in zip(DEFENCES, ("o-", "s--", "^-."), strict=True):
                 xs, ys = [], []
                 for k, at in enumerate(CUTS):
                     r = rows.get(f"{data}/{at}-{defence}")
                     if r:
                         xs.append(k)
                         ys.append(r["accuracy"] if metric == "accuracy" else r["best"][metric])
-                ax.plot(xs, ys, style, label="no defence" if defence == "none" else "multiple defenders, ramped λ 30")
+                if xs:
+                    ax.plot(xs, ys, style, label="no defence" if defence == "none"
+                            else f"multiple defenders, ramped λ {DEFENCES[defence]['strength']:g}")
             if metric in ("ssim", "mse"):
                 floors = [rows[f"{data}/{at}-none"]["floor"][metric] for at in CUTS if f"{data}/{at}-none" in rows]
                 if floors:

@@ -36,6 +36,7 @@ def mlp_runs() -> dict[str, tuple[dict, list[str]]]:
     runs = {"none": (MLP, ALL8),
             "single-l1": ({**adv, "defenders": "single", "strength": 1.0}, ALL8),
             "single-l10": ({**adv, "defenders": "single", "strength": 10.0}, FOUR),
+            "single-l3": ({**adv, "defenders": "single", "strength": 3.0}, FOUR),
             "single-l30-ramp": ({**adv, "defenders": "single", "strength": 30.0, "ramp_rounds": 115}, FOUR),
             "multi-l1": ({**adv, "strength": 1.0}, FOUR),
             "multi-l3": ({**adv, "strength": 3.0}, FOUR),
