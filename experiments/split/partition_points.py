@@ -1,18 +1,20 @@
-"""Attack quality against the partition point (SecureMark-DL Figure 4) on LFW faces and on sklearn digits.
+"""Attack quality against the partition point (SecureMark-DL Figure 4) on LFW faces, mnist5k and sklearn digits.
 
 The zoo CNN (conv16-conv16-pool1-conv32-conv32-pool2-fc128-fc128-head, dropout 0.3) is cut after ``pool1``,
 ``pool2`` and ``fc1`` (the zoo CNN has no third pooling layer; ``fc1``, the first dense layer, is the next,
 deeper cut). Each cut is trained by 4 owners without defence and with multiple defenders (one deconvolution
 or vector defender kind per owner) under the ramped lambda that worked best on the MLP (0 -> 30 over the
-first half of the rounds), then attacked by every learning attacker that fits the cut's activations
-(:func:`nnmark.split.evaluation.privacy_report`; maps: ``m1 m2 m3 m5``, vectors: ``a1 a3 a4 a8``).
+first half of the rounds; on the faces also ramped lambda 10 at pool1 / pool2), then attacked by every
+learning attacker that fits the cut's activations (:func:`nnmark.split.evaluation.privacy_report`; maps:
+``m1 m2 m3 m5``, vectors: ``a1 a3 a4 a8``).
 
-Datasets (:mod:`nnmark.split.datasets`): ``lfw-faces`` (face / non-face, 80 training images dealt to the
-owners, 60 public images for the attacker, 40 test; batch 5 per owner, 40 epochs = 160 rounds; attackers
-train 60 epochs of batch 16) and ``digits`` (1,077 / 360 / 360; batch 32, 10 epochs = 80 rounds; attackers 30
-epochs of batch 64). Rows go to ``experiments/results/split/partition_points.jsonl`` (rerun-safe: runs already
-there are skipped); ``--report`` writes the Markdown table ``partition_points.md`` and the figure
-``partition_points.png``. Usage::
+Datasets (:mod:`nnmark.split.datasets`; train / attacker / test images):
+``lfw-faces`` (face / non-face, 80 / 60 / 40; batch 5 per owner, 40 epochs = 160 rounds; attackers train 60
+epochs of batch 16), ``mnist5k`` (3,000 / 500 / 1,000; batch 32, 6 epochs = 138 rounds; attackers 15 epochs
+of batch 64, as in ``cnn.jsonl``) and ``digits`` (8x8, 1,077 / 180 / 360; batch 32, 10 epochs = 80 rounds;
+attackers 30 epochs of batch 64). Rows go to ``experiments/results/split/partition_points.jsonl``
+(rerun-safe: runs already there are skipped); ``--report`` writes the Markdown table ``partition_points.md``
+and the figure ``partition_points.png``. Usage::
 
     python experiments/split/partition_points.py [--only lfw-faces/pool1-none,...]
     python experiments/split/partition_points.py --report

@@ -62,7 +62,8 @@ def split() -> None:
 
 @split.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--data", default="mnist5k", show_default=True, help="bundled dataset (its train split is dealt out)")
+@click.option("--data", default="mnist5k", show_default=True,
+              help="bundled dataset or lfw-faces (its train split is dealt out)")
 @click.option("--arch", default="mlp", show_default=True, type=click.Choice(["mlp", "cnn", "lenet5"]))
 @click.option("--hidden", default="900,900,900,900", show_default=True, help="MLP hidden widths")
 @click.option("--channels", default="16,16,32,32", show_default=True, help="CNN conv widths")
