@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from nnmark.fingerprint import FingerprintError, IssueConfig, Product, issue_cop
 from nnmark.io import load_model, save_model
 from nnmark.keys import Key
 from nnmark.models import model_spec
-from nnmark.registry import RegistryNotFoundError, RegistryProductError
+from nnmark.registry import Registry, RegistryNotFoundError, RegistryProductError
 from nnmark.train import TrainConfig, accuracy, seeded_model, train
 
 N_CUSTOMERS = 12
@@ -267,13 +268,19 @@ def test_recover_after_killed_issuer(shop, fp_base):
     reserved code; one without a usable file is released (its code returns to the pool)."""
     prod, _ = shop
     prod.add_customers(["crash-a", "crash-b", "crash-c"])
-    good = prod.registry.reserve_code("crash-a", planned_path=prod.copy_path("crash-a"))
+    # The crashed issuer is a second registry handle with a short lease whose heartbeat stops (closed, as a
+    # killed process stops renewing); its leases lapse and recover() may then settle its reservations.
+    issuer = Registry.open(prod.registry.url, lease_s=0.3)
+    good = issuer.reserve_code("crash-a", planned_path=prod.copy_path("crash-a"))
     model, _ = issue_copy(fp_base[1], prod.layout.compose(good.code_index), prod.carrier,
                           config=IssueConfig(train="none"))
     save_model(good.planned_path, model)
-    wrong = prod.registry.reserve_code("crash-b", planned_path=prod.copy_path("crash-b"))
+    wrong = issuer.reserve_code("crash-b", planned_path=prod.copy_path("crash-b"))
     save_model(wrong.planned_path, fp_base[1])  # a file without the reserved fingerprint
-    prod.registry.reserve_code("crash-c", planned_path=prod.copy_path("crash-c"))  # no file at all
+    issuer.reserve_code("crash-c", planned_path=prod.copy_path("crash-c"))  # no file at all
+    assert prod.recover(older_than_s=0.0).released == ()  # leases current: a live issuer is never robbed
+    issuer.close()
+    time.sleep(0.6)
     rep = prod.recover(older_than_s=0.0)
     assert rep.completed == (good.token,) and len(rep.released) == 2
     assert prod.registry.issued_copies("crash-a")[0].code_index == good.code_index
