@@ -141,7 +141,8 @@ def forgery_markdown(records: list[dict[str, Any]]) -> str:
             attempt = f"key search, {r['tries']} keys (KS uniformity p {r['ks_uniformity']:.2f})"
             claims, transfer = f"{r['claims']}/{r['tries']}", "-"
             after = (f"{r['committed_claims']}/{r['claims']} still claim ({', '.join(r['committed_statuses'])})"
-                     if "committed_claims" in r else "not checked")
+                     if r.get("claims") and "committed_claims" in r else "-" if "committed_claims" in r
+                     else "not checked")
         else:
             attempt = f"adversarial triggers (n {r['triggers']}, eps {r['eps']:g})"
             claims = f"raw: {r['raw_hits']:.0f}/{r['triggers']} hits"
