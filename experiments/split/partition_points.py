@@ -103,7 +103,8 @@ def report() -> None:
 
     lines = ["| data | cut | defence | accuracy (95% CI) | best attacker | its SSIM | mean-image SSIM | its MSE | "
              "mean-image MSE | DPD | reprint acc (judge on clean test) |", "|" + "---|" * 11]
-    for name, r in rows.items():
+    order = list(runs())
+    for name, r in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         data, rest = name.split("/")
         at, defence = rest.split("-", 1)
         b, f = r["best"], r["floor"]
@@ -140,7 +141,7 @@ def report() -> None:
             ax.set_title(f"{data}: {label}", fontsize=10)
             ax.grid(alpha=0.3)
             if i == 0 and j == 1:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(OUT / "partition_points.png", dpi=110)
 
