@@ -335,3 +335,18 @@ def test_tracer_row_names_coalitions_and_no_innocent(tmp_path):
     write_reports(out, plan)
     assert "Innocent customers named: 0 over 10 traces" in (out / "fingerprint.md").read_text()
     assert 'id="tracer-table"' in (out / "report.html").read_text()
+
+
+def test_false_alarm_negatives_never_share_the_owner_initialisation():
+    """A host marked with another scheme from the owner's own seed starts from the owner's initialisation: it
+    is no negative for that owner's key, so the study must not pair them (it once counted such a pair)."""
+    from nnmark.harness.falsealarm import checks
+
+    plan = plan_from_mapping({**yaml.safe_load((Path(__file__).parents[1] / "experiments" / "harness" /
+                                                "digits_full.yaml").read_text()), "attacks": ["none"]},
+                             base_dir=Path(__file__).parents[1] / "experiments" / "harness")
+    pairs = [(c["owner_seed"], c["suspect"]) for c in checks(plan)]
+    others = [(o, s["seed"]) for o, s in pairs if s["kind"] == "other-scheme"]
+    assert others and all(o != s for o, s in others)
+    assert {s["kind"] for _, s in pairs} >= {"clean", "other-scheme"}
+
