@@ -16,6 +16,7 @@ from nnmark.data import load_splits
 from nnmark.fingerprint.product import build_layout
 from nnmark.keys import Key
 from nnmark.models import build_model, model_spec
+from nnmark.split.attackers import AttackConfig
 from nnmark.split.baselines import add_noise, distance_correlation
 from nnmark.split.decoders import build_decoder
 from nnmark.split.defenders import assign_defenders
@@ -225,3 +226,47 @@ def test_cli_train_writes_a_model_a_run_record_and_a_product(tmp_path):
     assert "fingerprint code 0" in r.output and Product.open(tmp_path / "shop").config.layers == ["fc3"]
     bad = CliRunner().invoke(cli, ["split", "attack", str(tmp_path)])
     assert bad.exit_code != 0
+
+
+def test_label_floor_templates_and_predicted_labels():
+    """The server sees every label: class templates of public images score above the mean image, and the
+    predicted-label floor is the label floor when the predictions are the labels (and lower when they are not)."""
+    from nnmark.split.metrics import class_templates
+
+    s = load_splits("digits")
+    x, y = s.train.x[:200], s.train.y[:200]
+    t = class_templates(s.attacker.x, s.attacker.y, s.num_classes)
+    assert t["class_mean"].shape == t["class_medoid"].shape == (s.num_classes, *s.image_shape)
+    for c in range(s.num_classes):  # the medoid is one of the class's public images
+        pub = s.attacker.x[s.attacker.y == c]
+        assert any(torch.equal(t["class_medoid"][c], p) for p in pub)
+    fl = floor_scores(x, s.attacker.x, y, s.attacker.y, s.num_classes, predicted=y)
+    lab = fl["label"]
+    assert lab["class_mean"]["mse"] < fl["mse"] and lab["class_mean"]["ssim"] > fl["ssim"]
+    assert lab["best"]["ssim"] == max(lab["class_mean"]["ssim"], lab["class_medoid"]["ssim"])
+    assert fl["predicted_label"]["best"] == lab["best"]
+    wrong = floor_scores(x, s.attacker.x, y, s.attacker.y, s.num_classes, predicted=(y + 1) % s.num_classes)
+    assert wrong["predicted_label"]["class_mean"]["ssim"] < lab["class_mean"]["ssim"]
+
+
+def test_a_collapsed_local_part_still_gives_away_the_labels():
+    """Thief's view: a defence that turns the activations constant leaves the labels. A label-aware attacker
+    reaches the class-mean template's MSE while the activations-only attacker stays at the mean image's."""
+    from nnmark.split.evaluation import privacy_report
+
+    cfg = SplitConfig.from_dict(TINY)
+    model = build_model(model_spec("mlp", (1, 8, 8), 10, hidden=[64, 64, 64], dropout=0.1))
+    local, _ = split_model(model, cfg.at)
+    with torch.no_grad():
+        for p in local.parameters():
+            p.zero_()
+    rep = privacy_report(model, cfg, ["a8"], n_targets=200, label_attackers=["a8"],
+                         attack=AttackConfig(epochs=100, lr=3e-2), perceptual=False)
+    fl, blind, aware = rep["floor"], rep["attackers"]["a8"], rep["attackers"]["a8+y"]
+    assert blind["mse"] == pytest.approx(fl["mse"], rel=0.05)
+    assert aware["mse"] == pytest.approx(fl["label"]["class_mean"]["mse"], rel=0.05)
+    assert fl["label"]["class_mean"]["mse"] < 0.9 * fl["mse"]
+    assert rep["best_with_labels"]["ssim"] >= max(rep["best"]["ssim"], fl["label"]["best"]["ssim"])
+    # the server part sees a constant: it predicts one class, and the predicted-label floor falls below the label's
+    assert rep["predicted_accuracy"] < 0.2
+    assert fl["predicted_label"]["best"]["ssim"] < fl["label"]["best"]["ssim"]

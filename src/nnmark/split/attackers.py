@@ -12,6 +12,11 @@ activations of the owners' images. Architectures (decoder specs of :mod:`nnmark.
   linear;
 - :data:`MAP_ATTACKERS`: deconvolution decoders for the CNN's activation maps, and a linear one.
 
+Label-aware attackers (``public_labels`` given to :func:`train_attacker`): the server also receives every
+image's label, so the same decoders are trained on the activations with the label appended (one-hot; as
+extra constant channels for maps, :func:`append_labels`) -- they measure what the activations add to what the
+labels already give away (the label floor of :func:`nnmark.split.metrics.floor_scores`).
+
 Model inversion without the weights (:func:`unsplit_attack`, the UnSplit setting of Erdogan et al. 2022):
 the server knows only the local part's *architecture*; it optimises, alternately, a surrogate local part
 (fresh weights) and the images (through a sigmoid) so that the surrogate maps the images to the observed
@@ -51,13 +56,30 @@ class AttackConfig:
     seed: int = 0
 
 
+def append_labels(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Activations ``h`` ``(N, D)`` or ``(N, C, h, w)`` with the one-hot labels ``y`` ``(N,)`` appended:
+    ``(N, D + K)``, or ``(N, C + K, h, w)`` (one constant plane per class)."""
+    one_hot = F.one_hot(y.long(), num_classes).to(h.dtype)
+    if h.dim() == 4:
+        return torch.cat([h, one_hot[:, :, None, None].expand(-1, -1, *h.shape[2:])], 1)
+    return torch.cat([h.flatten(1), one_hot], 1)
+
+
 def train_attacker(spec: str, observe: Callable[[torch.Tensor], torch.Tensor], public: torch.Tensor,
-                   image_shape: tuple[int, ...], cfg: AttackConfig | None = None) -> nn.Module:
+                   image_shape: tuple[int, ...], cfg: AttackConfig | None = None,
+                   public_labels: torch.Tensor | None = None, num_classes: int = 0) -> nn.Module:
     """A decoder of ``spec`` trained to map ``observe(x)`` to ``x`` over ``public`` ``(M, C, H, W)``.
-    ``observe`` is called once per batch (fresh noise each time when it adds noise)."""
+    ``observe`` is called once per batch (fresh noise each time when it adds noise). With ``public_labels``
+    ``(M,)`` the decoder reads ``append_labels(observe(x), y, num_classes)`` instead (a label-aware attacker:
+    apply it to ``append_labels(h, labels, num_classes)``)."""
     cfg = cfg or AttackConfig()
+
+    def seen(idx: torch.Tensor) -> torch.Tensor:
+        h = observe(public[idx])
+        return h if public_labels is None else append_labels(h, public_labels[idx], num_classes)
+
     with torch.no_grad():
-        act_shape = tuple(observe(public[:2]).shape[1:])
+        act_shape = tuple(seen(torch.arange(min(2, public.shape[0]))).shape[1:])
     dec = build_decoder(spec, act_shape, image_shape, seed=cfg.seed)
     opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -65,11 +87,11 @@ def train_attacker(spec: str, observe: Callable[[torch.Tensor], torch.Tensor], p
     for _ in range(cfg.epochs):
         perm = torch.randperm(public.shape[0], generator=g)
         for i in range(0, public.shape[0], cfg.batch_size):
-            x = public[perm[i:i + cfg.batch_size]]
+            idx = perm[i:i + cfg.batch_size]
             with torch.no_grad():
-                h = observe(x)
+                h = seen(idx)
             opt.zero_grad()
-            F.mse_loss(dec(h), x).backward()
+            F.mse_loss(dec(h), public[idx]).backward()
             opt.step()
     return dec.eval()
 

@@ -11,13 +11,20 @@ All functions take originals ``x`` and reconstructions ``r`` of shape ``(N, C, H
   labels) and a *perceptual distance* (:meth:`Judge.distance`: the mean over its four conv layers of the
   squared distance between unit-normalised feature vectors, LPIPS-style without learned weights; 0 for
   identical images, higher: less alike).
-- :func:`floor_scores`: the scores of the mean image -- what an attacker that learns nothing from the
-  activations can always output (the floor every defended SSIM is to be read against).
+- :func:`floor_scores`: the scores of what an attacker can output without looking at the activations at all.
+  The *mean-image floor* (the public mean image) is what an attacker that learns nothing scores. The *label
+  floor*: the server receives each image's label (it must, to train the task), so it can always output a
+  template of that class built from the public images -- the class mean, or the class medoid (the public image
+  of the class with the least summed Euclidean distance to the others); the label floor is the better of the
+  two. The *predicted-label floor*: the same templates indexed by the server part's own prediction from the
+  activations (what is left when the labels stay with the owners). No defence that keeps the task accurate
+  can push the best attacker below the label floor while labels reach the server.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +107,47 @@ def judge_for(data: str, epochs: int = 8, seed: int = 0) -> Judge:
     return Judge(model, float(accuracy(model, s.test)))
 
 
-def floor_scores(x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """MSE and SSIM of the mean image of ``reference`` (``(M, C, H, W)``, e.g. public data) against ``x``."""
+def class_templates(reference: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Per-class templates of public images ``reference`` ``(M, C, H, W)`` with ``labels`` ``(M,)``:
+    ``{"class_mean": (K, C, H, W), "class_medoid": (K, C, H, W)}`` (module doc). A class with no public image
+    gets the overall mean image."""
+    mean = reference.mean(0)
+    means, medoids = [], []
+    for c in range(num_classes):
+        pc = reference[labels == c]
+        if pc.shape[0] == 0:
+            means.append(mean)
+            medoids.append(mean)
+            continue
+        flat = pc.flatten(1).double()
+        means.append(pc.mean(0))
+        medoids.append(pc[int(torch.cdist(flat, flat).sum(1).argmin())])
+    return {"class_mean": torch.stack(means), "class_medoid": torch.stack(medoids)}
+
+
+def _template_scores(x: torch.Tensor, templates: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {name: {"mse": mse(x, t[index]), "ssim": ssim(x, t[index])} for name, t in templates.items()}
+    best = max(templates, key=lambda k: out[k]["ssim"])
+    out["best"] = {"template": best, **out[best]}
+    return out
+
+
+def floor_scores(x: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None = None,
+                 reference_labels: torch.Tensor | None = None, num_classes: int | None = None,
+                 predicted: torch.Tensor | None = None) -> dict[str, Any]:
+    """What an attacker scores on targets ``x`` ``(N, C, H, W)`` without using the activations (module doc).
+
+    Always: ``mse``, ``ssim``, ``ssim_gaussian`` of the mean image of ``reference`` (``(M, C, H, W)``, public
+    data). With the targets' ``labels`` ``(N,)``, the public ``reference_labels`` ``(M,)`` and ``num_classes``:
+    ``"label"`` = ``{"class_mean": {mse, ssim}, "class_medoid": {...}, "best": {"template", mse, ssim}}``; with
+    ``predicted`` ``(N,)`` (the server's predicted classes) also ``"predicted_label"``, the same indexed by them.
+    """
     mean = reference.mean(0, keepdim=True).expand_as(x)
-    return {"mse": mse(x, mean), "ssim": ssim(x, mean), "ssim_gaussian": ssim(x, mean, gaussian=True)}
+    out: dict[str, Any] = {"mse": mse(x, mean), "ssim": ssim(x, mean), "ssim_gaussian": ssim(x, mean, gaussian=True)}
+    if labels is not None and reference_labels is not None:
+        k = num_classes if num_classes is not None else int(max(labels.max(), reference_labels.max())) + 1
+        templates = class_templates(reference, reference_labels, k)
+        out["label"] = _template_scores(x, templates, labels)
+        if predicted is not None:
+            out["predicted_label"] = _template_scores(x, templates, predicted)
+    return out
