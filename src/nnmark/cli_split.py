@@ -182,8 +182,10 @@ def _message_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 @click.option("--targets", default=500, show_default=True, type=int, help="owners' images to reconstruct")
 @click.option("--epochs", default=30, show_default=True, type=int, help="attacker training epochs")
 @click.option("--unsplit", is_flag=True, help="also run the UnSplit inversion (architecture only)")
+@click.option("--label-attackers", default="", help="attackers trained again reading the label too (name+y)")
 @click.option("--json", "as_json", is_flag=True)
-def attack(run_dir: str, attackers: str, targets: int, epochs: int, unsplit: bool, as_json: bool) -> None:
+def attack(run_dir: str, attackers: str, targets: int, epochs: int, unsplit: bool, label_attackers: str,
+           as_json: bool) -> None:
     """Reconstruct the owners' images from what the server of RUN_DIR saw; report MSE / SSIM / DPD / reprint."""
     import torch
 
@@ -200,7 +202,8 @@ def attack(run_dir: str, attackers: str, targets: int, epochs: int, unsplit: boo
     cfg = SplitConfig.from_dict(loads((run / "run.json").read_text(), what="run.json")["config"])
     model, _ = load_model(run / "model.safetensors")
     names = [a for a in attackers.split(",") if a.strip()] or None
-    rep = privacy_report(model, cfg, names, n_targets=targets, attack=AttackConfig(epochs=epochs), unsplit=unsplit)
+    rep = privacy_report(model, cfg, names, n_targets=targets, attack=AttackConfig(epochs=epochs), unsplit=unsplit,
+                         label_attackers=[a for a in label_attackers.split(",") if a.strip()])
     if as_json:
         click.echo(json.dumps(rep, indent=1))
         return
@@ -209,3 +212,10 @@ def attack(run_dir: str, attackers: str, targets: int, epochs: int, unsplit: boo
     for name, s in rep["attackers"].items():
         click.echo(f"{name:10s} {s['mse']:7.4f} {s['ssim']:6.3f} {s['dpd']:6.3f} {s['reprint_accuracy']:7.3f}")
     click.echo(f"{'mean image':10s} {fl['mse']:7.4f} {fl['ssim']:6.3f}   (the floor: an attacker that learns nothing)")
+    for what, row, note in (("label", "label", "the label the server receives"),
+                            ("predicted_label", "predicted", "the server's prediction")):
+        b = fl[what]["best"]
+        click.echo(f"{row:10s} {b['mse']:7.4f} {b['ssim']:6.3f}   (class {b['template'][6:]} "
+                   f"of {note}: no activations used)")
+    top = rep["best_with_labels"]
+    click.echo(f"best attacker with the labels: {top['attacker']} SSIM {top['ssim']:.3f}")
