@@ -212,3 +212,44 @@ def test_cli_verifies_a_folder_with_an_output_wu_key(wu_marked, tmp_path):
     assert no.exit_code == 1 and "not owned" in no.output
     low = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / "marked")])  # default alpha 1e-6
     assert low.exit_code != 0 and "smallest p-value" in (low.output + str(low.exception))  # the entry point: exit 2
+
+
+def test_per_condition_null_takes_the_hardest_condition(tmp_path):
+    """The p-value is the largest over calibration conditions: innocent images of one hard condition (here:
+    statistics spread to 0.5, as noised images under an E trained with distortions) get no more claims than
+    alpha, where one pooled null of an easy and a hard condition would let them through about twice as often."""
+    scheme = OutputWu(Key.from_seed(9), image_size=SIZE, wm_size=8, width=4, key_channels=4)
+    rng = torch.Generator().manual_seed(0)
+    easy, hard = 0.1 * torch.rand(999, generator=rng), 0.5 * torch.rand(999, generator=rng)
+    scheme._set_null(torch.cat([easy, hard]), torch.cat([torch.zeros(999), torch.ones(999)]).long(),
+                     ["clean", "noise 0.1"])
+    assert scheme.threshold(0.01) == pytest.approx(float(torch.sort(hard)[0][-10]))
+    fresh_hard = 0.5 * torch.rand(20_000, generator=rng)
+    claimed = [float(scheme.p_value(s[None])) <= 0.01 for s in fresh_hard[:2000]]
+    assert sum(claimed) / 2000 <= 0.01 + 3 * math.sqrt(0.01 * 0.99 / 2000)
+    pooled = torch.sort(torch.cat([easy, hard]))[0]
+    pooled_thr = float(pooled[len(pooled) - 1 - (math.floor(0.01 * (len(pooled) + 1)) - 1)])
+    assert float((fresh_hard >= pooled_thr).double().mean()) > 0.015  # what a pooled null would have claimed
+    assert scheme.min_alpha(1) == pytest.approx(1 / 1000) and scheme.min_alpha(16) == pytest.approx(2 / 1000)
+    v = scheme.verify(torch.zeros(4, 3, SIZE, SIZE), alpha=0.05)
+    assert set(v.details["calibration_fpr_per_condition"]) == {"clean", "noise 0.1"}
+    path = tmp_path / "cond.key"
+    scheme.save(path, commit=False)
+    again = load_scheme(path, expect="output-wu")
+    assert again.null_conditions == ["clean", "noise 0.1"] and again.threshold(0.01) == scheme.threshold(0.01)
+
+
+def test_marking_a_further_host_keeps_the_extractor_fixed(wu_tiny):
+    """``train_extractor=False`` (the demo's stage): only the host learns, so E -- and a committed calibration
+    of E -- stays exactly as it was; E's parameters are trainable again afterwards."""
+    scheme, unmarked, _, _, _ = wu_tiny
+    before = {k: v.clone() for k, v in scheme.extractor.state_dict().items()}
+    host = copy.deepcopy(unmarked)
+    x, y = photo_patches("sr2", SIZE, "train", 32, 5)
+    scheme.embed(host, ImageDataset(x, y, 0), TrainConfig(epochs=1, batch_size=8, max_steps=4, progress=False),
+                 natural=natural_images(16, SIZE, 2, split="val"), train_extractor=False)
+    after = scheme.extractor.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(a, b) for a, b in zip(host.state_dict().values(), unmarked.state_dict().values(),
+                                                     strict=True))
+    assert any(p.requires_grad for p in scheme.extractor.parameters())

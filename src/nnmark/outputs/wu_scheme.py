@@ -40,18 +40,24 @@ What E's output is evidence of: E memorises one fixed watermark, so the pixels (
 not independent, and no binomial p-value is computed. The verdict is a detection statistic,
 ``s = <E(image, k), w> / <w, w>`` (1: the watermark, 0: blank), compared with the statistics of calibration
 negatives held out from training (:meth:`OutputWu.calibrate`: natural photos from photos never trained on,
-outputs of unmarked hosts and of hosts marked under other keys, each also once more cropped, noised,
-JPEG-compressed or resized). For m suspect images the verdict uses their
-median statistic; with ``k`` of the ``n`` calibration negatives at or above it,
+outputs of unmarked hosts and of hosts marked under other keys). The negatives form *conditions*: ``clean``
+(all of them as they are) and one per distortion of :data:`CALIBRATION_DISTORTIONS` (every negative once more
+cropped, noised, JPEG-compressed or resized that way). For m suspect images the verdict uses their median
+statistic; with ``k_g`` of the ``n_g`` negatives of condition g at or above it,
 
-    p = min(1, m / ceil(m / 2) * (k + 1) / (n + 1)),
+    p = max over conditions g of  min(1, m / ceil(m / 2) * (k_g + 1) / (n_g + 1)),
 
-valid (P[p <= a] <= a) whenever each unmarked suspect image is exchangeable with the calibration negatives,
-whatever the dependence between the m images (a median at or above the threshold needs ceil(m/2) single-image
-exceedances; Markov's inequality gives the factor). The smallest attainable p is about 1/n (or 2/n for m > 1):
-alpha below that is refused. The verdict states the threshold at alpha, the false-positive rate measured at it
-on the calibration negatives with its exact 95% Clopper-Pearson interval, and the count of each kind of
-negative. A stolen E is evidence about the key (its first layer matches it), and an E fitted after the fact
+valid (P[p <= a] <= a) whenever the unmarked suspect images are exchangeable with the negatives of *some*
+condition -- whichever it is, and whatever the dependence between the m images (a median at or above the
+threshold needs ceil(m/2) single-image exceedances; Markov's inequality gives the factor; p is at least that
+condition's p). One pooled null, as before, was valid only for images distributed like the pooled mixture:
+innocent images all noised at sigma 0.1 were claimed 3.7% of the time at its 1% threshold (measured, an E
+trained with distortions), because noise 0.1 was one eighth of the pooled distorted negatives. The threshold
+at alpha is the largest per-condition threshold; the smallest attainable p is about 1 / min_g n_g (2 / n_g for
+m > 1): alpha below that is refused. The verdict states the threshold, the false-positive rate measured at it
+in each condition with its exact 95% Clopper-Pearson interval, and the count of each kind of negative.
+Distortions outside the list (other kinds, stronger settings) are not covered by the guarantee.
+A stolen E is evidence about the key (its first layer matches it), and an E fitted after the fact
 could claim anything: verdicts count for committed keys only (:mod:`nnmark.commitment`).
 """
 
@@ -97,9 +103,11 @@ class WuHook(TrainingHook):
     The host's output of each training step is captured by a forward hook (no second forward pass); the
     unmarked host G0 is the model as it is at the first step (frozen copy). ``natural``: unmarked photos
     ``(M, C, H, W)`` in [0, 1], drawn ``batch`` at a time. E's own Adam optimizer steps in :meth:`after_step`.
+    ``train_extractor=False`` keeps E fixed (its parameters frozen until :meth:`finalize`): only the host
+    learns to carry the mark E already reads, so a calibration of that E stays valid for the new host.
     """
 
-    def __init__(self, scheme: OutputWu, natural: torch.Tensor) -> None:
+    def __init__(self, scheme: OutputWu, natural: torch.Tensor, train_extractor: bool = True) -> None:
         self.scheme = scheme
         self.natural = natural.float()
         self.unmarked: nn.Module | None = None
@@ -108,12 +116,19 @@ class WuHook(TrainingHook):
         self._handle: Any = None
         self.gen = scheme.key.torch_generator("output-wu:training")
         e = scheme.extractor
-        film = [p for p in e.film.parameters() if p.requires_grad] if e.film is not None else []
-        ids = {id(p) for p in film}
-        groups = [{"params": [p for p in e.parameters() if id(p) not in ids and p.requires_grad]}]
-        if film:
-            groups.append({"params": film, "lr": scheme.film_lr})
-        self.opt = torch.optim.Adam(groups, lr=scheme.lr)
+        self._frozen: list[nn.Parameter] = []
+        self.opt: torch.optim.Optimizer | None = None
+        if not train_extractor:
+            self._frozen = [p for p in e.parameters() if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        else:
+            film = [p for p in e.film.parameters() if p.requires_grad] if e.film is not None else []
+            ids = {id(p) for p in film}
+            groups = [{"params": [p for p in e.parameters() if id(p) not in ids and p.requires_grad]}]
+            if film:
+                groups.append({"params": film, "lr": scheme.film_lr})
+            self.opt = torch.optim.Adam(groups, lr=scheme.lr)
         self.history: list[dict[str, float]] = []
         self.step = 0
         #: called as ``log(step, losses)`` every 50 steps when set (progress of long runs)
@@ -187,14 +202,18 @@ class WuHook(TrainingHook):
         return s.fidelity_start_db + t * (s.fidelity_db - s.fidelity_start_db)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
     def finalize(self, model: nn.Module) -> nn.Module | None:
         """Detach the capture; E to eval mode. Returns the frozen unmarked host (for calibration)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
         self.scheme.extractor.eval()
         self.scheme.unmarked_host = self.unmarked
         return self.unmarked
@@ -261,7 +280,8 @@ class OutputWu(Scheme):
                  fidelity_start_db: float = 20.0, t_d: int = 8,
                  wrong_keys: int = 4, augment: float = 0.0, lr: float = 1e-3, film_lr: float = 1e-3,
                  state: dict[str, torch.Tensor] | None = None, null_statistics: torch.Tensor | None = None,
-                 null_counts: dict[str, int] | None = None) -> None:
+                 null_counts: dict[str, int] | None = None, null_conditions: list[str] | None = None,
+                 null_condition_index: torch.Tensor | None = None) -> None:
         super().__init__(key)
         r = RECIPES[recipe]
         self.recipe, self.watermark_kind, self.image_size, self.channels = recipe, watermark, image_size, channels
@@ -293,7 +313,11 @@ class OutputWu(Scheme):
         elif self.key_init == "match" and self.extractor.film is not None:
             self._init_key_match()
         self.extractor.eval()
-        self.null_statistics = None if null_statistics is None else torch.sort(null_statistics.double())[0]
+        self.null_statistics: torch.Tensor | None = None
+        self.null_conditions: list[str] = []
+        self.null_condition_index: torch.Tensor | None = None
+        if null_statistics is not None:
+            self._set_null(null_statistics, null_condition_index, null_conditions)
         self.null_counts = dict(null_counts or {})
         self.unmarked_host: nn.Module | None = None
 
@@ -333,28 +357,30 @@ class OutputWu(Scheme):
 
         return random_augment(images, gen, self.augment)
 
-    def training_hook(self, natural: torch.Tensor | None = None) -> WuHook:
+    def training_hook(self, natural: torch.Tensor | None = None, train_extractor: bool = True) -> WuHook:
         """The joint-training hook; ``natural``: unmarked photos ``(M, C, H, W)`` (default: 2,048 patches of the
-        training photos at other positions, :func:`nnmark.outputs.data.natural_images` split ``val``)."""
+        training photos at other positions, :func:`nnmark.outputs.data.natural_images` split ``val``);
+        ``train_extractor=False``: E fixed, only the host learns (:class:`WuHook`)."""
         if natural is None:
             from nnmark.outputs.data import natural_images
 
             natural = natural_images(2048, self.image_size, seed=self.key.seed("output-wu:natural") % 2**31,
                                      split="val")
         self._check_images(natural, "natural images")
-        return WuHook(self, natural)
+        return WuHook(self, natural, train_extractor)
 
     def embed(self, model: nn.Module, data: Any, config: Any = None, *, val: Any = None,
               description: str = "embedding output-wu", natural: torch.Tensor | None = None,
-              log: Any = None) -> Any:
+              log: Any = None, train_extractor: bool = True) -> Any:
         """Fine-tune ``model`` (the unmarked host, in place) jointly with E on ``data`` (an
         :class:`~nnmark.data.ImageDataset` of ``(inputs, targets)``); returns the training record with the
         hook's loss history in ``record.config["wu_history"]`` (every 10th step). The frozen unmarked host is
-        kept in :attr:`unmarked_host` for :meth:`calibrate`."""
+        kept in :attr:`unmarked_host` for :meth:`calibrate`. ``train_extractor=False``: E stays as it is (a
+        further host marked for an existing, already calibrated E)."""
         from nnmark.train import TrainConfig, train
 
         self.model_spec = dict(getattr(model, "spec", {}) or {}) or None
-        hook = self.training_hook(natural)
+        hook = self.training_hook(natural, train_extractor)
         hook.log = log
         cfg = config or TrainConfig(epochs=1, batch_size=16)
         rec = train(model, data, cfg, val=val, hooks=[hook], description=description)
@@ -436,11 +462,14 @@ class OutputWu(Scheme):
                   distorted: bool = True) -> dict[str, int]:
         """Measure the null on negatives held out from training: ``natural`` photos ``(N, C, H, W)``, the
         outputs of ``reference_models`` (unmarked hosts, hosts marked under other keys) on held-out ``inputs``,
-        and any further ``negatives`` (name -> images). ``distorted`` (default): each kind also enters once more
-        distorted as a thief or a platform would distort innocent images (:data:`CALIBRATION_DISTORTIONS`, one per
-        image in turn): without it, unmarked images cropped to 3/4 (zeroed rest) scored above the clean 1%
-        threshold 96% of the time. Replaces the stored null (do it before :meth:`save`: the calibration is part
-        of the committed key); returns the count per kind."""
+        and any further ``negatives`` (name -> images). They form the condition ``clean``; with ``distorted``
+        (default) every negative also enters each condition of :data:`CALIBRATION_DISTORTIONS` (cropped,
+        noised, JPEG'd, resized as a thief or a platform would distort innocent images; random crop positions
+        and noise drawn per image from the key). The p-value is the largest over conditions (module docs), so
+        it holds for innocent images made under any one of them: a pooled null let unmarked images noised at
+        sigma 0.1 score above its 1% threshold 3.7% of the time. Replaces the stored null (do it before
+        :meth:`save`: the calibration is part of the committed key); returns the count per kind of clean
+        negative (each condition holds all of them)."""
         kinds: dict[str, torch.Tensor] = {}
         if natural is not None:
             kinds["natural"] = natural
@@ -453,31 +482,58 @@ class OutputWu(Scheme):
         kinds.update(negatives or {})
         if not kinds:
             raise SchemeError("calibration needs negatives (natural photos, reference models' outputs)")
+        clean = torch.cat([self._check_images(v, f"calibration negatives {k!r}") for k, v in kinds.items()])
+        conditions = {"clean": clean}
         if distorted:
             gen = self.key.torch_generator("output-wu:calibration-distortions")
-            for name, imgs in list(kinds.items()):
-                imgs = self._check_images(imgs, f"calibration negatives {name!r}")
-                kinds[f"{name} (distorted)"] = torch.cat([
-                    distort_one(img[None], CALIBRATION_DISTORTIONS[i % len(CALIBRATION_DISTORTIONS)], gen)
-                    for i, img in enumerate(imgs)])
-        stats, counts = [], {}
-        for name, imgs in kinds.items():
-            s = self.statistics(self._check_images(imgs, f"calibration negatives {name!r}"))
-            stats.append(s)
-            counts[name] = len(s)
-        self.null_statistics = torch.sort(torch.cat(stats))[0]
-        self.null_counts = counts
-        return counts
+            for d in CALIBRATION_DISTORTIONS:
+                conditions[distortion_name(d)] = torch.cat([distort_one(img[None], d, gen) for img in clean])
+        stats, index = [], []
+        for i, imgs in enumerate(conditions.values()):
+            stats.append(self.statistics(imgs))
+            index.append(torch.full((len(imgs),), i, dtype=torch.int64))
+        self._set_null(torch.cat(stats), torch.cat(index), list(conditions))
+        self.null_counts = {k: len(v) for k, v in kinds.items()}
+        return dict(self.null_counts)
 
-    def threshold(self, alpha: float) -> float:
-        """The smallest statistic a single image needs for ``p <= alpha`` (the ``ceil((1 - alpha)(n + 1))``-th
-        smallest calibration statistic); ``inf`` when ``alpha < 1 / (n + 1)``."""
+    def _set_null(self, statistics: torch.Tensor, index: torch.Tensor | None, names: list[str] | None) -> None:
+        """Store calibration ``statistics`` ``(n,)`` with their condition ``index`` ``(n,)`` into ``names``
+        (a key file without conditions, from before they existed: one condition ``pooled``)."""
+        statistics = statistics.double().reshape(-1)
+        if index is None or not names:
+            index, names = torch.zeros(len(statistics), dtype=torch.int64), ["pooled"]
+        index = index.to(torch.int64).reshape(-1)
+        if len(index) != len(statistics) or int(index.min()) < 0 or int(index.max()) >= len(names):
+            raise SchemeError("output-wu calibration: condition index does not match the statistics")
+        order = torch.argsort(statistics, stable=True)
+        order = order[torch.argsort(index[order], stable=True)]  # by condition, then by value
+        self.null_statistics, self.null_condition_index = statistics[order], index[order]
+        self.null_conditions = list(names)
+
+    def null_by_condition(self) -> dict[str, torch.Tensor]:
+        """The calibration statistics of each condition, sorted ascending: name -> ``(n_g,)`` float64."""
         null = self._null()
+        assert self.null_condition_index is not None
+        return {name: null[self.null_condition_index == i] for i, name in enumerate(self.null_conditions)}
+
+    def min_alpha(self, m: int = 1) -> float:
+        """The smallest p-value ``m`` suspect images can get: ``m / ceil(m/2) / (min_g n_g + 1)``."""
+        n_min = min(len(v) for v in self.null_by_condition().values())
+        return m / math.ceil(m / 2) / (n_min + 1)
+
+    @staticmethod
+    def _condition_threshold(null: torch.Tensor, alpha: float) -> float:
         n = len(null)
         k_allowed = math.floor(alpha * (n + 1)) - 1  # negatives allowed at or above the threshold
         if k_allowed < 0:
             return math.inf
         return float(null[n - 1 - k_allowed]) if k_allowed < n else -math.inf
+
+    def threshold(self, alpha: float) -> float:
+        """The smallest statistic a single image needs for ``p <= alpha``: in each condition the
+        ``ceil((1 - alpha)(n_g + 1))``-th smallest calibration statistic, the largest over conditions; ``inf``
+        when ``alpha < 1 / (n_g + 1)`` for some condition."""
+        return max(self._condition_threshold(v, alpha) for v in self.null_by_condition().values())
 
     def _null(self) -> torch.Tensor:
         if self.null_statistics is None or len(self.null_statistics) == 0:
@@ -485,12 +541,13 @@ class OutputWu(Scheme):
         return self.null_statistics
 
     def p_value(self, statistics: torch.Tensor) -> float:
-        """The conformal p-value of the median of ``statistics`` ``(m,)`` (module docs)."""
-        null = self._null()
-        n, m = len(null), len(statistics)
+        """The conformal p-value of the median of ``statistics`` ``(m,)``, the largest over conditions (module
+        docs)."""
+        m = len(statistics)
         med = float(torch.quantile(statistics.double(), 0.5, interpolation="lower")) if m > 1 else float(statistics[0])
-        k = int((null >= med).sum())
-        return min(1.0, m / math.ceil(m / 2) * (k + 1) / (n + 1))
+        factor = m / math.ceil(m / 2)
+        return min(1.0, max(factor * (int((v >= med).sum()) + 1) / (len(v) + 1)
+                            for v in self.null_by_condition().values()))
 
     # -- verification -----------------------------------------------------------
     def verify(self, target: Any, *, alpha: float = 0.01, inputs: torch.Tensor | None = None,
@@ -510,26 +567,32 @@ class OutputWu(Scheme):
             with torch.no_grad():
                 target = target(inputs)
         images = self._check_images(target, "suspect images")
-        null = self._null()
-        n, m = len(null), len(images)
-        floor = m / math.ceil(m / 2) / (n + 1)
+        by_cond = self.null_by_condition()
+        n, m = len(self._null()), len(images)
+        floor = self.min_alpha(m)
         if alpha <= floor:
-            raise SchemeError(f"alpha {alpha:g} is below the smallest p-value {floor:.3g} that {n} calibration "
-                              f"negatives give {m} image(s): use alpha above it (e.g. --alpha 0.01) or calibrate "
-                              "on more negatives")
+            raise SchemeError(f"alpha {alpha:g} is below the smallest p-value {floor:.3g} that the calibration "
+                              f"({min(len(v) for v in by_cond.values())} negatives in its smallest condition) gives "
+                              f"{m} image(s): use alpha above it (e.g. --alpha 0.01) or calibrate on more negatives")
         stats = self.statistics(images)
         p = self.p_value(stats)
         thr = self.threshold(alpha)
-        k_thr = int((null >= thr).sum()) if math.isfinite(thr) else 0
         from scipy.stats import binomtest
 
+        per_condition = {}
+        for name, v in by_cond.items():
+            k_g = int((v >= thr).sum()) if math.isfinite(thr) else 0
+            ci = binomtest(k_g, len(v)).proportion_ci(0.95, method="exact")
+            per_condition[name] = {"fpr": k_g / len(v), "n": len(v), "ci95": [float(ci.low), float(ci.high)]}
+        k_thr = int((self._null() >= thr).sum()) if math.isfinite(thr) else 0
         ci = binomtest(k_thr, n).proportion_ci(0.95, method="exact")
         median = float(torch.quantile(stats, 0.5, interpolation="lower"))
-        null_h = (f"the {m} image(s) were not produced by the host marked with this key: each one's detection "
-                  f"statistic is exchangeable with the {n} calibration negatives ("
-                  + ", ".join(f"{k} {v}" for k, v in self.null_counts.items())
-                  + f"); p = {m}/ceil({m}/2) * (k+1)/(n+1) at their median (any dependence between them). "
-                  "Not a binomial test: E's output bits are not independent.")
+        null_h = (f"the {m} image(s) were not produced by the host marked with this key: their detection "
+                  "statistics are exchangeable with the calibration negatives of one of the conditions "
+                  + ", ".join(f"{k} ({len(v)})" for k, v in by_cond.items())
+                  + " (negatives: " + ", ".join(f"{k} {v}" for k, v in self.null_counts.items())
+                  + f"); p = the largest over conditions of {m}/ceil({m}/2) * (k+1)/(n+1) at their median (any "
+                  "dependence between them). Not a binomial test: E's output bits are not independent.")
         return Verdict(
             scheme=self.name, owned=bool(p < alpha), p_value=float(p), alpha=float(alpha), statistic=median, n=m,
             null_hypothesis=null_h,
@@ -539,6 +602,7 @@ class OutputWu(Scheme):
                      "calibration_negatives": n, "calibration_kinds": dict(self.null_counts),
                      "calibration_fpr_at_threshold": k_thr / n,
                      "calibration_fpr_ci95": [float(ci.low), float(ci.high)],
+                     "calibration_fpr_per_condition": per_condition,
                      "key_id": self.key.key_id, "recipe": self.recipe, "watermark": self.watermark_kind,
                      "conversions": notes})
 
@@ -551,13 +615,15 @@ class OutputWu(Scheme):
                 "theta": self.theta, "hard_negatives": self.hard_negatives, "contrast": self.contrast,
                 "fidelity_db": self.fidelity_db, "fidelity_warmup": self.fidelity_warmup,
                 "fidelity_start_db": self.fidelity_start_db, "t_d": self.t_d, "wrong_keys": self.wrong_keys,
-                "augment": self.augment, "lr": self.lr, "film_lr": self.film_lr, "null_counts": self.null_counts}
+                "augment": self.augment, "lr": self.lr, "film_lr": self.film_lr, "null_counts": self.null_counts,
+                "null_conditions": self.null_conditions}
 
     def material(self) -> dict[str, torch.Tensor]:
         """E's weights (``extractor.*``) and the calibration statistics: secret, never ship them with a model."""
         out = {f"extractor.{k}": v.detach().clone() for k, v in self.extractor.state_dict().items()}
-        if self.null_statistics is not None:
+        if self.null_statistics is not None and self.null_condition_index is not None:
             out["null_statistics"] = self.null_statistics.clone()
+            out["null_condition_index"] = self.null_condition_index.clone()
         return out
 
     @classmethod
@@ -565,6 +631,10 @@ class OutputWu(Scheme):
         params = dict(params)
         params.pop("model_spec", None)
         counts = params.pop("null_counts", None)
+        conditions = params.pop("null_conditions", None)
+        if conditions is not None and (not isinstance(conditions, list) or len(conditions) > 64
+                                       or not all(isinstance(c, str) for c in conditions)):
+            raise SchemeError("output-wu key file: null_conditions must be a list of at most 64 names")
         state = {k[len("extractor."):]: v for k, v in material.items() if k.startswith("extractor.")}
         if not state:
             raise SchemeError("this output-wu key file has no extraction network")
@@ -574,6 +644,7 @@ class OutputWu(Scheme):
             raise SchemeError(f"output-wu key file: unknown parameter(s) {', '.join(sorted(unknown))}")
         try:
             return cls(key, state=state, null_statistics=material.get("null_statistics"), null_counts=counts,
+                       null_conditions=conditions, null_condition_index=material.get("null_condition_index"),
                        **cls.PARAMS.resolve(params, owner="key file"))
         except RuntimeError as exc:  # a state dict that does not fit the declared network
             raise SchemeError(f"output-wu key file: the extraction network does not fit its parameters ({exc})") \
@@ -584,6 +655,12 @@ class OutputWu(Scheme):
 CALIBRATION_DISTORTIONS: tuple[tuple[str, float], ...] = (
     ("crop", 0.75), ("crop", 0.5), ("crop", 0.25), ("noise", 0.05), ("noise", 0.1), ("jpeg", 50), ("jpeg", 80),
     ("resize", 0.5))
+
+
+def distortion_name(distortion: tuple[str, float]) -> str:
+    """``("noise", 0.1)`` -> ``"noise 0.1"`` (a calibration condition's name)."""
+    kind, v = distortion
+    return f"{kind} {int(v) if kind == 'jpeg' else v:g}"
 
 
 def distort_one(img: torch.Tensor, distortion: tuple[str, float], gen: torch.Generator) -> torch.Tensor:
