@@ -33,7 +33,7 @@ from nnmark.blackbox.trace import DEFAULT_ALPHA, BlackBoxTraceReport, trace_orac
 from nnmark.blackbox.triggers import DEFAULT_NOISE, TriggerSet, make_triggers
 from nnmark.codes.tardos import TardosCode
 from nnmark.errors import NNMarkError
-from nnmark.io import file_sha256, load_model, save_model
+from nnmark.io import file_sha256, load_model, save_model, spec_difference
 from nnmark.keyfile import KeyFile, load_key_file, save_key_file
 from nnmark.keys import Key
 from nnmark.registry import IssuedCopy, RecoveryReport, Registry
@@ -211,38 +211,37 @@ class BlackBoxProduct:
     def add_customers(self, names: list[str]) -> int:
         return self.registry.add_customers([str(n) for n in names])
 
-    def make_copy(self, code_index: int) -> tuple[nn.Module, BlackBoxIssueRecord]:
-        """The copy of codeword ``code_index`` (no registry, no file: for measurements)."""
+    def make_copy(self, code_index: int, start: nn.Module | None = None) -> tuple[nn.Module, BlackBoxIssueRecord]:
+        """The copy of codeword ``code_index`` (no registry, no file: for measurements), fine-tuned from ``start``
+        (default: the base model; e.g. the customer's weight-fingerprinted copy, :mod:`nnmark.blackbox.combined`)."""
         cfg = self.issue_config
-        return issue_blackbox_copy(self.base_model, self.triggers, self.code.codeword(code_index), self.splits.train,
-                                   cfg, shuffle_seed=cfg.seed * 1_000_003 + int(code_index))
+        if start is not None:
+            diff = spec_difference(dict(getattr(start, "spec", {})), dict(self.config.spec))
+            if diff:
+                raise BlackBoxError(f"the start model does not have the product's architecture ({diff})")
+        return issue_blackbox_copy(self.base_model if start is None else start, self.triggers,
+                                   self.code.codeword(code_index), self.splits.train, cfg,
+                                   shuffle_seed=cfg.seed * 1_000_003 + int(code_index))
 
-    def issue(self, customer: str, out: str | Path | None = None) -> IssuedCopy:
-        """Issue one copy to ``customer``: reserve a code, fine-tune, write the file atomically, complete the
-        record with its SHA-256; on any error the reservation is aborted and the partial file removed."""
+    def issue(self, customer: str, out: str | Path | None = None, start: nn.Module | None = None) -> IssuedCopy:
+        """Issue one copy to ``customer``: reserve a code, fine-tune (from ``start``, default the base), write the
+        file atomically, complete the record with its SHA-256; on any error the reservation is aborted and the
+        partial file removed (:meth:`nnmark.registry.Registry.issue_file`)."""
         n = len(self.registry.issued_copies(customer)) + 1
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in customer)[:48] or "customer"
         path = Path(out) if out is not None else self.root / COPIES_DIR / f"{safe}-{n}.safetensors"
-        if path.exists():
-            raise BlackBoxError(f"{path} exists; refusing to overwrite an issued copy")
-        res = self.registry.reserve_code(customer, planned_path=path)
-        try:
-            model, rec = self.make_copy(res.code_index)
-            save_model(path, model, {"data": self.config.data, "product": self.config.name,
+
+        def write(res, dest: Path) -> None:
+            model, rec = self.make_copy(res.code_index, start)
+            save_model(dest, model, {"data": self.config.data, "product": self.config.name,
                                      "issue": {"seconds": rec.seconds, "cpu_seconds": rec.cpu_seconds,
                                                "steps": rec.steps, "symbol_accuracy": rec.symbol_accuracy}})
-            return self.registry.complete_issue(res, path, file_sha256(path))
-        except BaseException:
-            try:
-                self.registry.abort(res, note="issue failed")
-            finally:
-                path.unlink(missing_ok=True)
-            raise
+
+        return self.registry.issue_file(customer, path, write)
 
     def pending_customers(self, names: list[str] | None = None) -> list[str]:
-        done = {c.customer for c in self.registry.issued_copies()}
-        pool = [c.name for c in self.registry.customers()] if names is None else [str(n) for n in names]
-        return [n for n in pool if n not in done]
+        """Customers (all, or among ``names``) without a complete issued copy."""
+        return self.registry.pending_customers(names)
 
     def recover(self, older_than_s: float = 0.0) -> RecoveryReport:
         """Settle reservations whose issuer is gone: complete those whose file's trace names the reserved

@@ -500,10 +500,8 @@ class Product:
         complete the registry record with its SHA-256. On any error the reservation is aborted and the partial
         file removed. A customer that already holds a code gets the same fingerprint again."""
         path = Path(out) if out is not None else self.copy_path(customer)
-        if path.exists():
-            raise FingerprintError(f"{path} exists; refusing to overwrite an issued copy")
-        res = self.registry.reserve_code(customer, planned_path=path)
-        try:
+
+        def write(res, dest: Path) -> None:
             cust = self.registry.customer(customer)
             f = self.fingerprint_of(res.code_index, cust.community_code)
             cfg = self.issue_config
@@ -513,22 +511,14 @@ class Product:
             own = self.own.component(res.code_index) if self.own is not None else None
             model, rec = issue_copy(self.base_model, f, self.carrier, data, cfg, metrics=self._metrics(cfg, data),
                                     own_component=own)
-            save_model(path, model, {"data": self.config.data, "product": self.config.name,
+            save_model(dest, model, {"data": self.config.data, "product": self.config.name,
                                      "issue": {"seconds": rec.seconds, "steps": rec.steps}})
-            del model
-            return self.registry.complete_issue(res, path, file_sha256(path))
-        except BaseException:
-            try:
-                self.registry.abort(res, note="issue failed")
-            finally:
-                path.unlink(missing_ok=True)
-            raise
+
+        return self.registry.issue_file(customer, path, write)
 
     def pending_customers(self, names: Iterable[str] | None = None) -> list[str]:
         """Customers (all, or among ``names``) without a complete issued copy."""
-        done = {c.customer for c in self.registry.issued_copies()}
-        pool = [c.name for c in self.registry.customers()] if names is None else [str(n) for n in names]
-        return [n for n in pool if n not in done]
+        return self.registry.pending_customers(names)
 
     def recover(self, older_than_s: float = 0.0) -> RecoveryReport:
         """Settle reservations left by killed issuers: complete those whose file exists and carries exactly

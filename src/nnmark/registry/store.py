@@ -56,7 +56,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +526,33 @@ class Registry(RecoveryMixin):
             .values(customer_id=None, state="free")
         )
         self._drop_lease(conn, token)
+
+    def issue_file(self, customer: str, path: str | os.PathLike,
+                   write: Callable[[Reservation, Path], None], note: str | None = None) -> IssuedCopy:
+        """The whole issuing protocol for one model file: reserve a code for ``customer`` (planned at ``path``),
+        call ``write(reservation, path)`` (it must write the file, atomically), then complete the record with the
+        file's SHA-256. On any error -- including ``KeyboardInterrupt`` -- the reservation is aborted and the
+        partial file removed before the error propagates. Refuses an existing ``path``."""
+        path = Path(path)
+        if path.exists():
+            raise RegistryError(f"{path} exists; refusing to overwrite an issued copy")
+        res = self.reserve_code(customer, planned_path=path)
+        try:
+            write(res, path)
+            return self._complete(res.token, str(path.expanduser().resolve()), _sha256_of(path), note)
+        except BaseException:
+            try:
+                self.abort(res, note="issue failed")
+            finally:
+                path.unlink(missing_ok=True)
+            raise
+
+    def pending_customers(self, names: Iterable[str] | None = None) -> list[str]:
+        """Customers (all, or those among ``names``, in that order) without a complete issued copy."""
+        done = {c.customer for c in self.issued_copies()}
+        pool = [c.name for c in self.customers()] if names is None else [str(n) for n in names]
+        return [n for n in pool if n not in done]
+
     # -- look-ups -----------------------------------------------------------------
     def _copies_query(self):
         i, c, k = issues_table, customers_table, codes_table
