@@ -50,15 +50,6 @@ def variant(cfg: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def label_floors(n_targets: int) -> dict[str, Any]:
-    """The floors of the first ``n_targets`` mnist5k training images (the rows' targets)."""
-    from nnmark.data import load_splits
-    from nnmark.split.metrics import floor_scores
-
-    s = load_splits("mnist5k")
-    return floor_scores(s.train.x[:n_targets], s.attacker.x, s.train.y[:n_targets], s.attacker.y, s.num_classes)
-
-
 def points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One point per (training, attack budget): the row with label-aware attackers when there is one."""
     from tradeoff import training_name
@@ -167,7 +158,9 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     rows = [json.loads(line) for line in (OUT / "mlp.jsonl").read_text().splitlines() if line.strip()]
-    fl = label_floors(int(rows[0].get("n_targets", 500)))
+    from nnmark.split.evaluation import data_floors
+
+    fl = data_floors("mnist5k", int(rows[0].get("n_targets", 500)))
     pts = points(rows)
     (OUT / "curve.md").write_text(table(pts, fl))
     plot(pts, fl, OUT / "curve.png")

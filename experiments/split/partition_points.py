@@ -100,9 +100,13 @@ def report() -> None:
     from scipy.stats import binomtest
 
     from nnmark.split.datasets import load_split_data
+    from nnmark.split.evaluation import data_floors
 
-    lines = ["| data | cut | defence | accuracy (95% CI) | best attacker | its SSIM | mean-image SSIM | its MSE | "
-             "mean-image MSE | DPD | reprint acc (judge on clean test) |", "|" + "---|" * 11]
+    floors = {d: data_floors(d, next(r["n_targets"] for n, r in rows.items() if n.startswith(f"{d}/")))
+              for d in DATA if any(n.startswith(f"{d}/") for n in rows)}
+    lines = ["| data | cut | defence | accuracy (95% CI) | best attacker | its SSIM | mean-image SSIM | "
+             "label floor SSIM (class mean / medoid) | its MSE | mean-image MSE | DPD | "
+             "reprint acc (judge on clean test) |", "|" + "---|" * 12]
     order = list(runs())
     for name, r in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         data, rest = name.split("/")
@@ -111,12 +115,15 @@ def report() -> None:
         n = len(load_split_data(data).test)
         ci = binomtest(round(r["accuracy"] * n), n).proportion_ci(0.95)  # Clopper-Pearson over the test images
         acc = f"{100 * r['accuracy']:.1f} ({100 * ci.low:.0f}-{100 * ci.high:.0f}, n={n})"
+        lab = floors[data]["label"]
         lines.append(f"| {data} | {at} | {defence} | {acc} | {b['attacker']} | {b['ssim']:.3f} | "
-                     f"{f['ssim']:.3f} | {b['mse']:.4f} | {f['mse']:.4f} | {b['dpd']:.3f} | "
+                     f"{f['ssim']:.3f} | {lab['class_mean']['ssim']:.3f} / {lab['class_medoid']['ssim']:.3f} | "
+                     f"{b['mse']:.4f} | {f['mse']:.4f} | {b['dpd']:.3f} | "
                      f"{b['reprint_accuracy']:.2f} ({r['judge_accuracy']:.2f}) |")
     (OUT / "partition_points.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+    label_floors = floors
     metrics = [("accuracy", "task accuracy"), ("ssim", "best attacker SSIM"), ("mse", "its MSE"),
                ("reprint_accuracy", "reprint accuracy")]
     fig, axes = plt.subplots(len(DATA), len(metrics), figsize=(15, 6.5), squeeze=False)
@@ -137,6 +144,9 @@ def report() -> None:
                 floors = [rows[f"{data}/{at}-none"]["floor"][metric] for at in CUTS if f"{data}/{at}-none" in rows]
                 if floors:
                     ax.axhline(floors[0], color="grey", ls=":", label="mean image (no information)")
+                if data in label_floors:
+                    ax.axhline(label_floors[data]["label"]["best"][metric], color="tab:brown", ls="-.",
+                               label="label floor (best class template)")
             ax.set_xticks(range(len(CUTS)), CUTS)
             ax.set_title(f"{data}: {label}", fontsize=10)
             ax.grid(alpha=0.3)

@@ -48,6 +48,17 @@ def scores(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, data: str, percept
     return out
 
 
+def data_floors(data: str, n_targets: int = 500) -> dict[str, Any]:
+    """The floors (:func:`~nnmark.split.metrics.floor_scores`: mean image and label floor; no predicted-label
+    floor, which needs a model) of the first ``n_targets`` owners' training images of dataset ``data`` -- the
+    targets :func:`privacy_report` attacks."""
+    from nnmark.split.datasets import load_split_data as load_splits
+
+    s = load_splits(data)
+    x, y = s.train.x[:n_targets], s.train.y[:n_targets]
+    return floor_scores(x, s.attacker.x, y, s.attacker.y, s.num_classes)
+
+
 def privacy_report(model: nn.Module, cfg: SplitConfig, attackers: list[str] | None = None, *,
                    n_targets: int = 500, attack: AttackConfig | None = None, unsplit: bool = False,
                    label_attackers: list[str] | None = None, perceptual: bool = True, seed: int = 0
