@@ -1,6 +1,8 @@
 """False-positive study of ``output-message`` for FIXED keys over >= 10,000 negative images.
 
     .venv/bin/python experiments/outputs/fpr_study.py          # after mark_hosts.py (it reads its hosts)
+    .venv/bin/python experiments/outputs/fpr_study.py --extractor keyed --cache /tmp/nnmark-outputs-keyed \
+        --out experiments/results/outputs/fpr_keyed.json      # the keyed low-pass decoder
 
 Negatives (32x32, none made with the keys tested):
 - natural photo patches of the test and attacker photos (never used to train or calibrate the extractor);
@@ -54,7 +56,7 @@ def main() -> None:
     ap.add_argument("--per-host", type=int, default=1000)
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--out", default="experiments/results/outputs/fpr.json")
-    ap.add_argument("--extractor", default="shipped", help="'shipped' or an extractor .safetensors file")
+    ap.add_argument("--extractor", default="shipped", help="'shipped', 'keyed' or an extractor .safetensors file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -87,14 +89,20 @@ def main() -> None:
     negatives = torch.cat(list(groups.values()))
     print(f"{len(negatives)} negatives ({', '.join(f'{k}: {len(v)}' for k, v in groups.items())}) "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    ext = load_shipped() if args.extractor == "shipped" else Extractor.load(args.extractor)
-    with torch.no_grad():
-        raw = torch.cat([ext.decoder(negatives[i:i + 1024]) for i in range(0, len(negatives), 1024)])
+    def raw_logits(decoder: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([decoder(negatives[i:i + 1024]) for i in range(0, len(negatives), 1024)])
+
     result = {"negatives": {k: len(v) for k, v in groups.items()}, "n": len(negatives), "keys": {},
-              "raw_decoder_bits": bit_stats(raw)}
+              "extractor": args.extractor, "cache": args.cache}
+    if args.extractor != "keyed":  # one public decoder for every key
+        raw = raw_logits((load_shipped() if args.extractor == "shipped" else Extractor.load(args.extractor)).decoder)
+        result["raw_decoder_bits"] = bit_stats(raw)
     for i in range(args.keys):
         key = Key.from_seed(f"fpr-fixed-{i}")
         scheme = OutputMessage.create(key, None, extractor=args.extractor)
+        if args.extractor == "keyed":  # each key has its own decoder
+            raw = raw_logits(scheme.extractor.decoder)
         r, _ = scheme.image_readouts(negatives)
         matches = (((r > 0).long().numpy()) == scheme.message[None]).sum(1)
         raw_matches = (((raw > 0).long().numpy()) == scheme.message[None]).sum(1)
@@ -104,7 +112,7 @@ def main() -> None:
             start += len(g)
         result["keys"][key.key_id] = {
             "calibrated": rates(matches, scheme.bits), "raw_decoder": rates(raw_matches, scheme.bits),
-            "calibrated_bits": bit_stats(r), "per_group_at_0.01": per_group,
+            "calibrated_bits": bit_stats(r), "raw_bits": bit_stats(raw), "per_group_at_0.01": per_group,
             "max_matches": int(matches.max()), "max_matches_raw": int(raw_matches.max())}
         print(key.key_id, json.dumps(result["keys"][key.key_id]["calibrated"]), flush=True)
         print("  raw:", json.dumps(result["keys"][key.key_id]["raw_decoder"]), flush=True)

@@ -2,6 +2,8 @@
 
     .venv/bin/python experiments/outputs/mark_hosts.py            # all three tasks
     .venv/bin/python experiments/outputs/mark_hosts.py --tasks sr2 --n 1024 --host-epochs 2
+    .venv/bin/python experiments/outputs/mark_hosts.py --extractor keyed --strength 1.0 \
+        --cache /tmp/nnmark-outputs-keyed --out experiments/results/outputs/marks_keyed.json
 
 For each task (sr2 on a U-Net, colourise on a U-Net, denoise on a ResNet): train the host on train-photo
 patches, fine-tune a copy to carry the owner's message, then on 256 test-photo patches (photos never
@@ -60,7 +62,8 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/nnmark-outputs")
     ap.add_argument("--out", default="experiments/results/outputs/marks.json")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--extractor", default="shipped", help="'shipped' or an extractor .safetensors file")
+    ap.add_argument("--extractor", default="shipped",
+                    help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -105,6 +108,9 @@ def main() -> None:
             "task_psnr_marked": float(psnr_each(out, yt).mean()),
         }
         fid["task_psnr_drop"] = fid["task_psnr_unmarked"] - fid["task_psnr_marked"]
+        # a mark uncorrelated with the host's error adds its MSE to the host's: a drop <= 0.5 dB needs
+        # MSE_mark <= (10**0.05 - 1) MSE_host, i.e. a mark PSNR >= host PSNR + 9.14 dB
+        fid["mark_psnr_needed_for_0.5dB_drop"] = fid["task_psnr_unmarked"] - 10 * np.log10(10 ** 0.05 - 1)
         rob = {}
         for name, attack in attacks(5).items():
             t0 = time.perf_counter()

@@ -108,7 +108,8 @@ def outputs() -> None:
 @click.option("--fidelity", default=0.05, show_default=True, help="weight of the fidelity term")
 @click.option("--psnr-target", default=40.0, show_default=True, help="PSNR at which that term equals its weight")
 @click.option("--strength", default=0.5, show_default=True, help="distortion strength while marking (0..1)")
-@click.option("--extractor", default="shipped", show_default=True, help="'shipped' or a safetensors extractor")
+@click.option("--extractor", default="shipped", show_default=True,
+              help="'shipped', 'keyed' (drawn from the key) or a safetensors extractor")
 @click.option("--seed", default=0, show_default=True)
 def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, host_epochs: int, mark_epochs: int,
           fidelity: float, psnr_target: float, strength: float, extractor: str, seed: int) -> None:

@@ -16,11 +16,19 @@ How it works (the approach of HiDDeN / Stable Signature, :mod:`nnmark.outputs.ex
    unmarked host (frozen), the distortion drawn per quarter-batch by
    :func:`nnmark.outputs.augment.random_augment` after 8-bit quantisation.
 
+Two decoders (parameter ``extractor``): ``"shipped"``, the learned decoder above (public: whoever installs
+nnmark holds it, so it is a removal oracle for a thief), and ``"keyed"``, a fixed low-pass decoder whose
+filters are drawn from the key (:mod:`nnmark.outputs.keyed_decoder`; robust to JPEG and resizing by
+construction, secret with the key, calibrated the same way). A safetensors path selects an owner's own
+pre-trained decoder.
+
 Verification (:meth:`OutputMessage.verify`) reads a batch of images (one image is a batch of one): each
 image is cut into ``tile`` x ``tile`` tiles (a smaller image is upsampled, a grey one replicated, an alpha
-channel dropped), read-outs are averaged over the tiles and the images, and the ``k`` signs are compared
-with ``m``: ``p = P[Binomial(k, 1/2) >= matches]``. The null is exact over the key's randomness (``m`` is
-uniform and independent of any image made without this key -- which needs the key committed before the
+channel dropped), the calibrated read-outs (soft, before any sign) are averaged over the tiles and the
+images, and only then are the ``k`` signs compared with ``m``: ``p = P[Binomial(k, 1/2) >= matches]`` -- a
+batch of 16 outputs is still ``k`` bits of evidence (never 16 ``k``), each bit read from a mean in which
+the mark adds up while the images' own content averages out. The null is exact over the key's randomness
+(``m`` is uniform and independent of any image made without this key -- which needs the key committed before the
 suspect images existed, :mod:`nnmark.commitment`). For one *fixed* key the false-positive rate over
 negatives is measured by ``experiments/outputs/fpr_study.py`` (natural photos, unmarked host outputs,
 outputs of hosts marked under other keys).
@@ -42,7 +50,8 @@ from torch import nn
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
 from nnmark.outputs import augment
-from nnmark.outputs.extractor import Extractor, load_shipped
+from nnmark.outputs.extractor import Extractor, calibration_images, load_shipped
+from nnmark.outputs.keyed_decoder import KeyedLowpassDecoder
 from nnmark.params import Param, Params
 from nnmark.schemes.base import Scheme
 from nnmark.stats import Verdict, bit_match_verdict
@@ -52,6 +61,18 @@ TILE = 32
 MAX_TILES_PER_IMAGE = 256
 CALIBRATION_PATCHES = 2048
 CALIBRATION_SEED = 7919
+#: natural patches the keyed decoder's mean / whitening is fitted on (train photos, seed 1)
+KEYED_CALIBRATION_PATCHES = 4096
+
+
+def keyed_extractor(key: Key, bits: int = 48) -> Extractor:
+    """The keyed low-pass decoder (:mod:`nnmark.outputs.keyed_decoder`) of ``key``, its filters and mixing
+    drawn from ``key``, calibrated (mean, whitening) on :data:`KEYED_CALIBRATION_PATCHES` train-photo
+    patches (:func:`~nnmark.outputs.extractor.calibration_images`)."""
+    dec = KeyedLowpassDecoder(bits, generator=key.torch_generator("output-message/keyed-decoder"))
+    ext = Extractor(dec, meta={"kind": "keyed", **dec.spec()})
+    ext.calibrate(calibration_images(KEYED_CALIBRATION_PATCHES, TILE, 1))
+    return ext
 
 
 def _orthogonal(rng: np.random.Generator, k: int) -> torch.Tensor:
@@ -135,7 +156,9 @@ class OutputMessage(Scheme):
     name = "output-message"
     access = "black-box"
     PARAMS = Params(
-        Param("extractor", str, "shipped", "pre-trained extractor: 'shipped' or a safetensors file"),
+        Param("extractor", str, "shipped",
+              "'shipped' (pre-trained, public), 'keyed' (fixed low-pass decoder drawn from the key) or a "
+              "safetensors file"),
         Param("fidelity", float, 0.05, "weight of MSE(marked, unmarked output) / mse at psnr_target", low=0.0),
         Param("psnr_target", float, 40.0, "PSNR (dB) at which the fidelity term equals its weight",
               low=10.0, high=80.0),
@@ -166,8 +189,11 @@ class OutputMessage(Scheme):
     @classmethod
     def build(cls, key: Key, model: nn.Module | None = None, data: Any = None, *, extractor: str = "shipped",
               **params: Any) -> OutputMessage:
-        ext = load_shipped() if extractor == "shipped" else Extractor.load(extractor)
-        return cls(key, ext, extractor_name=extractor if extractor == "shipped" else Path(extractor).name,
+        if extractor == "keyed":
+            ext = keyed_extractor(key)
+        else:
+            ext = load_shipped() if extractor == "shipped" else Extractor.load(extractor)
+        return cls(key, ext, extractor_name=extractor if extractor in ("shipped", "keyed") else Path(extractor).name,
                    **params)
 
     # -- read-out ---------------------------------------------------------------
@@ -330,9 +356,12 @@ class OutputMessage(Scheme):
 
     # -- persistence -------------------------------------------------------------
     def params(self) -> dict[str, Any]:
-        return {"fidelity": self.fidelity, "psnr_target": self.psnr_target, "strength": self.strength,
-                "epochs": self.epochs, "lr": self.lr, "extractor_name": self.extractor_name, "bits": self.bits,
-                "extractor_width": self.extractor.decoder.head.in_features // 4}
+        out = {"fidelity": self.fidelity, "psnr_target": self.psnr_target, "strength": self.strength,
+               "epochs": self.epochs, "lr": self.lr, "extractor_name": self.extractor_name, "bits": self.bits}
+        dec = self.extractor.decoder
+        if isinstance(dec, KeyedLowpassDecoder):
+            return {**out, "extractor_kind": "keyed", "keyed_spec": dec.spec()}
+        return {**out, "extractor_kind": "learned", "extractor_width": dec.head.in_features // 4}
 
     def material(self) -> dict[str, torch.Tensor]:
         return {**{f"extractor.{k}": v for k, v in self.extractor.tensors().items()}, "centre": self.centre}
@@ -340,9 +369,19 @@ class OutputMessage(Scheme):
     @classmethod
     def from_params(cls, key: Key, params: dict[str, Any], material: dict[str, torch.Tensor]) -> OutputMessage:
         p = dict(params)
-        bits, width = int(p.pop("bits")), int(p.pop("extractor_width"))
+        bits, kind = int(p.pop("bits")), p.pop("extractor_kind", "learned")
         tensors = {k[len("extractor."):]: v for k, v in material.items() if k.startswith("extractor.")}
-        ext = Extractor.from_tensors(tensors, bits, width)
+        if kind == "keyed":
+            spec = p.pop("keyed_spec")
+            dec = KeyedLowpassDecoder.from_tensors(
+                spec, {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
+            if dec.bits != bits or "mu" not in tensors or "whiten" not in tensors:
+                raise SchemeError("output-message key material does not fit its keyed decoder")
+            ext = Extractor(dec, tensors["mu"], tensors["whiten"], {"kind": "keyed", **dec.spec()})
+        elif kind == "learned":
+            ext = Extractor.from_tensors(tensors, bits, int(p.pop("extractor_width")))
+        else:
+            raise SchemeError(f"output-message key: unknown extractor kind {kind!r}")
         if "centre" not in material or material["centre"].shape != (bits,):
             raise SchemeError("output-message key material lacks its calibration centre")
         return cls(key, ext, centre=material["centre"], **p)

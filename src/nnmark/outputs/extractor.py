@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +86,22 @@ class MessageDecoder(nn.Module):
 
 
 class Extractor(nn.Module):
-    """A frozen :class:`MessageDecoder` with its null calibration.
+    """A frozen decoder (a :class:`MessageDecoder`, or the keyed
+    :class:`~nnmark.outputs.keyed_decoder.KeyedLowpassDecoder`) with its null calibration.
 
     :meth:`forward` gives the calibrated read-out ``W (decoder(x) - mu)`` ``(N, k)``: on unmarked natural
     images zero-mean, unit-variance, uncorrelated across bits (measured on train-photo patches).
     """
 
-    def __init__(self, decoder: MessageDecoder, mu: torch.Tensor | None = None,
+    def __init__(self, decoder: nn.Module, mu: torch.Tensor | None = None,
                  whiten: torch.Tensor | None = None, meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.decoder = decoder.eval()
         for p in self.decoder.parameters():
             p.requires_grad_(False)
-        k = decoder.bits
+        k = int(decoder.bits)
+        if (mu is not None and tuple(mu.shape) != (k,)) or (whiten is not None and tuple(whiten.shape) != (k, k)):
+            raise ExtractorError(f"calibration shapes do not fit a {k}-bit decoder")
         self.register_buffer("mu", torch.zeros(k) if mu is None else mu.float().clone())
         self.register_buffer("whiten", torch.eye(k) if whiten is None else whiten.float().clone())
         self.meta = dict(meta or {})
@@ -189,6 +192,12 @@ class Extractor(nn.Module):
 
 
 def calibration_images(n: int, size: int = 32, seed: int = 1) -> torch.Tensor:
+    """A copy of :func:`_calibration_images` (cached: every key built in one process reuses them)."""
+    return _calibration_images(int(n), int(size), int(seed)).clone()
+
+
+@lru_cache(maxsize=3)
+def _calibration_images(n: int, size: int = 32, seed: int = 1) -> torch.Tensor:
     """``n`` unmarked images ``(n, 3, size, size)`` for the null calibration, from the train photos only: a
     quarter each of natural patches, x0.5 bicubic down-up copies (what a super-resolution host outputs
     looks like), the same after JPEG quality 75, and copies with N(0, 0.02**2) noise -- so that the read-out
