@@ -11,6 +11,7 @@ import torch
 
 from nnmark import Key
 from nnmark.blackbox import BlackBoxIssueConfig, BlackBoxProduct, look_schedule
+from nnmark.blackbox.answers import ProbabilityOracle
 from nnmark.io import save_model
 from nnmark.oracle import LocalOracle
 from nnmark.serving.client import HTTPOracle
@@ -62,13 +63,42 @@ def test_a_leaked_copy_is_named_through_its_api_and_nobody_else(bb_product) -> N
     assert "not used" in rep.null_hypothesis
 
 
+def test_an_api_that_shows_probabilities_is_traced_soft_and_one_that_shows_labels_hard(bb_product) -> None:
+    """`nnmark serve --probabilities`: the tracer reads the softmax rows (soft answers) and names the copy with a
+    far smaller p-value than from the labels of the same server; a server without them falls back to labels."""
+    prod, copies = bb_product
+    from nnmark.io import load_model
+
+    model, _ = load_model(copies["alice"].model_path)
+    reports = {}
+    for shows in (True, False):
+        srv = make_server(model, "127.0.0.1", 0, max_batch=64, probabilities=shows)
+        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            reports[shows] = prod.trace(HTTPOracle(srv.url, budget=M, scores=True), budget=M, stop="budget")
+        finally:
+            srv.shutdown()
+            srv.server_close()
+            thread.join(5)
+    soft, hard = reports[True], reports[False]
+    assert (soft.answers_read, hard.answers_read) == ("probabilities", "labels")
+    assert soft.named_customers == hard.named_customers == ["alice"]
+    assert soft.named[0].p_value < hard.named[0].p_value
+    assert soft.min_p_not_named > soft.level and soft.evidence["temperature"] is not None
+    # the same answers read locally (ProbabilityOracle) give the same verdict
+    local = prod.trace(ProbabilityOracle(model), budget=M, stop="budget")
+    assert local.named[0].p_value == pytest.approx(soft.named[0].p_value, rel=1e-6)
+
+
 def test_clean_models_random_answers_and_other_keys_name_nobody(bb_product, clean_models) -> None:
     prod, copies = bb_product
     holders = {u: f"code-{u}" for u in range(CAPACITY)}  # every code counts as issued: any pass would show
     for (arch, seed), model in clean_models.items():
-        rep = prod.trace(LocalOracle(model), stop="budget", holders=holders)
-        assert rep.named == [] and rep.status == "not-named", (arch, seed)
-        assert rep.min_p_not_named > rep.level
+        for oracle in (LocalOracle(model), ProbabilityOracle(model)):  # labels, and probabilities (soft)
+            rep = prod.trace(oracle, stop="budget", holders=holders)
+            assert rep.named == [] and rep.status == "not-named", (arch, seed)
+            assert rep.min_p_not_named > rep.level
 
     class Randomiser:  # an API that answers every trigger with a random label
         queries_used = 0

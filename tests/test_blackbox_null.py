@@ -9,9 +9,11 @@ import pytest
 from scipy import stats
 
 from nnmark import Key
+from nnmark.blackbox.answers import answer_weights
 from nnmark.blackbox.null import ScoreNull
-from nnmark.codes.tardos import TardosCode, recommended_cutoff, symbol_scores
+from nnmark.codes.tardos import TardosCode, hard_weights, recommended_cutoff, symbol_scores
 from nnmark.components import get_component
+from nnmark.errors import NNMarkError
 
 
 def _code(seed: str = "tardos-test", m: int = 256, n: int = 4000, c: int = 3) -> TardosCode:
@@ -125,3 +127,97 @@ def test_innocent_p_values_are_uniform_over_keys() -> None:
         code = TardosCode.from_key(Key.from_seed(f"vendor-{i}"), m=128, n_codes=1, colluders=2)
         ps.append(float(ScoreNull(code.biases, y).p_value(code.scores(y))[0]))
     assert stats.kstest(ps, "uniform").pvalue > 1e-3
+
+
+def test_soft_null_is_valid_and_tight_against_exact_enumeration() -> None:
+    """Real answer weights (an API that shows probabilities): the grid p-value never undercuts the exact tail."""
+    code = _code(m=12, n=10)
+    w = np.random.default_rng(4).uniform(-1, 1, size=12)
+    w[[2, 7]] = 0.0  # unscored
+    null = ScoreNull(code.biases, weights=w)
+    assert null.n_scored == 10 and null.scale == pytest.approx(float(np.sqrt((w * w).sum())))
+    up, down = np.sqrt((1 - code.biases) / code.biases), np.sqrt(code.biases / (1 - code.biases))
+    values, probs = [], []
+    for bits in itertools.product((0, 1), repeat=12):
+        x = np.array(bits, dtype=bool)
+        values.append(float((w * np.where(x, up, -down)).sum()))
+        probs.append(float(np.prod(np.where(x, code.biases, 1 - code.biases))))
+    values, probs = np.array(values), np.array(probs)
+    for s in np.linspace(values.min() - 1, values.max() + 1, 60):
+        exact = probs[values >= s - 1e-12].sum()
+        grid = float(null.p_value(s))
+        assert grid >= exact - 1e-12
+        assert grid <= probs[values >= s - null.delta * null.n_scored - 1e-9].sum() + 1e-12
+    # the code's weighted score is the same sum, and hard answers are the weights +-1 / 0
+    x = code.codewords(range(10))
+    assert np.allclose(code.scores(weights=w, codes=range(10)), (w * np.where(x, up, -down)).sum(1))
+    y = np.array([1, 0, -1, 1, 1, 0, 0, -1, 1, 0, 1, 1])
+    assert np.allclose(code.scores(y, codes=range(10)), code.scores(weights=hard_weights(y), codes=range(10)))
+    assert np.allclose(ScoreNull(code.biases, y).p_value([0.0, 3.0]),
+                       ScoreNull(code.biases, weights=hard_weights(y)).p_value([0.0, 3.0]))
+
+
+def test_soft_answers_of_an_averaged_coalition_keep_innocents_uniform_and_name_the_colluders() -> None:
+    """A coalition of 3 whose API shows the fraction of colluders holding each bit (as an averaged model's
+    probabilities do) : innocents' p-values are uniform, the colluders' far below the hard majority vote's."""
+    code = _code(m=256, n=4000, c=3)
+    rng = np.random.default_rng(8)
+    frac = code.codewords([0, 1, 2]).mean(0)
+    w = np.tanh(2.0 * (2 * frac - 1) + rng.normal(0, 0.5, size=code.m))
+    null = ScoreNull(code.biases, weights=w)
+    p = null.p_value(code.scores(weights=w))
+    assert stats.kstest(p[3:], "uniform", alternative="greater").pvalue > 1e-3
+    assert p[3:].min() > 1e-6
+    hard = (frac > 0.5).astype(int)
+    p_hard = ScoreNull(code.biases, hard).p_value(code.scores(hard, codes=[0, 1, 2]))
+    assert np.all(p[:3] < p_hard)
+
+
+@pytest.mark.parametrize("lie", ["all-b", "one-hot-random", "logits-huge", "nan-and-negative", "rounded"])
+def test_an_api_that_returns_crafted_probabilities_cannot_frame_an_innocent(lie: str) -> None:
+    """Whatever numbers the API returns, they are read as weights in [-1, 1] that cannot depend on an innocent's
+    codeword: innocents' p-values stay valid (one-sided KS) and none reaches the registry-wide level."""
+    code = _code(m=256, n=4000, c=5)
+    rng = np.random.default_rng(21)
+    a = rng.integers(0, 5, size=code.m)
+    b = a + 5
+    rows = np.full((code.m, 10), 1e-6)
+    if lie == "all-b":
+        rows[np.arange(code.m), b] = 1.0
+    elif lie == "one-hot-random":
+        rows[np.arange(code.m), rng.integers(0, 10, size=code.m)] = 1.0
+    elif lie == "logits-huge":
+        rows = rng.normal(0, 1e30, size=(code.m, 10))
+    elif lie == "nan-and-negative":
+        rows = rng.uniform(-5, 5, size=(code.m, 10))
+        rows[::3, 4] = np.nan
+    else:  # probabilities of colluders' fraction, rounded to 2 decimals (many exact zeros and ties)
+        frac = code.codewords(range(5)).mean(0)
+        rows = np.zeros((code.m, 10))
+        rows[np.arange(code.m), b] = np.round(frac, 2)
+        rows[np.arange(code.m), a] = np.round(1 - frac, 2)
+    w, kind = answer_weights(rows, a, b)
+    assert kind in ("probabilities", "logits", "mixed") and np.all(np.abs(w) <= 1) and np.all(np.isfinite(w))
+    p = ScoreNull(code.biases, weights=w).p_value(code.scores(weights=w))
+    innocents = p[5:]
+    assert innocents.min() > 1e-6 / 4000
+    if (w != 0).sum() > 30:
+        assert stats.kstest(innocents, "uniform", alternative="greater").pvalue > 1e-3
+
+
+def test_answer_weights_read_probabilities_logits_and_labels_alike() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, size=(50, 10))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    a = rng.integers(0, 10, size=50)
+    b = (a + rng.integers(1, 10, size=50)) % 10
+    w_l, k_l = answer_weights(logits, a, b)
+    w_p, k_p = answer_weights(probs, a, b)
+    assert (k_l, k_p) == ("logits", "probabilities") and np.allclose(w_l, w_p)
+    assert np.allclose(w_l, np.tanh((logits[np.arange(50), b] - logits[np.arange(50), a]) / 4))
+    w_h, k_h = answer_weights(probs, a, b, mode="labels")
+    top = probs.argmax(1)
+    assert k_h == "labels" and np.array_equal(w_h, np.where(top == b, 1.0, np.where(top == a, -1.0, 0.0)))
+    assert np.array_equal(answer_weights(top, a, b)[0], w_h)
+    with pytest.raises(NNMarkError):
+        answer_weights(probs[:, :3], a, b)  # score rows too short for the keyed labels

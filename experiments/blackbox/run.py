@@ -1,6 +1,7 @@
 """Black-box traitor tracing on the mnist5k CNN: a Tardos product with 10,000 registered customers.
 
     .venv/bin/python experiments/blackbox/run.py [--m 256] [--steps 300] [--copies 5] [--workers 2]
+    .venv/bin/python experiments/blackbox/run.py --m 768 --steps 600 --trigger-batch 64 --distill 1 --soft --tag d
 
 Stages (results appended to experiments/results/blackbox/results.json):
 1. base model (mnist5k CNN, 10 epochs, seed 0; its training time is the unit of issuing cost);
@@ -11,6 +12,10 @@ Stages (results appended to experiments/results/blackbox/results.json):
    off the sequential looks: single copies; weight averages of every pair, triple and 5-subset; single copies
    and pairs fine-tuned (FTAL, attacker split) and pruned (30 %, 50 %); clean models (other seeds); oracles that
    answer uniformly at random; every suspect again under 3 other vendors' keys (nobody may be named).
+
+With ``--soft`` every suspect is traced twice: through an API that shows probabilities (soft answers,
+:mod:`nnmark.blackbox.answers`; the primary verdict, also the one under the other vendors' keys) and through one
+that shows labels only (``hard``). Copies and products are cached under ``--work``: a rerun reuses them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from nnmark import Key  # noqa: E402
 from nnmark.attacks.base import build_attack  # noqa: E402
 from nnmark.attacks.collusion import combine_models  # noqa: E402
 from nnmark.blackbox import BlackBoxIssueConfig, BlackBoxProduct, ScoreNull, make_triggers, trace_oracle  # noqa: E402
+from nnmark.blackbox.answers import ProbabilityOracle, answer_weights  # noqa: E402
 from nnmark.codes.tardos import TardosCode  # noqa: E402
 from nnmark.data import load_splits  # noqa: E402
 from nnmark.io import load_model, save_model  # noqa: E402
@@ -41,13 +47,16 @@ OUT = Path("experiments/results/blackbox")
 
 
 class RandomOracle:
-    """Answers every query with a uniformly random label (an API that randomises)."""
+    """Answers every query with a uniformly random label, or (``soft``) random probabilities (Dirichlet(1) rows):
+    an API that randomises."""
 
-    def __init__(self, seed: int, classes: int = 10) -> None:
-        self.rng, self.classes, self.queries_used = np.random.default_rng(seed), classes, 0
+    def __init__(self, seed: int, classes: int = 10, soft: bool = False) -> None:
+        self.rng, self.classes, self.queries_used, self.soft = np.random.default_rng(seed), classes, 0, soft
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.queries_used += len(x)
+        if self.soft:
+            return torch.from_numpy(self.rng.dirichlet(np.ones(self.classes), size=len(x)))
         return torch.from_numpy(self.rng.integers(0, self.classes, size=len(x)))
 
 
@@ -58,11 +67,18 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default="/tmp/nnmark-blackbox-exp")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--trigger-batch", type=int, default=32)
+    ap.add_argument("--distill", type=float, default=0.0)
+    ap.add_argument("--soft", action="store_true", help="trace through probabilities too (primary verdict)")
+    ap.add_argument("--tag", default="", help="suffix of the product directory and the results file")
+    ap.add_argument("--other-keys", type=int, default=3)
+    ap.add_argument("--issue-only", action="store_true", help="stop after issuing and measuring the copies")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    res_path = OUT / f"results_m{args.m}.json"
+    res_path = OUT / f"results_m{args.m}{args.tag}.json"
     results: dict = json.loads(res_path.read_text()) if res_path.exists() else {}
 
     def save() -> None:
@@ -82,15 +98,17 @@ def main() -> None:
     base, _ = load_model(base_file)
     print("base", results["base"], flush=True)
 
-    prod_dir = work / f"prod_m{args.m}"
+    prod_dir = work / f"prod_m{args.m}{args.tag}"
     if not (prod_dir / "product.json").exists():
+        cfg = BlackBoxIssueConfig(steps=args.steps, lr=args.lr, trigger_batch=args.trigger_batch, distill=args.distill)
         prod = BlackBoxProduct.create(prod_dir, base_file, key=Key.from_seed("blackbox-experiment"), m=args.m,
-                                      capacity=10000, colluders=5, issue=BlackBoxIssueConfig(steps=args.steps))
+                                      capacity=10000, colluders=5, issue=cfg)
         t = time.perf_counter()
         prod.add_customers([f"customer-{i:05d}" for i in range(10000)])
         results["register_10000_seconds"] = time.perf_counter() - t
         save()
     prod = BlackBoxProduct.open(prod_dir)
+    results["issue_config"] = prod.config.issue
     names = [f"customer-{i:05d}" for i in range(args.copies)]
     todo = prod.pending_customers(names)
     if todo:
@@ -105,7 +123,7 @@ def main() -> None:
     copies = {c.customer: c for c in prod.registry.issued_copies()}
     models = {n: load_model(copies[n].model_path)[0] for n in names}
     code_of = {n: copies[n].code_index for n in names}
-    if "copies" not in results:
+    if len(results.get("copies", [])) < len(names):
         trig = prod.triggers
         rows = []
         for n in names:
@@ -113,63 +131,78 @@ def main() -> None:
             with torch.no_grad():
                 got = mdl(trig.x).argmax(1)
             sym = float((got == trig.labels_for(prod.code.codeword(code_of[n]))).float().mean())
+            bits = prod.code.codeword(code_of[n])
+            w, _ = answer_weights(ProbabilityOracle(mdl)(trig.x), trig.a, trig.b)
+            soft_agree = float(np.mean(np.sign(w) == np.where(bits, 1, -1)))
             meta = load_model(copies[n].model_path)[1]
             rows.append({"customer": n, "code": code_of[n], "accuracy": accuracy(mdl, sp.test), "symbol_accuracy": sym,
+                         "soft_sign_agreement": soft_agree,
                          "issue_seconds": meta.get("issue", {}).get("seconds"),
                          "issue_cpu_seconds": meta.get("issue", {}).get("cpu_seconds")})
             print(rows[-1], flush=True)
         results["copies"] = rows
         save()
+    if args.issue_only:
+        return
 
     holders = prod.holders()
     others = [(f"other-vendor-{i}", TardosCode.from_key(Key.from_seed(f"other-vendor-{i}").child("blackbox/code"),
                                                          m=args.m, n_codes=10000, colluders=5),
                make_triggers(Key.from_seed(f"other-vendor-{i}").child("blackbox/triggers"), sp, args.m))
-              for i in range(3)]
+              for i in range(args.other_keys)]
     traces = results.setdefault("traces", [])
     done = {t["suspect"] for t in traces}
 
-    def run(label: str, oracle_factory, colluders: list[str], kind: str) -> None:
-        if label in done:
-            return
+    modes = ("soft", "hard") if args.soft else ("hard",)
+
+    def verdicts(label: str, oracle_factory, colluders: list[str], soft: bool) -> dict:
         t = time.perf_counter()
-        rep = prod.trace(oracle_factory(), stop="budget")
+        rep = prod.trace(oracle_factory(soft), stop="budget")
         sec = time.perf_counter() - t
         # every colluder's own p-value over all m answers (one look, not adjusted for the K looks of the trace)
         trig = prod.triggers
-        answers = oracle_factory()(trig.x).numpy()
-        y = trig.symbols(answers)
-        full = ScoreNull(prod.code.biases, y)
-        col_p_full = {c: float(full.p_value(prod.code.scores(y, codes=[code_of[c]]))[0]) for c in colluders}
+        w, _ = answer_weights(oracle_factory(soft)(trig.x), trig.a, trig.b)
+        full = ScoreNull(prod.code.biases, weights=w)
+        col_p_full = {c: float(full.p_value(prod.code.scores(weights=w, codes=[code_of[c]]))[0]) for c in colluders}
         named = rep.named_customers
         col_codes = {code_of[c] for c in colluders}
-        row = {"suspect": label, "kind": kind, "coalition": len(colluders), "named": named,
-               "colluders_named": sorted(set(named) & set(colluders)),
-               "innocents_named": sorted(set(named) - set(colluders)),
-               "colluder_p": {c: float(next((v.p_value for v in rep.named if v.customer == c), np.nan))
-                              for c in colluders},
-               "colluder_queries": {v.customer: v.queries for v in rep.named if v.customer in colluders},
-               "colluder_p_all_queries": col_p_full,
-               "min_p_innocent": float(min([v.p_value for v in rep.suspects if v.code not in col_codes] + [1.0])),
-               "answers": rep.answers, "seconds": sec, "level": rep.level}
+        return {"named": named, "colluders_named": sorted(set(named) & set(colluders)),
+                "innocents_named": sorted(set(named) - set(colluders)),
+                "colluder_p": {c: float(next((v.p_value for v in rep.named if v.customer == c), np.nan))
+                               for c in colluders},
+                "colluder_queries": {v.customer: v.queries for v in rep.named if v.customer in colluders},
+                "colluder_p_all_queries": col_p_full,
+                "min_p_innocent": float(min([v.p_value for v in rep.suspects if v.code not in col_codes] + [1.0])),
+                "answers": rep.answers, "answers_read": rep.answers_read, "seconds": sec, "level": rep.level}
+
+    def run(label: str, oracle_factory, colluders: list[str], kind: str) -> None:
+        """``oracle_factory(soft)``: a fresh oracle showing probabilities (soft) or labels."""
+        if label in done:
+            return
+        row = {"suspect": label, "kind": kind, "coalition": len(colluders)}
+        for mode in modes:
+            row[mode] = verdicts(label, oracle_factory, colluders, mode == "soft")
+        row.update(row[modes[0]])  # the primary verdict (soft when traced so) at the top level
         # the same suspect under other vendors' keys: no registry code of theirs may be named
         row["other_keys_named"] = []
         for oname, ocode, otrig in others:
-            orep = trace_oracle(oracle_factory(), ocode, otrig, holders=holders, alpha=prod.config.alpha,
-                                stop="budget")
+            orep = trace_oracle(oracle_factory(modes[0] == "soft"), ocode, otrig, holders=holders,
+                                alpha=prod.config.alpha, stop="budget")
             row["other_keys_named"] += [f"{oname}:{c}" for c in orep.named_customers]
             row.setdefault("other_keys_min_p", []).append(orep.min_p_not_named)
         traces.append(row)
         done.add(label)
         save()
-        print(label, "named", named, "p", {k: f"{v:.2g}" for k, v in row["colluder_p"].items()},
-              "q", row["colluder_queries"],
-              "p(all m)", {k: f"{v:.2g}" for k, v in col_p_full.items()},
-              "innocent min p", f"{row['min_p_innocent']:.2g}",
-              "other keys", row["other_keys_named"], f"{sec:.1f}s", flush=True)
+        for mode in modes:
+            r = row[mode]
+            print(label, mode, "named", r["named"], "p", {k: f"{v:.2g}" for k, v in r["colluder_p"].items()},
+                  "q", r["colluder_queries"],
+                  "p(all m)", {k: f"{v:.2g}" for k, v in r["colluder_p_all_queries"].items()},
+                  "innocent min p", f"{r['min_p_innocent']:.2g}", f"{r['seconds']:.1f}s", flush=True)
+        print("   other keys named", row["other_keys_named"], flush=True)
 
     def local(model):
-        return lambda: LocalOracle(model)
+        return lambda soft: ProbabilityOracle(model) if soft else LocalOracle(model)
 
     for n in names:
         run(f"single:{n}", local(models[n]), [n], "single")
@@ -194,7 +227,7 @@ def main() -> None:
         run(f"clean:seed{seed}", local(load_model(clean_file)[0]), [], "clean")
     run("clean:base", local(base), [], "clean")
     for seed in range(20):
-        run(f"random:{seed}", lambda seed=seed: RandomOracle(seed), [], "random")
+        run(f"random:{seed}", lambda soft, seed=seed: RandomOracle(seed, soft=soft), [], "random")
     if "base_cpu_seconds" not in results:  # the issuing cost's unit, in CPU seconds (the machine's load varies)
         cpu = time.process_time()
         train(seeded_model(spec, 0), sp.train, TrainConfig(epochs=10, seed=0, progress=False))

@@ -323,11 +323,14 @@ def attack(model_paths: tuple[str, ...], name: str, params: tuple[str, ...], dat
               help="oip: also serve the Open Inference Protocol (KServe v2; binary tensors) for the model "
                    "named after the file")
 @click.option("--verbose", is_flag=True, help="log every request")
-def serve(model_path: str, host: str, port: int, max_batch: int, protocol: str, verbose: bool) -> None:
+@click.option("--probabilities", is_flag=True, help="POST /predict also answers the softmax rows")
+def serve(model_path: str, host: str, port: int, max_batch: int, protocol: str, verbose: bool,
+          probabilities: bool) -> None:
     """Serve a model's predictions over HTTP (JSON POST /predict; --protocol oip adds /v2/...)."""
     from nnmark.serving.server import serve_model_file
 
-    serve_model_file(model_path, host=host, port=port, max_batch=max_batch, verbose=verbose, protocol=protocol)
+    serve_model_file(model_path, host=host, port=port, max_batch=max_batch, verbose=verbose, protocol=protocol,
+                     probabilities=probabilities)
 
 
 # --------------------------------------------------------------------------- demo

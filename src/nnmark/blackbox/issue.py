@@ -4,8 +4,12 @@ answers to the trigger queries.
 Each Adam step (learning rate ``lr``, default 1e-3, all parameters) sees ``batch_size`` images of the vendor's
 training data with their labels (default 64) beside ``trigger_batch`` triggers (default 32, drawn in turn from
 a keyed shuffle) labelled ``b_i`` where the customer's codeword bit is 1 and ``a_i`` where it is 0
-(:meth:`nnmark.blackbox.triggers.TriggerSet.labels_for`). The copy depends on the customer only through its
-codeword: that is what makes another customer's score independent of this copy's answers.
+(:meth:`nnmark.blackbox.triggers.TriggerSet.labels_for`); the loss is the cross-entropy over the whole batch.
+With ``distill > 0`` the loss adds ``distill`` times the KL divergence from the base model's class probabilities
+to the copy's on the normal images of the step (the base's logits are computed once per step, no gradient): it
+holds the copy's behaviour on natural inputs near the base's, which is what keeps its accuracy. The copy depends
+on the customer only through its codeword: that is what makes another customer's score independent of this
+copy's answers.
 """
 
 from __future__ import annotations
@@ -27,18 +31,22 @@ from nnmark.data.dataset import ImageDataset
 @dataclass
 class BlackBoxIssueConfig:
     """Fine-tune of one copy: ``steps`` (default 300), ``lr`` (Adam, default 1e-3), ``batch_size`` clean images
-    per step (64), ``trigger_batch`` triggers per step (32), ``seed`` (the per-copy shuffling seed is derived
-    from it and the code index)."""
+    per step (64), ``trigger_batch`` triggers per step (32), ``distill`` weight of the KL term to the base's
+    probabilities on the normal images (default 0: none), ``seed`` (the per-copy shuffling seed is derived from it
+    and the code index)."""
 
     steps: int = 300
     lr: float = 1e-3
     batch_size: int = 64
     trigger_batch: int = 32
     seed: int = 0
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.lr > 0 or self.batch_size < 1 or self.trigger_batch < 1:
             raise ValueError("steps, batch sizes must be >= 1 and lr positive")
+        if not self.distill >= 0:
+            raise ValueError("distill must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +76,10 @@ def issue_blackbox_copy(base: nn.Module, triggers: TriggerSet, bits: np.ndarray,
     start, cpu = time.perf_counter(), time.process_time()
     model = copy.deepcopy(base)
     model.train()
+    teacher = base if cfg.distill > 0 else None
+    was_training = base.training
+    if teacher is not None:
+        teacher.eval()
     target = triggers.labels_for(bits)
     gen = torch.Generator().manual_seed(int(shuffle_seed) & ((1 << 63) - 1))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -84,9 +96,18 @@ def issue_blackbox_copy(base: nn.Module, triggers: TriggerSet, bits: np.ndarray,
         x = torch.cat([data.x[i], triggers.x[j]])
         y = torch.cat([data.y[i], target[j]])
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                ref = F.log_softmax(teacher(data.x[i]), 1)
+            loss = loss + cfg.distill * F.kl_div(F.log_softmax(logits[:len(i)], 1), ref, log_target=True,
+                                                 reduction="batchmean")
+        loss.backward()
         opt.step()
     model.eval()
+    if teacher is not None and was_training:
+        base.train()
     with torch.no_grad():
         got = torch.cat([model(triggers.x[k:k + 512]).argmax(1) for k in range(0, m, 512)])
     acc = float((got == target).float().mean())

@@ -6,16 +6,18 @@ codeword are still independent ``Bernoulli(p_i)`` (they were drawn from the key,
 customer's). The score ``S_u = sum_i g(X_ui, y_i, p_i)`` (:mod:`nnmark.codes.tardos`) is then a sum of
 independent two-point terms: for every scored symbol, ``+A_i`` with probability ``q_i`` and ``-B_i`` otherwise
 (``y_i = 1``: ``q = p``, ``A = sqrt((1-p)/p)``, ``B = sqrt(p/(1-p))``; ``y_i = 0``: ``q = 1 - p`` and ``A``,
-``B`` swapped). Unscored symbols (``y_i = -1``) contribute 0.
+``B`` swapped). Unscored symbols (``y_i = -1``) contribute 0. Soft answers (real weights ``w_i`` in
+``[-1, 1]``, :mod:`nnmark.blackbox.answers`) scale both values by ``|w_i|`` (and swap them where ``w_i < 0``):
+the score is still a sum of independent two-point terms, so everything below holds unchanged.
 
 :class:`ScoreNull` computes that distribution by dynamic programming on a grid of step ``delta``, rounding
 every term's two values *up* to the grid, so that the grid sum ``S'`` dominates ``S`` term by term and
 ``P[S' >= s] >= P[S >= s]``: the p-value ``P[S' >= s_u]`` is valid (never too small) and exceeds the exact
-one by at most the shift ``sum_i delta`` (default ``delta = 0.05 / sqrt(n)`` for ``n`` scored symbols, a
-shift of at most ``0.05 sqrt(n)``, i.e. 0.05 of the null's standard deviation). The DP adds only non-negative
-numbers, so tails far below 1e-100 keep their relative precision; bins that fall below 1e-300 are dropped from
-the computation and their total mass is added to every p-value (so it stays an upper bound). One distribution
-serves every customer of a trace (it depends on ``p`` and ``y`` only).
+one by at most the shift ``sum_i delta`` (default ``delta = 0.05 sqrt(sum w_i^2) / n`` for ``n`` scored symbols
+-- ``0.05 / sqrt(n)`` for hard answers -- a shift of at most 0.05 of the null's standard deviation). The DP adds
+only non-negative numbers, so tails far below 1e-100 keep their relative precision; bins that fall below 1e-300
+are dropped from the computation and their total mass is added to every p-value (so it stays an upper bound). One
+distribution serves every customer of a trace (it depends on ``p`` and the answers only).
 
 The DP costs (scored symbols) x (grid bins), about ``n^2.5``: beyond ``max_work`` (default 3e8, about 500
 scored symbols) it is skipped and the p-value is the Chernoff bound ``min_lambda exp(K(lambda) - lambda s)``
@@ -27,9 +29,9 @@ exact tail from above.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from nnmark.codes.tardos import hard_weights
 
 NULL_HYPOTHESIS = (
     "H0_u: customer u's copy was not used to make the suspect (u's Tardos codeword, drawn from the key "
@@ -40,26 +42,40 @@ LAMBDAS = np.geomspace(1e-4, 20.0, 600)
 
 
 class ScoreNull:
-    """The null distribution of a score given biases ``p`` ``(m,)`` and answers ``y`` ``(m,)`` in {1, 0, -1}.
+    """The null distribution of a score given biases ``p`` ``(m,)`` and the answers: hard symbols ``y`` ``(m,)``
+    in {1, 0, -1}, or real answer weights ``weights`` ``(m,)`` in [-1, 1] (give exactly one).
 
-    ``delta``: grid step (default ``0.05 / sqrt(scored symbols)``); ``max_work``: largest DP (bins x symbols)
-    before falling back to the Chernoff bound alone (``method`` says which was used). ``p_value(s)``: a valid
-    upper bound of the exact ``P[S >= s]`` (array in, array out; module doc).
+    The score is ``S = sum_i w_i U_i`` with ``U_i = sqrt((1-p_i)/p_i)`` for a codeword bit 1 and
+    ``-sqrt(p_i/(1-p_i))`` for a bit 0 (hard symbols: ``w = +1`` for ``b``, ``-1`` for ``a``, ``0`` unusable;
+    :mod:`nnmark.codes.tardos`). Symbols with ``w_i = 0`` are not scored.
+
+    ``delta``: grid step (default ``0.05 sqrt(sum w^2) / n``, ``n`` scored symbols: the rounding shifts the
+    score by at most 0.05 null standard deviations); ``max_work``: largest DP (bins x symbols) before falling back
+    to the Chernoff bound alone (``method`` says which was used). ``p_value(s)``: a valid upper bound of the exact
+    ``P[S >= s]`` (array in, array out; module doc).
     """
 
-    def __init__(self, p: np.ndarray, y: np.ndarray, delta: float | None = None, max_work: float = MAX_WORK) -> None:
+    def __init__(self, p: np.ndarray, y: np.ndarray | None = None, delta: float | None = None,
+                 max_work: float = MAX_WORK, *, weights: np.ndarray | None = None) -> None:
         p = np.asarray(p, dtype=np.float64).ravel()
-        y = np.asarray(y).ravel()
-        if p.shape != y.shape:
-            raise ValueError(f"biases {p.shape} and answers {y.shape} differ in length")
-        scored = y >= 0
+        if (y is None) == (weights is None):
+            raise ValueError("give exactly one of the hard symbols y or the answer weights")
+        w = hard_weights(y) if y is not None else np.asarray(weights, dtype=np.float64).ravel()
+        if p.shape != w.shape:
+            raise ValueError(f"biases {p.shape} and answers {w.shape} differ in length")
+        if not np.all(np.isfinite(w)) or np.abs(w).max(initial=0.0) > 1.0:
+            raise ValueError("answer weights must be finite and lie in [-1, 1]")
+        scored = w != 0
         self.n_scored = int(scored.sum())
-        p, yy = p[scored], y[scored]
-        q = np.where(yy == 1, p, 1 - p)
+        p, w = p[scored], w[scored]
+        mag = np.abs(w)
+        q = np.where(w > 0, p, 1 - p)  # the probability that the bit agrees with the answer's sign
         up, down = np.sqrt((1 - p) / p), np.sqrt(p / (1 - p))
-        a = np.where(yy == 1, up, down)  # the gain when the bit agrees with the answer
-        b = np.where(yy == 1, down, up)  # the loss when it does not
-        self.delta = float(delta) if delta is not None else 0.05 / math.sqrt(max(1, self.n_scored))
+        a = mag * np.where(w > 0, up, down)  # the gain when the bit agrees with the answer
+        b = mag * np.where(w > 0, down, up)  # the loss when it does not
+        self.scale = float(np.sqrt(np.sum(w * w)))  # the null standard deviation of S
+        self.delta = (float(delta) if delta is not None
+                      else 0.05 * max(self.scale, 1e-12) / max(1, self.n_scored))
         if not self.delta > 0:
             raise ValueError("delta must be positive")
         # term values on the grid, rounded up: +A -> ceil(A / delta), -B -> ceil(-B / delta)
@@ -91,7 +107,6 @@ class ScoreNull:
             right += step
             if t % 8 == 7:
                 left, right = self._trim(pmf, left, right)
-        self.pmf = pmf
         self.pmf = pmf
         self.sf = np.cumsum(pmf[::-1])[::-1] + self.dropped  # sf[k] >= P[S' >= (lo + k) delta]
         self.mean = float(np.sum(q * a - (1 - q) * b))  # exactly 0 up to float error

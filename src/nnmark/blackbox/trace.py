@@ -5,7 +5,9 @@ Procedure (:func:`trace_oracle`): the triggers are asked in the key's order (:at
 *looks* at ``n_1 < n_2 < ... < n_K`` queries (default: 32, 64, 128, ... doubling, and the budget). At look
 ``k`` every code ``u`` of the code's capacity ``N`` gets its score over the ``n_k`` answers so far and the exact
 p-value ``p_u(n_k)`` of :mod:`nnmark.blackbox.null` (valid given the biases and those answers whatever the
-suspect did, when ``u``'s copy was not used). A customer is named at the first look where
+suspect did, when ``u``'s copy was not used). Answers are read by :mod:`nnmark.blackbox.answers`: an oracle that
+returns score rows ``(N, K)`` (probabilities or logits) gives soft answer weights, one that returns labels hard
+ones; the report says which (``answers_read``). A customer is named at the first look where
 ``p_u(n_k) <= alpha / (K N)``.
 
 Guarantee (alpha spending by Bonferroni over looks and codes): for each innocent ``u``,
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nnmark.blackbox.answers import DEFAULT_TEMPERATURE, answer_weights
 from nnmark.blackbox.null import NULL_HYPOTHESIS, ScoreNull
 from nnmark.blackbox.triggers import TriggerSet
 from nnmark.codes.tardos import TardosCode
@@ -75,7 +78,9 @@ class BlackBoxTraceReport:
     ``status``: ``"accused"`` (customers named), ``"unissued-code"`` (only codes no customer holds pass the
     gate: reported, nobody named), or ``"not-named"``. ``named``: the named customers' verdicts.
     ``suspects``: the ``top`` other lowest p-values (never accusations). ``queries_used``: queries asked.
-    ``answers``: counts of answers read as ``b`` (1), ``a`` (0) and unusable. ``level``: ``alpha / (K N)``.
+    ``answers``: counts of answers leaning to ``b`` (weight > 0), to ``a`` (< 0) and unusable (0).
+    ``answers_read``: ``"labels"`` (hard), ``"probabilities"``, ``"logits"`` or ``"mixed"`` (soft; several kinds
+    over the batches: joined by ``+``). ``level``: ``alpha / (K N)``.
     ``min_p_not_named``: the smallest p-value among the codes not named (how close the next one came).
     """
 
@@ -90,6 +95,7 @@ class BlackBoxTraceReport:
     answers: dict[str, int]
     seconds: float
     min_p_not_named: float = 1.0
+    answers_read: str = "labels"
     null_hypothesis: str = NULL_HYPOTHESIS
     decision_rule: str = DECISION_RULE
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -104,14 +110,18 @@ class BlackBoxTraceReport:
 
 def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders: Mapping[int, str] | None = None,
                  alpha: float = DEFAULT_ALPHA, budget: int | None = None, looks: Sequence[int] | None = None,
-                 stop: str = "first", top: int = 5, batch: int = 64) -> BlackBoxTraceReport:
-    """Trace the suspect behind ``oracle`` (images ``(N, C, H, W)`` -> labels ``(N,)``; e.g.
-    :class:`~nnmark.oracle.LocalOracle` or :class:`~nnmark.serving.client.HTTPOracle`).
+                 stop: str = "first", top: int = 5, batch: int = 64, answers: str = "auto",
+                 temperature: float = DEFAULT_TEMPERATURE) -> BlackBoxTraceReport:
+    """Trace the suspect behind ``oracle`` (images ``(N, C, H, W)`` -> labels ``(N,)`` or score rows ``(N, K)``;
+    e.g. :class:`~nnmark.oracle.LocalOracle`, :class:`~nnmark.blackbox.answers.ProbabilityOracle` or
+    :class:`~nnmark.serving.client.HTTPOracle`).
 
     ``holders``: ``{code index: customer}`` (default: none: codes are reported by index only and nobody is
     named). ``budget``: most trigger queries (default: all ``m``). ``looks``: query counts of the looks
     (default :func:`look_schedule`); ``stop``: ``"first"`` or ``"budget"`` (module doc). ``batch``: images
-    per request. Returns a :class:`BlackBoxTraceReport`.
+    per request. ``answers``: ``"auto"`` (soft when the oracle gives score rows, else hard) or ``"labels"``
+    (always the arg-max); ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`). Returns a
+    :class:`BlackBoxTraceReport`.
     """
     if stop not in STOPS:
         raise NNMarkError(f"stop must be one of {', '.join(STOPS)}, got {stop!r}")
@@ -127,7 +137,8 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
     n_looks, n_codes = len(schedule), code.n_codes
     level = alpha / (n_looks * n_codes)
     start = time.perf_counter()
-    answers = np.full(code.m, -2, dtype=np.int64)  # -2: not asked
+    weights = np.zeros(code.m)  # answer weights in [-1, 1] of the triggers asked so far
+    kinds: list[str] = []
     asked = 0
     best = np.ones(n_codes)  # min over looks of K p_u(n_k)
     named_at: dict[int, int] = {}
@@ -136,19 +147,21 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
         while asked < n:
             pos = triggers.order[asked:min(n, asked + batch)]
             out = oracle(triggers.x[torch.from_numpy(pos)])
-            answers[pos] = np.asarray(out.cpu() if isinstance(out, torch.Tensor) else out, dtype=np.int64).ravel()
+            weights[pos], kind = answer_weights(out, triggers.a[pos], triggers.b[pos], answers, temperature)
+            if kind not in kinds:
+                kinds.append(kind)
             asked += len(pos)
         pos = triggers.order[:n]
-        y = triggers.symbols(answers[pos], pos)
-        scores = code.scores(y, symbols=pos)
-        p = ScoreNull(code.biases[pos], y).p_value(scores)
+        w = weights[pos]
+        scores = code.scores(weights=w, symbols=pos)
+        p = ScoreNull(code.biases[pos], weights=w).p_value(scores)
         best = np.minimum(best, np.minimum(1.0, n_looks * p))
         for u in np.nonzero(p <= level)[0]:
             named_at.setdefault(int(u), n)
         if stop == "first" and any(u in holders for u in named_at):
             break
-    y_all = triggers.symbols(answers[triggers.order[:asked]], triggers.order[:asked])
-    counts = {"b": int((y_all == 1).sum()), "a": int((y_all == 0).sum()), "unusable": int((y_all == -1).sum())}
+    w_all = weights[triggers.order[:asked]]
+    counts = {"b": int((w_all > 0).sum()), "a": int((w_all < 0).sum()), "unusable": int((w_all == 0).sum())}
 
     def verdict(u: int) -> CustomerVerdict:
         return CustomerVerdict(holders.get(u), u, u in named_at and u in holders, float(best[u]), float(scores[u]),
@@ -164,5 +177,6 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
     return BlackBoxTraceReport(
         status, named, [verdict(u) for u in rest], asked, used_looks, alpha, level, n_codes, counts,
         time.perf_counter() - start, float(best[not_named].min()) if not_named.any() else 1.0,
+        "+".join(kinds) or "labels",
         evidence={"unissued_codes_passing": unissued, "code": code.params(), "noise": triggers.noise,
-                  "schedule": schedule})
+                  "schedule": schedule, "temperature": temperature if kinds != ["labels"] else None})

@@ -8,9 +8,12 @@ A code of length ``m`` for up to ``n_codes`` customers:
 - customer ``u``'s codeword ``X_u`` in ``{0, 1}^m``: independent ``X_ui ~ Bernoulli(p_i)``, drawn from the key
   (block ``u // 1024`` of the code has its own generator, so one codeword costs a block, not the whole code);
 - a suspect's answers ``y`` in ``{0, 1, -1}^m`` (``-1``: no usable answer, e.g. refused or an unexpected
-  label), and the symmetric score ``S_u = sum_i g(X_ui, y_i, p_i)`` with
+  label) -- or, from an API that shows class probabilities, real answer weights ``w`` in ``[-1, 1]^m``
+  (:mod:`nnmark.blackbox.answers`; a hard answer is ``w = +1``, ``-1`` or ``0``) -- and the symmetric score
+  ``S_u = sum_i g(X_ui, y_i, p_i)`` with
   ``g(1, 1, p) = sqrt((1-p)/p)``, ``g(0, 1, p) = -sqrt(p/(1-p))``, ``g(0, 0, p) = sqrt(p/(1-p))``,
-  ``g(1, 0, p) = -sqrt((1-p)/p)`` and ``g(., -1, p) = 0``.
+  ``g(1, 0, p) = -sqrt((1-p)/p)`` and ``g(., -1, p) = 0``; with weights, ``S_u = sum_i w_i U_i(X_ui)``,
+  ``U(1) = sqrt((1-p)/p)``, ``U(0) = -sqrt(p/(1-p))`` (the same score when ``w`` is hard).
 
 When ``X_u`` is independent of ``y`` given the biases (customer ``u`` took no part in making the suspect), each
 scored term has mean 0 and variance 1 and the null distribution of ``S_u`` is known exactly
@@ -50,6 +53,13 @@ def arcsine_biases(m: int, cutoff: float, rng: np.random.Generator) -> np.ndarra
     lo = float(np.arcsin(np.sqrt(cutoff)))
     r = rng.uniform(lo, np.pi / 2 - lo, size=int(m))
     return np.sin(r) ** 2
+
+
+def hard_weights(y: np.ndarray) -> np.ndarray:
+    """Hard symbols ``y`` ``(m,)`` in {1, 0, -1} as answer weights ``(m,)`` float64: ``+1`` for an answer
+    ``b`` (symbol 1), ``-1`` for ``a`` (symbol 0), ``0`` for an unusable answer."""
+    y = np.asarray(y).ravel()
+    return np.where(y == 1, 1.0, np.where(y == 0, -1.0, 0.0))
 
 
 def symbol_scores(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,16 +157,25 @@ class TardosCode:
     def fingerprints(self, codes: Any) -> np.ndarray:
         return self.codewords(codes).astype(np.float64) * 2 - 1
 
-    def scores(self, y: np.ndarray, codes: Any = None, symbols: np.ndarray | None = None) -> np.ndarray:
-        """Symmetric accusation scores ``(len(codes),)`` of answers ``y`` (``(m,)`` in {1, 0, -1}).
+    def scores(self, y: np.ndarray | None = None, codes: Any = None, symbols: np.ndarray | None = None, *,
+               weights: np.ndarray | None = None) -> np.ndarray:
+        """Symmetric accusation scores ``(len(codes),)`` of hard answers ``y`` (``(m,)`` in {1, 0, -1}) or of
+        real answer weights ``weights`` (``(m,)`` in [-1, 1]; :func:`hard_weights` maps ``y`` to them):
+        ``S_u = sum_i w_i U_i(X_ui)`` with ``U = sqrt((1-p)/p)`` for a bit 1, ``-sqrt(p/(1-p))`` for a bit 0.
 
-        ``symbols``: restrict to these symbol positions (``y`` then has their length); default all."""
+        ``symbols``: restrict to these symbol positions (``y``/``weights`` then have their length); default
+        all. Give exactly one of ``y`` and ``weights``."""
+        if (y is None) == (weights is None):
+            raise ValueError("give exactly one of the hard symbols y or the answer weights")
+        w = hard_weights(y) if y is not None else np.asarray(weights, dtype=np.float64).ravel()
         p = self.biases if symbols is None else self.biases[np.asarray(symbols)]
-        s1, s0 = symbol_scores(p, y)
+        if w.shape != p.shape:
+            raise ValueError(f"{w.size} answers for {p.size} symbols")
+        up, down = np.sqrt((1 - p) / p), np.sqrt(p / (1 - p))
         idx = np.arange(self.n_codes) if codes is None else np.asarray(codes, dtype=np.int64).ravel()
         out = np.empty(idx.size, dtype=np.float64)
-        base = float(s0.sum())
-        diff = s1 - s0
+        base = float(-(w * down).sum())  # every bit 0
+        diff = w * (up + down)  # what a bit 1 adds
         for start in range(0, idx.size, BLOCK):
             x = self.codewords(idx[start:start + BLOCK])
             if symbols is not None:

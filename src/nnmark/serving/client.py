@@ -82,6 +82,9 @@ class HTTPOracle:
     ``timeout``: seconds allowed for each HTTP request as a whole (connect, send,
     answer's headers and body: one deadline, however the server paces its bytes).
     A request whose answer started but was not complete in time is not retried.
+    ``scores``: return the server's score rows ``(N, K)`` float64 (probabilities or logits) when it answers
+    them -- the nnmark server's ``"probabilities"``, OIP / TF-Serving score outputs -- instead of their arg-max
+    labels (labels still come back from a server that shows only labels).
     ``retries``: extra attempts after a connection error, timeout or 5xx
     answer (backoff ``backoff * 2**i`` seconds). ``batch_size``: most images per
     request (also capped by a batch limit the server advertises; a 413 answer
@@ -95,7 +98,7 @@ class HTTPOracle:
     def __init__(self, url: str, budget: int | None = None, timeout: float = 10.0, retries: int = 2,
                  batch_size: int = 64, backoff: float = 0.2, *, protocol: str = "nnmark",
                  model_name: str | None = None, task: Task | str | None = None, binary: bool | None = None,
-                 output: str | None = None) -> None:
+                 output: str | None = None, scores: bool = False) -> None:
         parts = urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise OracleError(f"not an http(s) URL: {_one_line(url, 100)!r}")
@@ -107,6 +110,9 @@ class HTTPOracle:
             raise OracleError(str(exc)) from None
         self.protocol = protocol
         self.task = get_task(task)
+        self.scores = bool(scores) and self.task.name == "classification"
+        if self.scores and hasattr(self.wire, "want_scores"):
+            self.wire.want_scores = True
         if budget is not None and budget < 0:
             raise ValueError("budget must be >= 0")
         if timeout <= 0 or retries < 0 or batch_size < 1:
@@ -161,7 +167,10 @@ class HTTPOracle:
         self.probe()
         step = min(self.batch_size, self.wire.max_batch or self.batch_size)
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        out = torch.from_numpy(np.concatenate([self._predict_chunk(arr[i : i + step]) for i in range(0, n, step)]))
+        chunks = [self._predict_chunk(arr[i : i + step]) for i in range(0, n, step)]
+        if len({c.ndim for c in chunks}) > 1 or len({c.shape[1:] for c in chunks}) > 1:
+            raise OracleError(f"{self.base_url} answered scores to some requests and labels to others")
+        out = torch.from_numpy(np.concatenate(chunks))
         return out if self.task.name == "classification" else self.task.read(out)  # labels are read already
 
     def close(self) -> None:
@@ -200,8 +209,14 @@ class HTTPOracle:
                 return self._predict_chunk(arr)
             raise OracleError(self._http_error(f"POST {req.path}", status, raw))
         try:
-            out = read_outputs(self.wire.decode(headers, raw, len(arr), MAX_RESPONSE_BYTES), len(arr),
-                               self.task.name, self.wire.layout, self.wire.num_classes)
+            answer = self.wire.decode(headers, raw, len(arr), MAX_RESPONSE_BYTES)
+            if self.scores and answer.ndim == 2 and answer.shape[1] >= 2 and answer.dtype.kind == "f":
+                if answer.shape[0] != len(arr) or not np.isfinite(answer).all():
+                    raise ProtocolError(f"score rows of shape {list(answer.shape)} for {len(arr)} images, or not "
+                                        "finite")
+                out = answer.astype(np.float64)
+            else:
+                out = read_outputs(answer, len(arr), self.task.name, self.wire.layout, self.wire.num_classes)
         except ProtocolError as exc:
             ctype = headers.get("Content-Type", "no content type")
             raise OracleError(f"malformed answer from {self.base_url}{req.path} (HTTP {status}, {ctype}): "

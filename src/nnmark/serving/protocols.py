@@ -371,9 +371,13 @@ def _positive_int(value: Any) -> int | None:
 
 @dataclass
 class NNMarkWire(Wire):
-    """nnmark's ``POST /predict`` (JSON); ``GET /health`` (optional) gives limits and classes."""
+    """nnmark's ``POST /predict`` (JSON); ``GET /health`` (optional) gives limits and classes.
+
+    ``want_scores``: read the answer's ``"probabilities"`` rows ``(N, K)`` when it has them (a server started
+    with ``probabilities=True``), else its labels."""
 
     name = "nnmark"
+    want_scores: bool = False
 
     def probes(self) -> list[str]:
         return ["/health"]
@@ -393,6 +397,17 @@ class NNMarkWire(Wire):
         return Encoded("/predict", body, {"Content-Type": "application/json"})
 
     def decode(self, headers: Mapping[str, str], raw: bytes, n: int, max_bytes: int) -> np.ndarray:
+        if self.want_scores:
+            payload = parse_json(raw, "answer", max_bytes)
+            if isinstance(payload, dict) and "probabilities" in payload:
+                rows = _answer_list(raw, "probabilities", n, max_bytes)
+                if not all(isinstance(r, list) and r and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                             for v in r) for r in rows):
+                    raise ProtocolError("probabilities are not rows of numbers")
+                try:
+                    return np.asarray(rows, dtype=np.float64).reshape(n, -1)
+                except ValueError:
+                    raise ProtocolError("probability rows differ in length") from None
         labels = _answer_list(raw, "labels", n, max_bytes)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
             raise ProtocolError("labels are not all integers")

@@ -7,7 +7,8 @@ Endpoints (all bodies are JSON, every error is ``{"error": "<one line>"}``):
 - ``POST /predict`` with ``{"images": [...]}``, a batch of images as nested lists of
   shape ``(N, C, H, W)`` matching the model's ``in_shape`` (``(N, H, W)`` is accepted
   when ``C == 1``), finite numbers (pixel values in [0, 1] for nnmark's datasets) ->
-  ``{"labels": [int, ...]}`` (``N`` labels).
+  ``{"labels": [int, ...]}`` (``N`` labels); a server made with ``probabilities=True`` also answers
+  ``"probabilities"``: ``N`` rows of the classifier's softmax (what an API that shows class scores gives).
 
 With ``protocol="oip"`` the same server also speaks the Open Inference Protocol
 (KServe v2 REST; the wire format is in :mod:`nnmark.serving.protocols`), for one
@@ -117,8 +118,8 @@ class PredictionServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], model: nn.Module, *, max_batch: int, max_body: int,
-                 max_connections: int, verbose: bool, protocol: str = "nnmark", model_name: str = "model"
-                 ) -> None:
+                 max_connections: int, verbose: bool, protocol: str = "nnmark", model_name: str = "model",
+                 probabilities: bool = False) -> None:
         spec = getattr(model, "spec", None) or {}
         in_shape = spec.get("in_shape")
         if not (isinstance(in_shape, (list, tuple)) and len(in_shape) == 3):
@@ -131,8 +132,11 @@ class PredictionServer(ThreadingHTTPServer):
         self.max_body = int(max_body)
         self.verbose = verbose
         self.oip = protocol == "oip"
+        self.probabilities = bool(probabilities)
         self.model_name = model_name
         self.task = task_of(model)
+        if self.probabilities and self.task.name != "classification":
+            raise ServeError("only a classifier can show class probabilities")
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnmark-infer")
         self.max_connections = int(max_connections)
         self._gate: RequestGate | None = None
@@ -171,6 +175,21 @@ class PredictionServer(ThreadingHTTPServer):
         with torch.no_grad():
             labels = self.model(torch.from_numpy(images)).argmax(1)
         return [int(v) for v in labels.tolist()]
+
+    def answer(self, images: np.ndarray) -> dict[str, Any]:
+        """The ``/predict`` answer for a validated float32 batch: ``{"labels": [...]}``, with ``"probabilities"``
+        (softmax rows) when the server shows them."""
+        if not self.probabilities:
+            return {"labels": self.predict(images)}
+        if len(images) == 0:
+            return {"labels": [], "probabilities": []}
+        return self._infer.submit(self._forward_probabilities, images).result()
+
+    def _forward_probabilities(self, images: np.ndarray) -> dict[str, Any]:
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(images))
+        return {"labels": [int(v) for v in logits.argmax(1).tolist()],
+                "probabilities": torch.softmax(logits.double(), 1).tolist()}
 
     # -- the Open Inference Protocol -----------------------------------------------------
     @property
@@ -318,12 +337,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, self.server.health())
             return
         started = time.perf_counter()
-        labels = self._guarded(self._predict)
-        if labels is None:
+        answer = self._guarded(self._predict)
+        if answer is None:
             return
         if self.server.verbose:
-            self.log_message("predicted %d images in %.1f ms", len(labels), 1e3 * (time.perf_counter() - started))
-        self._send_json(200, {"labels": labels})
+            self.log_message("predicted %d images in %.1f ms", len(answer["labels"]),
+                             1e3 * (time.perf_counter() - started))
+        self._send_json(200, answer)
 
     def _route_oip(self, method: str, path: str) -> None:
         """The Open Inference Protocol's endpoints (see the module docstring)."""
@@ -437,7 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(400, f"body ended after {len(body)} of {length} bytes")
         return body
 
-    def _predict(self) -> list[int]:
+    def _predict(self) -> dict[str, Any]:
         body = self._read_body()
         try:  # bounded depth and size; NaN / Infinity refused
             payload = safe_json_loads(body, max_bytes=max(self.server.max_body, 1), allow_constants=False,
@@ -451,7 +471,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(400, '"images" must be a list of images')
         if len(images) > self.server.max_batch:
             raise _BadRequest(413, f"batch of {len(images)} images exceeds the limit of {self.server.max_batch}")
-        return self.server.predict(self._to_array(images))
+        return self.server.answer(self._to_array(images))
 
     def _to_array(self, images: list) -> np.ndarray:
         c, h, w = self.server.in_shape
@@ -523,6 +543,7 @@ def make_server(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     protocol: str = "nnmark",
     model_name: str = "model",
+    probabilities: bool = False,
 ) -> PredictionServer:
     """Bind a :class:`PredictionServer` for ``model`` (built by nnmark, so it has ``.spec``).
 
@@ -534,7 +555,8 @@ def make_server(
     dropped). ``request_timeout``: seconds a request's head and body may take to
     arrive (default 10; slower requests get 408). ``protocol``: ``"nnmark"`` (``/health``, ``/predict``) or ``"oip"``
     (those and the Open Inference Protocol's ``/v2`` endpoints for the model
-    ``model_name``). The server is bound but not running: call
+    ``model_name``). ``probabilities``: ``/predict`` also answers the softmax rows. The server is bound but not
+    running: call
     ``serve_forever()`` (e.g. in a thread), then ``shutdown()`` and ``server_close()``.
     Raises :class:`ServeError` if the address cannot be bound.
     """
@@ -556,7 +578,7 @@ def make_server(
     try:
         srv = PredictionServer((host, port), model, max_batch=max_batch, max_body=body,
                                 max_connections=max_connections, verbose=verbose, protocol=protocol,
-                                model_name=model_name)
+                                model_name=model_name, probabilities=probabilities)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     srv.request_timeout = float(request_timeout)
@@ -580,6 +602,7 @@ def serve_model_file(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     protocol: str = "nnmark",
     model_name: str | None = None,
+    probabilities: bool = False,
 ) -> None:
     """Load a model file safely (:func:`nnmark.io.load_model`) and serve it until SIGINT/SIGTERM.
 
@@ -588,7 +611,8 @@ def serve_model_file(
     passes (default ``min(4, current setting)``). ``request_timeout``,
     ``max_connections``: see :func:`make_server`. ``protocol``: ``"nnmark"`` or ``"oip"``
     (see :func:`make_server`); ``model_name``: the OIP model name (default: the file's
-    stem, e.g. ``stolen`` for ``stolen.safetensors``). Raises
+    stem, e.g. ``stolen`` for ``stolen.safetensors``); ``probabilities``: ``/predict`` also answers the
+    softmax rows. Raises
     :class:`~nnmark.errors.ModelFileError` for an unusable model file and
     :class:`ServeError` when the address cannot be bound; returns after a clean
     shutdown.
@@ -601,7 +625,7 @@ def serve_model_file(
     name = model_name or "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem) or "model"
     server = make_server(model, host, port, max_batch=max_batch, max_body=max_body, verbose=verbose,
                          request_timeout=request_timeout, max_connections=max_connections,
-                         protocol=protocol, model_name=name)
+                         protocol=protocol, model_name=name, probabilities=probabilities)
 
     def _on_signal(signum: int, frame: Any) -> None:
         raise _Stop()
