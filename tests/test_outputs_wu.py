@@ -120,7 +120,8 @@ def test_no_claim_on_unmarked_outputs_or_photos(wu_marked):
 
 def test_thief_distorting_innocent_images_gets_no_claim(wu_marked):
     """A thief who read the README crops, noises, JPEGs or resizes *unmarked* images hoping for a false claim
-    (zeroed crops scored above a clean-only threshold 96% of the time): the null is calibrated on such images."""
+    (zeroed crops scored above a clean-only threshold 96% of the time; noise 0.1 passed a pooled null's 1%
+    threshold 1.5% of the time): the null is calibrated per distortion on such images."""
     from nnmark.outputs import augment
 
     scheme, unmarked, _, xt, photos = wu_marked
@@ -128,7 +129,8 @@ def test_thief_distorting_innocent_images_gets_no_claim(wu_marked):
     clean = torch.cat([_outputs(unmarked, xt[:32]), photos[:32]])
     gen = torch.Generator().manual_seed(4)
     for attacked in (augment.crop_keep(clean, 0.75, gen), augment.crop_keep(clean, 0.4, gen),
-                     augment.gaussian_noise(clean, 0.08, gen), augment.jpeg_real(clean, 60),
+                     augment.gaussian_noise(clean, 0.08, gen), augment.gaussian_noise(clean, 0.1, gen),
+                     augment.jpeg_real(clean, 60),
                      augment.resize(clean, 0.6)):
         rate = float((scheme.statistics(attacked) >= thr).double().mean())
         assert rate <= 0.04, rate
