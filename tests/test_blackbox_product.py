@@ -131,3 +131,19 @@ def test_products_of_different_bases_are_refused(combined_shop, tmp_path: Path, 
     bb = BlackBoxProduct.create(tmp_path / "bb", other, key=Key.from_seed("x"), m=64, capacity=100)
     with pytest.raises(BlackBoxError, match="different base"):
         issue_combined(weights, bb, "alice")
+
+
+def test_cli_trace_of_a_file_reads_probabilities_or_labels(combined_shop) -> None:
+    import json
+
+    from conftest import run_cli
+
+    _, blackbox, issued = combined_shop
+    leaked = issued["bob"].model_path
+    for mode, read in (("auto", "probabilities"), ("labels", "labels")):
+        r = run_cli("fingerprint", "trace", leaked, "--product", blackbox.root, "--answers", mode, "--json")
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["answers_read"] == read and [v["customer"] for v in rep["named"]] == ["bob"]
+    r = run_cli("fingerprint", "trace", leaked, "--product", blackbox.root, "--answers", "labels")
+    assert r.returncode == 0 and "NAMED bob" in r.stdout and "named when p <= alpha / N" in r.stdout

@@ -213,16 +213,18 @@ def _issue_blackbox(product_path: str, base: str | None, customers: str, code: s
 
 
 def _trace_blackbox(product_path: str, key_file: str | None, suspect: str | None, url: str | None, protocol: str,
-                    model_name: str | None, budget: int | None, stop: str, timeout: float, as_json: bool) -> int:
+                    model_name: str | None, budget: int | None, stop: str, timeout: float, as_json: bool,
+                    answers: str = "auto") -> int:
     from nnmark.blackbox.commands import trace_report
 
     r = trace_report(product_path, key_file, suspect, url, protocol=protocol, model_name=model_name, budget=budget,
-                     stop=stop, timeout=timeout)
+                     stop=stop, timeout=timeout, answers=answers)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     else:
         click.echo(f"product {r['product']}: {r['status']} ({r['queries_used']} queries, looks {r['looks']}; "
-                   f"answers a/b/unusable {r['answers']['a']}/{r['answers']['b']}/{r['answers']['unusable']})")
+                   f"answers read as {r.get('answers_read', 'labels')}, a/b/unusable {r['answers']['a']}/"
+                   f"{r['answers']['b']}/{r['answers']['unusable']})")
         for v in r["named"]:
             click.echo(f"  NAMED {v['customer']}: code {v['code']}, p = {v['p_value']:.3g} (named after "
                        f"{v['queries']} queries, score {v['score']:.1f})")
@@ -230,8 +232,10 @@ def _trace_blackbox(product_path: str, key_file: str | None, suspect: str | None
             click.echo("  nobody is named")
         for v in r["suspects"][:3]:
             click.echo(f"  next lowest: code {v['code']} ({v['customer'] or 'unissued'}), p = {v['p_value']:.3g}")
-        click.echo(f"  level: p <= {r['level']:.3g} = alpha {r['alpha']:g} / ({len(r['evidence']['schedule'])} "
-                   f"looks x {r['n_codes']} codes)")
+        k = len(r["evidence"]["schedule"])
+        click.echo(f"  level: named when p <= alpha / N = {r['alpha']:g} / {r['n_codes']} codes "
+                   f"= {r['alpha'] / r['n_codes']:.3g} (p = min over the {k} looks of {k} x that look's p; "
+                   f"per look {r['level']:.3g})")
         click.echo(f"  H0: {r['null_hypothesis']}")
         click.echo(f"  rule: {r['decision_rule']}")
     return 0 if r["named"] else 1
@@ -252,10 +256,13 @@ def _trace_blackbox(product_path: str, key_file: str | None, suspect: str | None
               help="black-box products: most trigger queries to ask (default: all of the code)")
 @click.option("--stop", type=click.Choice(["first", "budget"]), default="first", show_default=True,
               help="black-box products: stop at the first look that names someone, or use the whole budget")
+@click.option("--answers", type=click.Choice(["auto", "labels"]), default="auto", show_default=True,
+              help="black-box products: auto reads class scores as soft answers where the API shows them "
+                   "(its labels otherwise); labels reads arg-max labels only")
 @click.option("--timeout", default=10.0, show_default=True, help="seconds per API request (overall deadline)")
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
 def trace(suspect: str | None, product_path: str, key_file: str | None, tau: float | None, url: str | None,
-          protocol: str, model_name: str | None, budget: int | None, stop: str, timeout: float,
+          protocol: str, model_name: str | None, budget: int | None, stop: str, answers: str, timeout: float,
           as_json: bool) -> int:
     """Trace a suspect model: community shortlist, named colluders, evidence, p-values.
 
@@ -266,7 +273,7 @@ def trace(suspect: str | None, product_path: str, key_file: str | None, tau: flo
 
     if is_blackbox_product(product_path):
         return _trace_blackbox(product_path, key_file, suspect, url, protocol, model_name, budget, stop, timeout,
-                               as_json)
+                               as_json, answers)
     if url is not None or suspect is None:
         raise NNMarkError("a weight-fingerprint product traces a model file (SUSPECT); --url needs a black-box "
                           "(tardos:M) product")

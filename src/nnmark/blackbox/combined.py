@@ -100,18 +100,20 @@ class CombinedReport:
 def trace_combined(weights: Any, blackbox: BlackBoxProduct, *, model: nn.Module | None = None,
                    oracle: Any = None, budget: int | None = None, stop: str = "budget") -> CombinedReport:
     """Trace one suspect both ways (module doc): ``model`` (its weights; the black-box trace then asks it the
-    trigger queries locally unless ``oracle`` is given) and/or ``oracle`` (its prediction API only)."""
-    from nnmark.oracle import LocalOracle
+    trigger queries locally, reading its probabilities, unless ``oracle`` is given) and/or ``oracle`` (its
+    prediction API only; soft answers where it returns score rows)."""
+    from nnmark.blackbox.answers import ProbabilityOracle
 
     _check_pair(weights, blackbox)
     if model is None and oracle is None:
         raise BlackBoxError("give the suspect's model, its oracle, or both")
-    bb = blackbox.trace(oracle if oracle is not None else LocalOracle(model), budget=budget, stop=stop,
+    bb = blackbox.trace(oracle if oracle is not None else ProbabilityOracle(model), budget=budget, stop=stop,
                         top=blackbox.config.capacity)  # every code's p-value is listed, so every holder's
     bb_p = {v.customer: v.p_value for v in [*bb.named, *bb.suspects] if v.customer is not None}
     # the black-box verdict's p-value is already adjusted for its K looks: named <=> p <= alpha / N
     bb_side = {"status": bb.status, "named": sorted(bb.named_customers), "level": bb.alpha / bb.n_codes,
-               "alpha": bb.alpha, "queries_used": bb.queries_used, "capacity": bb.n_codes}
+               "alpha": bb.alpha, "queries_used": bb.queries_used, "capacity": bb.n_codes,
+               "answers_read": bb.answers_read}
     w_side, w_p = None, {}
     if model is not None:
         wr = weights.trace(model)

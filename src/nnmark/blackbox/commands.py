@@ -2,7 +2,7 @@
 :mod:`nnmark.cli_fingerprint`, which calls these.
 
     nnmark fingerprint issue --product shop/ --base base.safetensors --customers 20 --code tardos:512
-    nnmark fingerprint trace --product shop/ --url http://host:8000 [--protocol oip] [--budget 300]
+    nnmark fingerprint trace --product shop/ --url http://host:8000 [--protocol oip] [--budget 300] [--answers labels]
     nnmark fingerprint trace leaked.safetensors --product shop/      # a local file, through the same queries
 
 Issuing with several ``workers`` uses spawned processes, each opening the product from its directory (the key
@@ -94,8 +94,11 @@ def create_product(root: Path, base: str, code: str, key: Any, *, capacity: int,
 
 
 def trace_report(product: str, key_file: str | None, suspect: str | None, url: str | None, *, protocol: str,
-                 model_name: str | None, budget: int | None, stop: str, timeout: float) -> dict[str, Any]:
-    """Trace a suspect file or API with a black-box product; the report as a JSON-able dict."""
+                 model_name: str | None, budget: int | None, stop: str, timeout: float,
+                 answers: str = "auto") -> dict[str, Any]:
+    """Trace a suspect file or API with a black-box product; the report as a JSON-able dict. ``answers="auto"``
+    asks the API for class scores (read as soft answers where it gives them, its labels otherwise) and reads a
+    local file's probabilities; ``"labels"`` reads arg-max labels only."""
     from nnmark.blackbox.product import BlackBoxProduct
 
     prod = BlackBoxProduct.open(product, key_file=key_file)
@@ -104,14 +107,16 @@ def trace_report(product: str, key_file: str | None, suspect: str | None, url: s
     if url is not None:
         from nnmark.serving.client import HTTPOracle
 
-        oracle: Any = HTTPOracle(url, budget=budget, timeout=timeout, protocol=protocol, model_name=model_name)
+        oracle: Any = HTTPOracle(url, budget=budget, timeout=timeout, protocol=protocol, model_name=model_name,
+                                 scores=answers != "labels")
     else:
+        from nnmark.blackbox.answers import ProbabilityOracle
         from nnmark.io import load_model
         from nnmark.oracle import LocalOracle
 
         model, _ = load_model(suspect, expect_spec=prod.config.spec)
-        oracle = LocalOracle(model, budget=budget)
-    report = prod.trace(oracle, budget=budget, stop=stop)
+        oracle = LocalOracle(model, budget=budget) if answers == "labels" else ProbabilityOracle(model, budget=budget)
+    report = prod.trace(oracle, budget=budget, stop=stop, answers=answers)
     out = report.to_dict()
     out["product"] = prod.config.name
     out["suspect"] = url or suspect

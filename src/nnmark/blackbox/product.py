@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from nnmark.blackbox.answers import DEFAULT_TEMPERATURE
 from nnmark.blackbox.issue import BlackBoxIssueConfig, BlackBoxIssueRecord, issue_blackbox_copy
 from nnmark.blackbox.trace import DEFAULT_ALPHA, BlackBoxTraceReport, trace_oracle
 from nnmark.blackbox.triggers import DEFAULT_NOISE, TriggerSet, make_triggers
@@ -261,11 +262,15 @@ class BlackBoxProduct:
 
     # -- tracing ----------------------------------------------------------------------------
     def trace(self, oracle: Any, *, budget: int | None = None, looks: list[int] | None = None, stop: str = "first",
-              holders: dict[int, str] | None = None, top: int = 5) -> BlackBoxTraceReport:
+              holders: dict[int, str] | None = None, top: int = 5, answers: str = "auto",
+              temperature: float = DEFAULT_TEMPERATURE) -> BlackBoxTraceReport:
         """Trace the suspect behind ``oracle`` (:func:`nnmark.blackbox.trace.trace_oracle`) against every code of
-        the capacity; named customers are the holders of the passing codes (default: the registry's)."""
+        the capacity; named customers are the holders of the passing codes (default: the registry's).
+        ``answers``: ``"auto"`` (soft when the oracle returns score rows, else labels) or ``"labels"``;
+        ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`)."""
         return trace_oracle(oracle, self.code, self.triggers, holders=self.holders() if holders is None else holders,
-                            alpha=self.config.alpha, budget=budget, looks=looks, stop=stop, top=top)
+                            alpha=self.config.alpha, budget=budget, looks=looks, stop=stop, top=top, answers=answers,
+                            temperature=temperature)
 
     def status(self) -> dict[str, Any]:
         return {"product": self.config.name, "code": f"tardos m={self.config.m}", "capacity": self.config.capacity,
