@@ -195,3 +195,20 @@ def test_thief_attacking_a_keyed_decoder_of_his_own_does_not_remove_the_mark(key
         x = (out + (x.detach() - 1 / 255 * grad.sign() - out).clamp(-4 / 255, 4 / 255)).clamp(0, 1)
     assert thief.extractor(augment.quantize_uint8(x)).abs().mean() < thief.extractor(out).abs().mean() / 2
     assert scheme.verify(augment.quantize_uint8(x)).p_value < 1e-6
+
+
+def test_luma_front_end_extractor_round_trips_and_ignores_chroma(tmp_path):
+    """A decoder on the fixed luma2 front end reads only 2x2-averaged luma: a colour shift that keeps luma
+    changes nothing; the front end is saved with the weights; an unknown one is refused."""
+    from nnmark.outputs.extractor import Extractor, ExtractorError, MessageDecoder
+
+    torch.manual_seed(0)
+    ext = Extractor(MessageDecoder(16, 8, front="luma2"))
+    x = natural_images(4, 32, seed=2)
+    shift = torch.tensor([0.02, -0.02 * 0.299 / 0.587, 0.0]).view(1, 3, 1, 1)  # zero luma change
+    assert torch.allclose(ext(x), ext(x + shift), atol=1e-4) and not torch.allclose(ext(x), ext(x.flip(-1)))
+    ext.save(tmp_path / "e.safetensors")
+    again = Extractor.load(tmp_path / "e.safetensors")
+    assert again.decoder.front == "luma2" and torch.allclose(again(x), ext(x))
+    with pytest.raises(ExtractorError, match="front end"):
+        MessageDecoder(16, 8, front="dct")

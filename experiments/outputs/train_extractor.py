@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--ramp-frac", type=float, default=0.5, help="share of steps after which distortions are at full "
                     "strength and the residual at --budget")
     ap.add_argument("--boost", type=float, default=4.0, help="residual RMS at the start, in units of --budget")
+    ap.add_argument("--front", default="rgb", choices=("rgb", "luma2"),
+                    help="decoder front end: the image as it is, or its luma averaged over 2x2 pixels")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="src/nnmark/outputs/assets/extractor48.safetensors")
     ap.add_argument("--log", default="experiments/results/outputs/extractor_log.json")
@@ -60,7 +62,7 @@ def main() -> None:
     ext, enc, log = pretrain_extractor(args.bits, args.steps, args.seed, width=args.width, budget=args.budget,
                                        lr=args.lr, batch_size=args.batch_size, progress=progress,
                                        clean_frac=args.clean_frac, ramp_frac=args.ramp_frac, boost=args.boost,
-                                       log_every=50)
+                                       front=args.front, log_every=50)
     out = Path(args.out)
     ext.save(out)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()},

@@ -361,7 +361,8 @@ class OutputMessage(Scheme):
         dec = self.extractor.decoder
         if isinstance(dec, KeyedLowpassDecoder):
             return {**out, "extractor_kind": "keyed", "keyed_spec": dec.spec()}
-        return {**out, "extractor_kind": "learned", "extractor_width": dec.head.in_features // 4}
+        return {**out, "extractor_kind": "learned", "extractor_width": dec.head.in_features // 4,
+                "extractor_front": dec.front}
 
     def material(self) -> dict[str, torch.Tensor]:
         return {**{f"extractor.{k}": v for k, v in self.extractor.tensors().items()}, "centre": self.centre}
@@ -379,7 +380,8 @@ class OutputMessage(Scheme):
                 raise SchemeError("output-message key material does not fit its keyed decoder")
             ext = Extractor(dec, tensors["mu"], tensors["whiten"], {"kind": "keyed", **dec.spec()})
         elif kind == "learned":
-            ext = Extractor.from_tensors(tensors, bits, int(p.pop("extractor_width")))
+            ext = Extractor.from_tensors(tensors, bits, int(p.pop("extractor_width")),
+                                         front=p.pop("extractor_front", "rgb"))
         else:
             raise SchemeError(f"output-message key: unknown extractor kind {kind!r}")
         if "centre" not in material or material["centre"].shape != (bits,):

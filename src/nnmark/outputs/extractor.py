@@ -69,18 +69,33 @@ class MessageEncoder(nn.Module):
         return (x + (self.budget if budget is None else budget) * r / rms).clamp(0.0, 1.0)
 
 
-class MessageDecoder(nn.Module):
-    """Reads ``bits`` logits from an image ``(N, 3, H, W)`` (global average of conv features)."""
+#: decoder front ends: ``rgb`` reads the image as it is; ``luma2`` reads only its luma averaged over 2 x 2
+#: pixels -- the content a x0.5 resize keeps and JPEG quantises least -- so the encoder pre-trained with it
+#: must hide the message there (robust by construction; the choice of :mod:`nnmark.outputs.keyed_decoder`)
+FRONTS = ("rgb", "luma2")
+_LUMA = (0.299, 0.587, 0.114)
 
-    def __init__(self, bits: int = DEFAULT_BITS, width: int = 32) -> None:
+
+class MessageDecoder(nn.Module):
+    """Reads ``bits`` logits from an image ``(N, 3, H, W)`` (global average of conv features) through the
+    fixed front end ``front`` (:data:`FRONTS`, default ``rgb``)."""
+
+    def __init__(self, bits: int = DEFAULT_BITS, width: int = 32, front: str = "rgb") -> None:
         super().__init__()
-        self.bits = bits
-        self.features = nn.Sequential(_conv(3, width), _conv(width, width), _conv(width, 2 * width, 2),
+        if front not in FRONTS:
+            raise ExtractorError(f"unknown decoder front end {front!r}; known: {', '.join(FRONTS)}")
+        self.bits, self.front = bits, front
+        cin = 3 if front == "rgb" else 1
+        self.features = nn.Sequential(_conv(cin, width), _conv(width, width), _conv(width, 2 * width, 2),
                                       _conv(2 * width, 2 * width), _conv(2 * width, 4 * width, 2))
         self.head = nn.Linear(4 * width, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
+        if self.front == "luma2":
+            if x.shape[1] == 3:
+                x = (x * torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = F.avg_pool2d(x, 2)
+        elif x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.head(self.features(x).mean((2, 3)))
 
@@ -146,7 +161,7 @@ class Extractor(nn.Module):
         tensors = {f"decoder.{k}": v.detach().contiguous() for k, v in self.decoder.state_dict().items()}
         tensors["mu"], tensors["whiten"] = self.mu.contiguous(), self.whiten.contiguous()
         meta = {"bits": str(self.bits), "width": str(self.decoder.head.in_features // 4),
-                "meta": json.dumps(self.meta)}
+                "front": self.decoder.front, "meta": json.dumps(self.meta)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
@@ -164,19 +179,19 @@ class Extractor(nn.Module):
             with safe_open(str(path), framework="pt") as f:
                 info = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            bits, width = int(info["bits"]), int(info["width"])
+            bits, width, front = int(info["bits"]), int(info["width"]), info.get("front", "rgb")
             meta = json.loads(info.get("meta", "{}"))
         except (KeyError, ValueError, OSError) as exc:
             raise ExtractorError(f"{path}: not an nnmark extractor file ({exc})") from None
-        return cls.from_tensors(tensors, bits, width, meta)
+        return cls.from_tensors(tensors, bits, width, meta, front)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: int, width: int,
-                     meta: dict[str, Any] | None = None) -> Extractor:
+                     meta: dict[str, Any] | None = None, front: str = "rgb") -> Extractor:
         """Rebuild from :meth:`tensors` output (e.g. a key file's material)."""
         if not 8 <= bits <= 256 or not 4 <= width <= 256:
             raise ExtractorError(f"implausible extractor shape: {bits} bits, width {width}")
-        dec = MessageDecoder(bits, width)
+        dec = MessageDecoder(bits, width, front)
         state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
         try:
             dec.load_state_dict(state)
@@ -223,7 +238,7 @@ def load_shipped() -> Extractor:
 def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 0, *, width: int = 32,
                        budget: float = DEFAULT_BUDGET, size: int = 32, batch_size: int = 32, lr: float = 2e-3,
                        n_images: int = 8192, calib_images: int = 8192, clean_frac: float = 0.1,
-                       ramp_frac: float = 0.5, boost: float = 4.0,
+                       ramp_frac: float = 0.5, boost: float = 4.0, front: str = "rgb",
                        progress: Callable[[int, dict[str, float]], None] | None = None,
                        log_every: int = 100) -> tuple[Extractor, MessageEncoder, dict[str, Any]]:
     """Pre-train an encoder/decoder on uniformly random ``bits``-bit messages over ``n_images`` train-photo
@@ -231,13 +246,13 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
     8-bit quantisation and :func:`~nnmark.outputs.augment.random_augment` distortions (one per quarter
     batch) whose strength ramps up to full at ``ramp_frac`` of the steps (after ``clean_frac`` of the steps
     with no distortion), while the residual's RMS shrinks from ``boost`` x ``budget`` to ``budget`` over the
-    same ramp (defaults 0.1, 0.5, 4). Then calibrate the decoder on
+    same ramp (defaults 0.1, 0.5, 4); ``front`` the decoder's front end (:data:`FRONTS`). Then calibrate the decoder on
     ``calib_images`` other train-photo patches. Returns ``(extractor, encoder, log)``; ``progress(step, stats)`` every
     ``log_every`` steps."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images = natural_images(n_images, size, seed, split="train")
-    enc, dec = MessageEncoder(bits, width, budget), MessageDecoder(bits, width)
+    enc, dec = MessageEncoder(bits, width, budget), MessageDecoder(bits, width, front)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     log: dict[str, Any] = {"steps": [], "loss": [], "bit_acc": []}
@@ -274,7 +289,7 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
     dec.eval()
     ext = Extractor(dec, meta={"bits": bits, "width": width, "budget": budget, "size": size, "steps": steps,
                                "seed": seed, "batch_size": batch_size, "lr": lr, "clean_frac": clean_frac,
-                               "ramp_frac": ramp_frac, "boost": boost})
+                               "ramp_frac": ramp_frac, "boost": boost, "front": front})
     ext.calibrate(calibration_images(calib_images, size, seed + 1))
     return ext, enc, log
 
