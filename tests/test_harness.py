@@ -120,40 +120,67 @@ def test_false_alarm_rate_interval():
     assert g["rate"] == pytest.approx(1 / 3) and g["ci_low"] > 0 and g["min_p"] == 1e-4
 
 
+def _evaluate_process(cfg: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nnmark.cli", "evaluate", str(cfg), "--out", str(out),
+                             "--no-progress"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_until(condition, proc: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, f"the run ended early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
-    """Run the tiny grid as a real ``nnmark evaluate`` process, SIGKILL it once the first cell is recorded, then
-    rerun it: (folder, records after the kill, the killed process's pid)."""
+    """The tiny grid as a real ``nnmark evaluate`` process, SIGKILLed while it holds the claim of its second cell
+    (FTAL); then a rerun as another process and, once that one holds the cell's claim, a second run on the same
+    folder at the same time, in this process. Returns the folder, the records after the kill, the killed pid,
+    the rerun's pid and the second run's summary."""
+    from nnmark.harness.claims import is_locked
+
     root = tmp_path_factory.mktemp("grid")
     cfg = _write(root / "tiny.yaml", TINY)
     out = root / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nnmark.cli", "evaluate", str(cfg), "--out", str(out),
-                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    permute_id, ftal_id = (c.ident(load_plan(cfg)) for c in cells(load_plan(cfg)))
+    ftal_lock = out / "locks" / f"{ftal_id}.lock"
     log = ResultsLog(out / "results.jsonl")
-    deadline = time.monotonic() + 600
-    while not log.records() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = _evaluate_process(cfg, out)
+    _wait_until(lambda: is_locked(ftal_lock), proc)  # the permute cell is recorded, FTAL is running
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = log.records()
     assert proc.returncode == -signal.SIGKILL
-    res = run_cli("evaluate", cfg, "--out", out, "--no-progress")
-    assert res.returncode == 0, res.stderr
-    return out, before, proc.pid
+    assert [r["cell"] for r in before] == [permute_id]
+    assert not is_locked(ftal_lock)  # the kernel dropped the killed run's claim
+    rerun = _evaluate_process(cfg, out)
+    _wait_until(lambda: is_locked(ftal_lock) or ftal_id in {r["cell"] for r in log.records()}, rerun)
+    from nnmark.harness.runner import run_plan
+
+    torch.set_num_threads(1)
+    second = run_plan(load_plan(cfg), out)  # a second run on the folder, while the rerun holds FTAL
+    assert rerun.wait(timeout=600) == 0, rerun.stderr.read().decode()[-2000:]
+    return out, before, proc.pid, rerun.pid, second
 
 
 def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
-    out, before, killed_pid = killed_and_resumed
+    out, before, killed_pid, rerun_pid, second = killed_and_resumed
+    assert second["pid"] == os.getpid() and second["errors"] == 0
     assert len(before) == 1 and before[0]["attack"] == "permute" and before[0]["pid"] == killed_pid
     after = ResultsLog(out / "results.jsonl").records()
-    assert [r["attack"] for r in after] == ["permute", "ftal"]  # each cell recorded once
+    assert [r["attack"] for r in after] == ["permute", "ftal"]  # each cell recorded once, by either run
     assert after[0] == before[0]  # the finished cell was not run again
-    assert after[1]["pid"] == os.getpid() and after[1]["status"] == "ok"
-    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 1  # the killed run never finished
-    assert (runs[0]["skipped"], runs[0]["ran"], runs[0]["hosts_built"]) == (1, 1, 0)  # the marked host: cached
-    assert runs[0]["hosts_cached"] >= 1
+    assert after[1]["pid"] == rerun_pid and after[1]["status"] == "ok"  # the killed cell: done by the rerun only
+    runs = {r["pid"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert set(runs) == {rerun_pid, os.getpid()}  # the killed run never finished
+    mine, theirs = runs[os.getpid()], runs[rerun_pid]
+    assert (theirs["skipped"], theirs["ran"], theirs["hosts_built"]) == (1, 1, 0)  # the marked host: cached
+    assert theirs["hosts_cached"] >= 1 and mine["hosts_built"] == 0
+    # the run started beside it ran no cell: it found FTAL claimed and read the rerun's record
+    assert mine["ran"] == 0 and mine["skipped"] + mine["by_other_runs"] == 2
     # an unattacked-equivalent obfuscation keeps accuracy; the verdict with alignment off is recorded too
     perm = after[0]
     assert abs(perm["accuracy_lost_points"]) < 1e-9 and [v["verify"] for v in perm["verdicts"]] == [
@@ -161,8 +188,10 @@ def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
     assert perm["verdicts"][0]["owned"] and perm["verdicts"][0]["alpha"] == 1e-3
     assert perm["cost"]["data_n"] == 0 and after[1]["cost"]["data_n"] > 0
     fa = [json.loads(x) for x in (out / "false_alarm.jsonl").read_text().splitlines()]
-    assert len(fa) == 2 and not any(v.get("owned") for r in fa for v in r["verdicts"])
+    assert len(fa) == len({r["check"] for r in fa}) == 2 and not any(v.get("owned") for r in fa for v in r["verdicts"])
+    assert mine["false_alarm_checks"] + theirs["false_alarm_checks"] == 2  # shared out, none done twice
     (forged,) = [json.loads(x) for x in (out / "forgery.jsonl").read_text().splitlines()]
+    assert mine["forgery_checks"] + theirs["forgery_checks"] == 1
     assert forged["kind"] == "key-search" and forged["tries"] == 5 and forged["claims"] == 0 and not forged["forgeable"]
     assert forged["committed_claims"] == 0 and forged["forgeable_raw"] is False  # both rules reported
     # a third run has nothing left to do
@@ -173,13 +202,30 @@ def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
 
 
 def test_reports_written(killed_and_resumed):
-    out, _, _ = killed_and_resumed
+    out = killed_and_resumed[0]
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("scheme,verify,attack,budget,seed,status") and len(rows) == 1 + 2 * 2
     summary = (out / "summary.md").read_text()
     assert "| attack | uchida (align=on) | uchida (align=off) |" in summary and "Clopper-Pearson" in summary
     assert {p.name for p in (out / "plots").iterdir()} == {"p_vs_accuracy_lost.png", "p_vs_cost.png",
                                                            "score_vs_accuracy_lost.png"}
+    # the SoK's main table: schemes x attack families, the FTAL row under fine-tuning, permute under obfuscation
+    sok = summary.split("## Schemes x attack families")[1].split("\n## ")[0]
+    assert "| scheme | verify | fine-tuning (model modification) | obfuscation (model modification) |" in sok
+    on = next(line for line in sok.splitlines() if line.startswith("| uchida | align=on |"))
+    cells_on = [c.strip() for c in on.strip(" |").split("|")]  # scheme, verify, fine-tuning, obfuscation
+    assert cells_on[3] == "kept (1 row)"  # permute with the alignment defence: owned (see above)
+    assert "The SoK (Lukas et al." in sok and "scheme variants are removed" in sok
+    assert "Schemes x attack families" in (out / "robustness.md").read_text()
+
+
+def test_attack_families_of_rows_and_chains():
+    from nnmark.harness.robustness import family_of
+
+    assert family_of([{"name": "ftal"}]) == "fine-tuning" and family_of([{"name": "split"}]) == "obfuscation"
+    assert family_of([{"name": "permute"}, {"name": "prune"}, {"name": "ftal"}]) == "combined"
+    assert family_of([{"name": "prune"}, {"name": "fine-prune"}]) == "pruning"  # one family: not "combined"
+    assert family_of([{"name": "my-attack"}]) == "other" and family_of([]) is None
 
 
 def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
@@ -190,7 +236,7 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/system-deps.sh installs it)")
 def test_html_report_as_chromium_renders_it(killed_and_resumed, tmp_path):
-    out, _, _ = killed_and_resumed
+    out = killed_and_resumed[0]
     url = (out / "report.html").resolve().as_uri()
     res = _chromium("--virtual-time-budget=5000", "--dump-dom", url, tmp=tmp_path / "profile")
     dom = res.stdout
@@ -201,11 +247,13 @@ def test_html_report_as_chromium_renders_it(killed_and_resumed, tmp_path):
     assert main.count(">kept<") + main.count(">removed<") >= 2  # a verdict string in every attack column
     images = dom.count("<img")
     assert images == 3 and dom.count('data-loaded="yes"') == images, "a plot did not load in the browser"
+    fam = dom.split('id="family-table"')[1].split("</table>")[0].replace("\n", "")
+    assert "<th>fine-tuning</th><th>obfuscation</th>" in fam and "kept (1 row)" in fam
     fa = dom.split('id="false-alarm-table"')[1].split("</table>")[0]
     assert "0.001" in fa and "[0, " in fa
 
 
-@pytest.mark.parametrize("config", ["digits_full.yaml", "trigger_generators.yaml"])
+@pytest.mark.parametrize("config", ["digits_full.yaml", "trigger_generators.yaml", "papers.yaml"])
 def test_plan_of_the_checked_in_grid_is_valid(config):
     from nnmark.components import REGISTRY
 
@@ -254,7 +302,7 @@ def test_a_refused_suspect_is_recorded_as_not_owned(killed_and_resumed):
     refused and not owned, so the report counts the attack as removing the mark, not as a crash."""
     from nnmark.harness.grid import load_owner_scheme, marked_recipe, new_host, splits_of, verify_variants
 
-    out, _, _ = killed_and_resumed
+    out = killed_and_resumed[0]
     plan = load_plan(out.parent / "tiny.yaml")
     scheme = load_owner_scheme(plan, ArtifactStore(out / "artifacts"), marked_recipe(plan, plan.schemes[0], 0))
     rows = verify_variants(scheme, new_host("lenet5", splits_of(plan), 0), plan.schemes[0], plan.alpha)

@@ -54,12 +54,15 @@ def evaluate(config: str, out: str | None, workers: int | None, report_only: boo
                 summary = run_plan(plan, folder, workers=workers, progress=report)
         else:
             summary = run_plan(plan, folder, workers=workers)
-        click.echo(f"cells: {summary['cells']} ({summary['skipped']} already recorded, {summary['ran']} run, "
+        others = f", {summary['by_other_runs']} by another run" if summary.get("by_other_runs") else ""
+        click.echo(f"cells: {summary['cells']} ({summary['skipped']} already recorded, {summary['ran']} run{others}, "
                    f"{summary['errors']} errors); hosts: {summary['hosts_built']} trained, "
                    f"{summary['hosts_cached']} from the cache; false-alarm checks run: "
                    f"{summary['false_alarm_checks']}; forgery checks run: {summary['forgery_checks']}; "
                    f"{summary['seconds']:.0f} s ({summary['mode']})")
+    from nnmark.harness.claims import exclusive
     from nnmark.harness.report import write_reports
 
-    written = write_reports(folder, plan)
+    with exclusive(folder / "locks" / "reports.lock"):  # runs sharing the folder write the reports one at a time
+        written = write_reports(folder, plan)
     click.echo(f"report: {written['html']}")

@@ -16,6 +16,7 @@ written as a key file with a commitment record before the model it marks is stor
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -321,8 +322,9 @@ def run_cell(plan: Plan, store: ArtifactStore, cell: Cell) -> dict[str, Any]:
 
 
 class ResultsLog:
-    """``results.jsonl``: one JSON record a finished cell, appended and fsynced (a kill loses at most the
-    line being written; a torn last line is ignored on reading and cut off before the next append)."""
+    """``results.jsonl``: one JSON record a finished cell, appended and fsynced under an exclusive ``flock`` of
+    the log (runs sharing a folder append one at a time; a kill loses at most the line being written; a torn last
+    line is ignored on reading and cut off before the next append)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -349,6 +351,7 @@ class ResultsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
         with open(self.path, "ab+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # another run on the same folder appends to the same log
             fh.seek(0, os.SEEK_END)
             if fh.tell() > 0:
                 fh.seek(-1, os.SEEK_END)

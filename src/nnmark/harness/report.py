@@ -4,8 +4,10 @@
 
 - ``results.csv``: one row a cell and verify variant (scheme, verify, attack, budget, seed, status, marked /
   attacked accuracy, points lost, cost seconds / samples / queries, p-value, -log10 p, owned, alpha, score);
-- ``summary.md``: the SoK-style main table (schemes x attacks: removed or not at <= 5 points lost), the per-row
-  figures, and the false-alarm table; ``robustness.md`` (:mod:`nnmark.harness.robustness`); ``false_alarm.md``;
+- ``summary.md``: the main table (attack rows x schemes: removed or not at <= 5 points lost), the SoK's main table
+  (schemes x attack families, with each family's cheapest removing row, beside the SoK's finding), the per-row
+  figures, and the false-alarm table; ``robustness.md`` (both robustness tables, :mod:`nnmark.harness.robustness`);
+  ``false_alarm.md``;
 - ``plots/``: -log10 p and the score (bit accuracy, or trigger hit rate) against the accuracy lost and against
   the attack's wall time, one panel a scheme;
 - ``report.html`` from the Jinja2 template ``templates/report.html.j2`` (images linked relatively, so the folder
@@ -26,7 +28,11 @@ from nnmark.harness.forgery import forgeable_label, forgery_markdown
 from nnmark.harness.grid import ResultsLog
 from nnmark.harness.robustness import (
     MAX_LOSS_POINTS,
+    SOK_FINDING,
     attack_name,
+    family_cell_text,
+    family_markdown,
+    family_table,
     group_outcome,
     groups,
     robustness_markdown,
@@ -243,6 +249,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     write_csv(folder / "results.csv", rows)
     table = main_table(records, order=[attack_name(a.label, json.dumps(b)) for a in plan.attacks for b in a.budgets])
     robust = robustness_table(records)
+    families = family_table(records)
+    family_md = family_markdown(families, plan.alpha)
     # Only the checks the plan makes now count: a record of a check the study no longer makes (e.g. an owner key
     # against the other-scheme host of its own seed, see falsealarm.shares_initialisation) is left out.
     planned = {c["check"] for c in checks(plan)} if plan.false_alarm else set()
@@ -253,7 +261,10 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     if traces:
         (folder / "fingerprint.md").write_text(f"# Fingerprint tracer: {plan.name}\n\n" + tracing_markdown(traces))
     run = _last_run(folder)
-    (folder / "robustness.md").write_text(f"# Robustness: {plan.name}\n\n" + robustness_markdown(robust, plan.alpha))
+    (folder / "robustness.md").write_text(
+        f"# Robustness: {plan.name}\n\n## The cheapest attack that removes each scheme\n\n"
+        + robustness_markdown(robust, plan.alpha) + "\n## Schemes x attack families (the SoK's main table)\n\n"
+        + family_md)
     (folder / "false_alarm.md").write_text(f"# False alarms: {plan.name}\n\n" + false_alarm_markdown(fa))
     head = (f"# {plan.name}\n\nDataset {plan.dataset['name']}, host {plan.host['arch']} "
             f"({plan.host['epochs']} epochs), "
@@ -263,7 +274,8 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
         head += (f"Last run: {run['ran']} cells run, {run['skipped']} already recorded, {run['hosts_built']} hosts "
                  f"trained, {run['hosts_cached']} from the cache, {run['seconds']:.0f} s ({run.get('mode')}).\n")
     md = (head + f"\n## Main table (removed: not owned at every seed, <= {MAX_LOSS_POINTS:g} points lost)\n\n"
-          + main_table_markdown(table) + "\n## Robustness\n\n" + robustness_markdown(robust, plan.alpha)
+          + main_table_markdown(table) + "\n## Schemes x attack families (the SoK's main table)\n\n" + family_md
+          + "\n## Robustness\n\n" + robustness_markdown(robust, plan.alpha)
           + "\n## False alarms\n\n" + false_alarm_markdown(fa)
           + "\n## Forgery (ambiguity) attempts\n\n" + forgery_markdown(forgeries)
           + ("\n## Fingerprint tracer\n\n" + tracing_markdown(traces) if traces else "") + "\n## Every attack row\n\n"
@@ -283,6 +295,7 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
                            n_records=len(records),
                            n_errors=sum(r.get("status") == "error" for r in records), table=table, robust=robust,
                            false_alarms=fa, plots=plots, details=details, max_loss=MAX_LOSS_POINTS,
+                           families=families, family_cell_text=family_cell_text, sok_finding=SOK_FINDING,
                            variant_label=variant_label,
                            errors=[r for r in records if r.get("status") == "error"][:20])
     (folder / "report.html").write_text(html)

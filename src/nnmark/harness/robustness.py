@@ -118,3 +118,101 @@ def robustness_markdown(rows: list[dict[str, Any]], alpha: float, max_loss: floa
             f"alpha = {alpha:g} and at most {max_loss:g} points of test accuracy were lost. Cheapest: fewest attacker "
             "samples, then fewest queries, then least wall time. 'none' holds for the attacks in this grid only.")
     return "\n".join(lines) + "\n\n" + rule + "\n"
+
+
+# -- the SoK's main table: schemes x attack families -------------------------------------------------------
+
+#: attack name -> family; families follow the SoK's taxonomy of removal attacks (Lukas et al., S&P 2022): input
+#: preprocessing, model modification (fine-tuning, pruning, quantisation, function-preserving obfuscation,
+#: overwriting) and model extraction
+ATTACK_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("input-jpeg", "input-noise", "input-quantize", "input-smooth", "magnet"), "input preprocessing"),
+    **dict.fromkeys(("ftll", "ftal", "rtll", "rtal", "ft-sgd", "weight-shift"), "fine-tuning"),
+    **dict.fromkeys(("prune", "fine-prune"), "pruning"),
+    **dict.fromkeys(("quantize", "int8-ptq"), "quantisation"),
+    **dict.fromkeys(("permute", "rescale", "permute-rescale", "fold-bn", "split", "dummy", "merge"), "obfuscation"),
+    "overwrite": "overwriting",
+    **dict.fromkeys(("distill", "transfer"), "extraction"),
+}
+#: the SoK's three classes of removal attack, for each family
+SOK_CLASS = {"input preprocessing": "input preprocessing", "fine-tuning": "model modification",
+             "pruning": "model modification", "quantisation": "model modification",
+             "obfuscation": "model modification", "overwriting": "model modification", "extraction": "model extraction",
+             "combined": "combined", "other": "other"}
+FAMILY_ORDER = tuple(SOK_CLASS)
+
+#: what the SoK published (its abstract; PAPERS.md holds no per-scheme figures of it), shown beside the table
+SOK_FINDING = ("The SoK (Lukas et al., S&P 2022; CIFAR-10 and ImageNet, a 5-point accuracy budget) found none of "
+               "the schemes it surveyed robust in practice: each was removed by some attack, including attacks the "
+               "schemes' own papers had not tried -- adaptive ones (weight shifting, smooth retraining) and ways of "
+               "deriving a surrogate model (extraction).")
+
+
+def family_of(steps: list[dict[str, Any]]) -> str | None:
+    """The family of an attack row from its steps: the one family of its attacks, ``combined`` for a chain over
+    several families, ``other`` for an attack not in :data:`ATTACK_FAMILIES`, ``None`` for the no-attack row."""
+    families = {ATTACK_FAMILIES.get(s["name"], "other") for s in steps}
+    if not families:
+        return None
+    return families.pop() if len(families) == 1 else "combined"
+
+
+def family_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS) -> dict[str, Any]:
+    """Schemes x attack families: for each (scheme, verify variant) and each family with rows in the grid, the
+    cheapest row of the family that removes the scheme within ``max_loss`` points (the order of
+    :func:`robustness_table`), or none, with the rows tried and those that removed it only beyond the loss.
+    Returns ``{"families": [...], "rows": [{"scheme", "verify", "cells": {family: {...}}}]}``."""
+    by_variant: dict[tuple[str, str], dict[str, list[tuple[str, dict[str, Any]]]]] = {}
+    present: set[str] = set()
+    for (scheme, variant, attack, budget), entries in groups(records).items():
+        family = family_of(entries[0]["record"].get("steps") or [])
+        if attack == NO_ATTACK or family is None:
+            continue
+        present.add(family)
+        by_variant.setdefault((scheme, variant), {}).setdefault(family, []).append(
+            (attack_name(attack, budget), group_outcome(entries, max_loss)))
+    families = [f for f in FAMILY_ORDER if f in present]
+    rows = []
+    for (scheme, variant), fams in sorted(by_variant.items()):
+        cells = {}
+        for family, outcomes in fams.items():
+            removing = sorted((o for o in outcomes if o[1]["removed"]),
+                              key=lambda o: (o[1]["data_n"], o[1]["queries"], o[1]["seconds"] or 0.0))
+            cells[family] = {"tried": len(outcomes), "cheapest": removing[0][0] if removing else None,
+                             "outcome": removing[0][1] if removing else None, "removing": len(removing),
+                             "beyond_loss": [name for name, o in outcomes if o["removed_but_costly"]]}
+        rows.append({"scheme": scheme, "verify": variant, "cells": cells})
+    return {"families": families, "rows": rows}
+
+
+def family_cell_text(cell: dict[str, Any] | None) -> str:
+    """``removed: ROW (N samples, Q queries, L pts)`` / ``kept (n rows)`` / ``-`` (no row of the family)."""
+    if cell is None:
+        return "-"
+    o = cell["outcome"]
+    if o is not None:
+        return (f"removed: {cell['cheapest']} ({o['data_n']} samples, {o['queries']} queries, "
+                f"{o['max_lost_points']:.1f} pts)")
+    beyond = f"; removed beyond the loss by {', '.join(cell['beyond_loss'])}" if cell["beyond_loss"] else ""
+    return f"kept ({cell['tried']} row{'s' if cell['tried'] != 1 else ''}{beyond})"
+
+
+def family_markdown(table: dict[str, Any], alpha: float, max_loss: float = MAX_LOSS_POINTS) -> str:
+    """The schemes x families table as Markdown, the rule that made it, and the SoK's finding beside this grid's."""
+    fams = table["families"]
+    if not table["rows"]:
+        return "No attacked cells recorded.\n"
+    lines = ["| scheme | verify | " + " | ".join(f"{f} ({SOK_CLASS[f]})" if SOK_CLASS[f] != f else f for f in fams)
+             + " |", "|---|---|" + "---|" * len(fams)]
+    for r in table["rows"]:
+        lines.append(f"| {r['scheme']} | {r['verify']} | "
+                     + " | ".join(family_cell_text(r["cells"].get(f)) for f in fams) + " |")
+    removed = [r for r in table["rows"] if any(c["outcome"] is not None for c in r["cells"].values())]
+    kept = [f"{r['scheme']} ({r['verify']})" for r in table["rows"] if r not in removed]
+    rule = (f"A family removes a scheme when one of its rows does: at every seed not owned at alpha = {alpha:g} "
+            f"(or refused by the verifier) with at most {max_loss:g} points of test accuracy lost; the cell names "
+            "the family's cheapest such row (fewest attacker samples, then queries, then seconds).")
+    here = (f"In this grid: {len(removed)} of {len(table['rows'])} scheme variants are removed by at least one "
+            "family within the loss" + (f"; no family here removes {', '.join(kept)}" if kept else "")
+            + " (for the rows of this grid only).")
+    return "\n".join(lines) + "\n\n" + rule + "\n\n" + SOK_FINDING + " " + here + "\n"

@@ -7,7 +7,13 @@ thread); a plan with ``ray: {address: ...}`` submits the same tasks as Ray remot
 auto`` joins a running cluster, ``local`` starts one on this machine). Results come back to this process,
 which alone appends them to ``results.jsonl`` (:class:`~nnmark.harness.grid.ResultsLog`), so records never
 interleave. Order of work: (1) the distinct hosts the remaining cells need (each built once: the artifact
-store's lock), (2) the cells, (3) the false-alarm checks. A rerun skips every recorded cell and check.
+store's lock), (2) the cells, (3) the false-alarm checks, (4) the forgeries, (5) the tracer's traces. A rerun
+skips every recorded cell and check.
+
+Several runs on one output folder: every cell, check, forgery and trace is claimed by an exclusive lock file
+(``<out>/locks/<id>.lock``, :mod:`nnmark.harness.claims`) held from its start until its record is appended, so
+no two runs ever both run it; a run that finds one locked comes back to it at the end and reads the holder's
+record. The kernel releases a killed run's locks, so its unfinished item is done by the next run.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from nnmark.harness.cache import ArtifactStore
+from nnmark.harness.claims import Claims, LogTail
 from nnmark.harness.config import Plan, content_hash
 from nnmark.harness.grid import Cell, ResultsLog, build_artifact, cells, clean_recipe, marked_recipe, needs_references
+from nnmark.keyfile import write_atomically
 
 Progress = Callable[[str, int, int], None]
 
@@ -131,6 +139,89 @@ class FanOut:
             for f in done:
                 on_result(f.result())
 
+    def _window(self) -> int:
+        """How many claimed items may be in flight at once: one per worker (on Ray: per CPU of the cluster)."""
+        if self._ray is not None:
+            cpus = sys.modules["ray"].cluster_resources().get("CPU", self.workers)
+            return max(self.workers, int(cpus))
+        return self.workers if self._pool is not None else 1
+
+    def _start(self, kind: str, payload: dict[str, Any]) -> Any:
+        if self._ray is not None:
+            return self._ray.remote(kind, self.plan_dict, self.root, payload)
+        if self._pool is not None:
+            return self._pool.submit(_task, kind, self.plan_dict, self.root, payload)
+        done: Future[dict[str, Any]] = Future()
+        done.set_result(_task(kind, self.plan_dict, self.root, payload))
+        return done
+
+    def _finished(self, handles: list[Any], timeout: float | None) -> list[tuple[Any, dict[str, Any]]]:
+        """The handles among ``handles`` that finished within ``timeout`` seconds, with their results."""
+        if self._ray is not None:
+            ray = sys.modules["ray"]
+            done, _ = ray.wait(handles, num_returns=1, timeout=timeout)
+            return [(h, ray.get(h)) for h in done]
+        done_set, _ = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        return [(h, h.result()) for h in done_set]
+
+    def run_claimed(self, kind: str, payloads: list[dict[str, Any]], on_result: Callable[[dict[str, Any]], None],
+                    ident: Callable[[dict[str, Any]], str], claims: Claims, recorded: LogTail,
+                    poll_seconds: float = 0.25) -> dict[str, int]:
+        """Run every payload that no other run records, each under its claim (:mod:`nnmark.harness.claims`):
+        claimed just before it starts, released once ``on_result`` (which appends its record) returned. A
+        payload found locked is put aside and tried again, without blocking, once the others are started; when
+        its lock comes free its holder's record is read (or, if the holder died without one, it is run here).
+        Returns ``{"ran": ..., "by_other_runs": ..., "waited": ...}``: items run here, items another run
+        recorded after this run's first look, and items this run found locked at least once."""
+        queue, deferred, flight = list(payloads), [], {}
+        counts = {"ran": 0, "by_other_runs": 0, "waited": 0}
+        window = self._window()
+
+        def claim(p: dict[str, Any]) -> bool | None:
+            """``True``: claimed, ``None``: recorded elsewhere meanwhile, ``False``: locked by another run."""
+            i = ident(p)
+            if i in recorded:
+                counts["by_other_runs"] += 1
+                return None
+            if not claims.try_claim(i):
+                return False
+            if i in recorded:  # finished by its holder between our first look and our claim
+                claims.release(i)
+                counts["by_other_runs"] += 1
+                return None
+            return True
+
+        try:
+            while queue or deferred or flight:
+                while len(flight) < window and queue:
+                    p = queue.pop(0)
+                    got = claim(p)
+                    if got is False:
+                        deferred.append(p)
+                        counts["waited"] += 1
+                    elif got:
+                        flight[self._start(kind, p)] = ident(p)
+                if not queue:
+                    for p in list(deferred):
+                        if len(flight) >= window:
+                            break
+                        got = claim(p)
+                        if got is not False:
+                            deferred.remove(p)
+                        if got:
+                            flight[self._start(kind, p)] = ident(p)
+                if flight:
+                    for handle, result in self._finished(list(flight), poll_seconds if deferred else None):
+                        on_result(result)
+                        counts["ran"] += 1
+                        claims.release(flight.pop(handle))
+                elif deferred:
+                    time.sleep(poll_seconds)
+        finally:
+            for i in list(flight.values()):
+                claims.release(i)
+        return counts
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -147,13 +238,16 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
              ) -> dict[str, Any]:
     """Run what ``plan`` still lacks under ``out`` (``results.jsonl``, ``false_alarm.jsonl``, ``artifacts/``);
     returns this run's summary, which is also appended to ``out/runs.jsonl``: cells in the grid, skipped
-    (already recorded), run, errors, hosts built and found in the cache, seconds."""
+    (recorded before this run started), run (here), by other runs (recorded by a concurrent run meanwhile),
+    waited (found locked at least once), errors, hosts built and found in the cache, false-alarm checks and
+    forgeries run here, seconds."""
     from nnmark.harness.falsealarm import FalseAlarmLog, checks
     from nnmark.harness.forgery import forgery_checks
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1, sort_keys=True, default=str))
+    write_atomically(out / "plan.json", json.dumps(plan.to_dict(), indent=1, sort_keys=True, default=str).encode(),
+                     0o644)
     start = time.perf_counter()
     store_root = out / "artifacts"
     log = ResultsLog(out / "results.jsonl")
@@ -165,8 +259,9 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
     fg_log = FalseAlarmLog(out / "forgery.jsonl", key="forgery")
     fg_todo = [c for c in forgery_checks(plan) if c["forgery"] not in fg_log.finished()] if plan.forgery else []
     summary: dict[str, Any] = {"cells": len(all_cells), "skipped": len(all_cells) - len(todo), "ran": 0, "errors": 0,
-                               "hosts_built": 0, "hosts_cached": 0, "false_alarm_checks": len(fa_todo),
-                               "forgery_checks": len(fg_todo)}
+                               "by_other_runs": 0, "waited": 0, "hosts_built": 0, "hosts_cached": 0,
+                               "false_alarm_checks": 0, "forgery_checks": 0, "pid": os.getpid()}
+    claims = Claims(out / "locks")
 
     recipes: dict[str, dict[str, Any]] = {}
     ref_labels = {s.label for s in plan.schemes if needs_references(plan, s)}
@@ -201,20 +296,21 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
         index = {(id(s)): i for i, s in enumerate(plan.schemes)}
         aindex = {(id(a)): i for i, a in enumerate(plan.attacks)}
         payloads = [{"scheme": index[id(c.scheme)], "attack": aindex[id(c.attack)], "budget": c.budget,
-                     "seed": c.seed} for c in todo]
+                     "seed": c.seed, "cell": c.ident(plan)} for c in todo]
         count[0] = 0
 
         def cell_done(rec: dict[str, Any]) -> None:
             log.append(rec)
             count[0] += 1
-            summary["ran"] += 1
             summary["errors"] += rec.get("status") == "error"
             if progress:
                 progress("cells", count[0], len(todo))
 
         if progress:
             progress("cells", 0, len(todo))
-        fan.run("cell", payloads, cell_done)
+        got = fan.run_claimed("cell", payloads, cell_done, lambda p: p["cell"], claims,
+                              LogTail(log.path, "cell", lambda r: r.get("status") != "error"))
+        summary["ran"], summary["by_other_runs"], summary["waited"] = got["ran"], got["by_other_runs"], got["waited"]
 
         count[0] = 0
 
@@ -226,7 +322,9 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
 
         if fa_todo and progress:
             progress("false alarms", 0, len(fa_todo))
-        fan.run("false_alarm", [{k: v for k, v in c.items()} for c in fa_todo], check_done)
+        got = fan.run_claimed("false_alarm", fa_todo, check_done, lambda c: c["check"], claims,
+                              LogTail(fa_log.path, "check"))
+        summary["false_alarm_checks"] = got["ran"]
 
         count[0] = 0
 
@@ -236,13 +334,16 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
             if progress:
                 progress("forgeries", count[0], len(fg_todo))
 
-        fan.run("forgery", fg_todo, forgery_done)
+        got = fan.run_claimed("forgery", fg_todo, forgery_done, lambda c: c["forgery"], claims,
+                              LogTail(fg_log.path, "forgery"))
+        summary["forgery_checks"] = got["ran"]
     finally:
         fan.close()
+        claims.release_all()
     if plan.fingerprint:
         from nnmark.harness.tracing import run_tracing
 
-        summary["traces"] = run_tracing(plan, store_root, out, progress)["ran"]
+        summary["traces"] = run_tracing(plan, store_root, out, progress, claims)["ran"]
     summary["seconds"] = time.perf_counter() - start
     summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _fsync_append(out / "runs.jsonl", summary)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nnmark.harness.cache import ArtifactStore
+from nnmark.harness.claims import Claims, LogTail
 from nnmark.harness.config import NO_ATTACK, AttackEntry, ConfigError, Plan, content_hash
 
 FINGERPRINT_KEYS = ("customers", "code", "coalitions", "attacks", "verify", "clean")
@@ -111,16 +112,26 @@ def customer_names(n: int) -> list[str]:
 def build_product(plan: Plan, store: ArtifactStore) -> Any:
     """The plan's product (built once: base host trained or taken from the cache, every customer issued)."""
     from nnmark.fingerprint import Product
-    from nnmark.harness.grid import build_artifact, load_artifact
-    from nnmark.io import save_model
-    from nnmark.keys import Key
 
     recipe = product_recipe(plan)
     h = content_hash(recipe)
     root = store.root / "fingerprint" / h
     if (root / DONE_MARK).exists():
         return Product.open(root / "product")
-    if root.exists():  # left half-built by a killed run
+    with store.lock(recipe):  # one builder at a time: a concurrent run waits here, then opens what was built
+        if (root / DONE_MARK).exists():
+            return Product.open(root / "product")
+        return _build_product(plan, store, recipe, root)
+
+
+def _build_product(plan: Plan, store: ArtifactStore, recipe: dict[str, Any], root: Path) -> Any:
+    from nnmark.fingerprint import Product
+    from nnmark.harness.grid import build_artifact, load_artifact
+    from nnmark.io import save_model
+    from nnmark.keys import Key
+
+    h = content_hash(recipe)
+    if root.exists():  # left half-built by a killed run (whose lock the kernel released)
         shutil.rmtree(root)
     root.mkdir(parents=True)
     build_artifact(plan, store, recipe["base"])
@@ -218,9 +229,11 @@ def run_trace(plan: Plan, store: ArtifactStore, prod: Any, cell: dict[str, Any])
     return rec
 
 
-def run_tracing(plan: Plan, store_root: Path, out: Path, progress: Any = None) -> dict[str, int]:
+def run_tracing(plan: Plan, store_root: Path, out: Path, progress: Any = None, claims: Claims | None = None
+                ) -> dict[str, int]:
     """Run what the plan's tracer study still lacks (``out/fingerprint.jsonl``, one record a trace, resumable);
-    in this process. Returns ``{"traces": ..., "ran": ...}``."""
+    in this process, each trace under its claim (``claims``, default ``out/locks``: a trace another run holds
+    is come back to at the end and its record read). Returns ``{"traces": ..., "ran": ...}``."""
     import torch
 
     from nnmark.harness.falsealarm import FalseAlarmLog
@@ -233,13 +246,34 @@ def run_tracing(plan: Plan, store_root: Path, out: Path, progress: Any = None) -
     torch.set_num_threads(1)
     store = ArtifactStore(store_root)
     prod = build_product(plan, store)
-    for i, c in enumerate(todo):
-        if progress:
-            progress("traces", i, len(todo))
-        log.append(run_trace(plan, store, prod, c))
+    claims = claims or Claims(out / "locks")
+    recorded = LogTail(log.path, "trace")
+    queue, ran = list(todo), 0
+    try:
+        while queue:
+            locked = []
+            for c in queue:
+                if c["trace"] in recorded:
+                    continue
+                if not claims.try_claim(c["trace"]):
+                    locked.append(c)
+                    continue
+                try:
+                    if c["trace"] not in recorded:
+                        if progress:
+                            progress("traces", ran, len(todo))
+                        log.append(run_trace(plan, store, prod, c))
+                        ran += 1
+                finally:
+                    claims.release(c["trace"])
+            if locked:
+                time.sleep(0.25)
+            queue = locked
+    finally:
+        claims.release_all()
     if progress:
         progress("traces", len(todo), len(todo))
-    return {"traces": len(done) + len(todo), "ran": len(todo)}
+    return {"traces": len(done) + len(todo), "ran": ran}
 
 
 def tracing_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
