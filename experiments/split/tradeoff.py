@@ -73,8 +73,8 @@ def mlp_runs() -> dict[str, tuple[dict, list[str]]]:
     runs["multi-l30-ramp-a30"] = runs["multi-l30-ramp"]
     # towards the label floor (30-epoch attackers, run with --label-attackers a1,a4): longer / stronger ramps,
     # more defender steps, warm start + ramp
-    for name in ("multi-l100-ramp", "multi-l30-ramp-dsteps3", "multi-l60-ramp", "gaussian-2", "laplace-1",
-                 "nopeek-l0.5", "none"):
+    for name in ("multi-l100-ramp", "multi-l30-ramp", "multi-l30-ramp-dsteps3", "multi-l60-ramp", "gaussian-2",
+                 "laplace-1", "nopeek-l0.5", "none"):
         runs[f"{name}-a30l"] = (runs[name][0], TWO)
     runs["multi-l60-warm-ramp-a30l"] = ({**adv, "strength": 60.0, "warm_rounds": 46, "ramp_rounds": 115}, TWO)
     runs["multi-l10-ramp-a30l"] = ({**adv, "strength": 10.0, "ramp_rounds": 115}, TWO)
