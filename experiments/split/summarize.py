@@ -15,10 +15,14 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "split"
 def main() -> None:
     suite = sys.argv[1] if len(sys.argv) > 1 else "mlp"
     rows = [json.loads(line) for line in (OUT / f"{suite}.jsonl").read_text().splitlines() if line.strip()]
+    from nnmark.split.evaluation import data_floors
+
     base = next((r["accuracy"] for r in rows if r["name"].endswith("none")), None)
+    floors: dict[tuple[str, int], dict] = {}
     print("| run | defence | lambda / scale | accuracy | vs none (points) | best attacker | its SSIM | its MSE | "
-          "its DPD | reprint acc | mean-image SSIM | attack epochs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "its DPD | reprint acc | mean-image SSIM | label floor SSIM (class mean / medoid) | "
+          "label-aware best SSIM | attack epochs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c, b = r["config"], r.get("best", {})
         extra = []
@@ -34,10 +38,16 @@ def main() -> None:
         if extra:
             defence += ", " + ", ".join(extra)
         diff = "" if base is None else f"{100 * (r['accuracy'] - base):+.1f}"
+        fk = (c.get("data", "mnist5k"), int(r.get("n_targets", 500)))
+        if fk not in floors:
+            floors[fk] = data_floors(*fk)["label"]
+        lab = floors[fk]
+        aware = [v["ssim"] for k, v in r["attackers"].items() if k.endswith("+y")]
         print(f"| {r['name']} | {defence} | {c['strength']:g} | {100 * r['accuracy']:.1f} | {diff} | "
               f"{b.get('attacker', '')} | {b.get('ssim', float('nan')):.3f} | {b.get('mse', float('nan')):.4f} | "
               f"{b.get('dpd', float('nan')):.3f} | {b.get('reprint_accuracy', float('nan')):.3f} | "
-              f"{r['floor']['ssim']:.3f} | {r.get('attack_epochs', 30)} |")
+              f"{r['floor']['ssim']:.3f} | {lab['class_mean']['ssim']:.3f} / {lab['class_medoid']['ssim']:.3f} | "
+              f"{f'{max(aware):.3f}' if aware else ''} | {r.get('attack_epochs', 30)} |")
     print()
     print("Per attacker (SSIM / MSE):")
     print()
