@@ -87,10 +87,15 @@ class KeyedLowpassDecoder(nn.Module):
         else:
             y = x
         valid = (x.detach().sum(1, keepdim=True) > 0).to(x.dtype)
+        whole = bool(valid.all())  # no missing pixel: the masking below would multiply by ones (skipped)
         pad = self.ksize // 2
         outs = []
         for s, w in zip(self.scales, self.filters, strict=True):
             ys = F.avg_pool2d(y, s) if s > 1 else y
+            if whole:
+                z = F.conv2d(F.pad(ys, (pad,) * 4, mode="replicate"), w)
+                outs.append(torch.tanh(self.gain * z).sum((2, 3)) / float(z.shape[-2] * z.shape[-1]))
+                continue
             vs = (F.avg_pool2d(valid, s) > 0.999).to(x.dtype) if s > 1 else valid
             count = vs.sum((2, 3), keepdim=True)
             fill = (ys * vs).sum((2, 3), keepdim=True) / count.clamp(min=1.0)
