@@ -219,6 +219,8 @@ def run_demo(dataset: str = "mnist5k", epochs: int | None = None, workdir: str |
                    or (f"best colluder {r['colluder_best_p']:.1e}" if r["expected"] else "-"),
                    ", ".join(r["expected"]) or "-")
     console.print(bt)
+    console.print(f"black-box stage: {bb['seconds']:.0f} s; answers read as "
+                  + ", ".join(sorted({r['answers_read'] for r in bb['traces']})))
     console.print(f"all verdicts as expected: {result['all_as_expected']}; "
                   f"wall time {result['wall_seconds']:.0f} s")
     return result
@@ -362,6 +364,7 @@ def _blackbox_stage(console: Any, splits: Any, clean: Any, independent: Any, thi
     from nnmark.attacks import Average
     from nnmark.blackbox import BlackBoxProduct
 
+    t0 = time.perf_counter()
     base = save_model(work / "vendor-base-bb.safetensors", clean, {"data": dataset})
     prod = BlackBoxProduct.create(work / "bb-shop", base, key=Key.from_seed("nnmark-demo-blackbox"), m=256,
                                   capacity=1000, colluders=2)
@@ -393,4 +396,4 @@ def _blackbox_stage(console: Any, splits: Any, clean: Any, independent: Any, thi
     prod.registry.close()
     return {"code": f"tardos m={prod.config.m}", "customers": len(names),
             "level": prod.config.alpha / prod.config.capacity, "copy_accuracy_min": min(accs),
-            "copy_accuracy_max": max(accs), "traces": traces}
+            "copy_accuracy_max": max(accs), "traces": traces, "seconds": time.perf_counter() - t0}
