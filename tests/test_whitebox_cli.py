@@ -1,6 +1,6 @@
 """The generic `nnmark embed` / `nnmark verify` commands on the white-box schemes
 (uchida, projection, wang-manu, wang-auto), through the real entry point in this process (the
-one-line errors also in real subprocesses): train-to-embed,
+one-line errors also in a real subprocess): train-to-embed,
 fine-tune-to-embed (``--model BASE``), verification of the marked models (exit 0),
 of a clean model (exit 1), and one-line errors (exit 2) for bad input.
 
@@ -146,7 +146,8 @@ def test_bad_layer_and_too_many_bits(base):
     p = run_proc("embed", "--scheme", "uchida", "--data", "digits28", "--arch", "mlp", "--param", "layer=conv4",
             "--param", "bits=64", "--key-out", str(d / "bad1.key"), "--out", str(d / "bad1.safetensors"))
     assert_one_line_error(p, r"no conv/linear layer named 'conv4' \(available: fc1, head\)")
-    p = run_proc("embed", "--scheme", "wang-auto", "--data", "digits28", "--arch", "mlp", "--param", "layer=head",
+    # the same entry point in this process (the first case above is the one in a separate interpreter)
+    p = run("embed", "--scheme", "wang-auto", "--data", "digits28", "--arch", "mlp", "--param", "layer=head",
             "--param", "bits=1000", "--key-out", str(d / "bad2.key"), "--out", str(d / "bad2.safetensors"))
     assert_one_line_error(p, r"too small for 1000 bits.*only 640 values")
     assert not (d / "bad1.key").exists() and not (d / "bad2.key").exists()
@@ -157,7 +158,7 @@ def test_key_for_another_architecture(base):
     d = base
     if not (d / "uchida-scratch.key").exists():  # when run alone
         assert embed(d, "uchida", "uchida-scratch", "--epochs", "2").returncode == 0
-    p = run_proc("verify", str(d / "cnn.safetensors"), "--key", str(d / "uchida-scratch.key"))
+    p = run("verify", str(d / "cnn.safetensors"), "--key", str(d / "uchida-scratch.key"))
     assert_one_line_error(p, r"another architecture")
 
 
