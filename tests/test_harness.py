@@ -199,6 +199,9 @@ def test_killed_grid_resumes_without_redoing_cells(killed_and_resumed):
     assert "0 run" in res.stdout and "0 trained" in res.stdout and "false-alarm checks run: 0" in res.stdout
     assert "forgery checks run: 0" in res.stdout
     assert len(ResultsLog(out / "results.jsonl").records()) == 2
+    last = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert last["command"] == f"nnmark evaluate {out.parent / 'tiny.yaml'} --out {out}"  # the reports name it
+    assert f"`{last['command']}`" in (out / "summary.md").read_text().split("Dataset digits")[0]
 
 
 def test_reports_written(killed_and_resumed):
@@ -217,6 +220,28 @@ def test_reports_written(killed_and_resumed):
     assert cells_on[3] == "kept (1 row)"  # permute with the alignment defence: owned (see above)
     assert "The SoK (Lukas et al." in sok and "scheme variants are removed" in sok
     assert "Schemes x attack families" in (out / "robustness.md").read_text()
+
+
+def test_a_mark_the_unattacked_model_does_not_carry_is_never_counted_as_removed():
+    """A scheme whose unattacked model is not owned at some seed was not embedded there: no attack row is credited
+    with removing it (it would otherwise look 'removed' by every attack, at no cost)."""
+    from nnmark.harness.robustness import family_table, robustness_table
+
+    def rec(scheme, attack, seed, owned, steps):
+        return {"cell": f"{scheme}{attack}{seed}", "scheme": scheme, "attack": attack, "budget": None, "seed": seed,
+                "status": "ok", "steps": steps, "accuracy_lost_points": 0.5,
+                "cost": {"seconds": 1.0, "data_n": 0, "queries": 0},
+                "verdicts": [{"verify": {}, "owned": owned, "p_value": 1e-9 if owned else 0.5, "score": 1.0}]}
+
+    records = [rec(s, a, seed, owned, steps) for s, base in (("weak", [True, False]), ("firm", [True, True]))
+               for seed in (0, 1)
+               for a, owned, steps in (("none", base[seed], []), ("prune", False, [{"name": "prune"}]))]
+    rows = {r["scheme"]: r for r in robustness_table(records)}
+    assert rows["firm"]["cheapest"] == "prune" and rows["firm"]["not_embedded"] is None
+    assert rows["weak"]["cheapest"] is None and rows["weak"]["not_embedded"] == "unattacked model owned at 1/2 seeds"
+    fam = {r["scheme"]: r for r in family_table(records)["rows"]}
+    assert fam["firm"]["cells"]["pruning"]["cheapest"] == "prune"
+    assert fam["weak"]["not_embedded"] and fam["weak"]["cells"]["pruning"]["cheapest"] is None
 
 
 def test_attack_families_of_rows_and_chains():

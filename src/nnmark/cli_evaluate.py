@@ -26,6 +26,7 @@ import click
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
 def evaluate(config: str, out: str | None, workers: int | None, report_only: bool, progress: bool | None) -> None:
     """Run the evaluation grid of CONFIG (schemes x attacks x budgets x seeds) and write its reports."""
+    import shlex
     import sys
 
     from nnmark.harness.config import load_plan
@@ -38,6 +39,8 @@ def evaluate(config: str, out: str | None, workers: int | None, report_only: boo
         torch.set_num_threads(1)
         from nnmark.harness.runner import run_plan
 
+        command = " ".join(["nnmark evaluate", shlex.quote(config)] + ([f"--workers {workers}"] if workers else [])
+                           + ([f"--out {shlex.quote(out)}"] if out else []))
         show = sys.stderr.isatty() if progress is None else progress
         if show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,9 +54,9 @@ def evaluate(config: str, out: str | None, workers: int | None, report_only: boo
                         tasks[stage] = bar.add_task(stage, total=total)
                     bar.update(tasks[stage], completed=done, total=total)
 
-                summary = run_plan(plan, folder, workers=workers, progress=report)
+                summary = run_plan(plan, folder, workers=workers, progress=report, command=command)
         else:
-            summary = run_plan(plan, folder, workers=workers)
+            summary = run_plan(plan, folder, workers=workers, command=command)
         others = f", {summary['by_other_runs']} by another run" if summary.get("by_other_runs") else ""
         click.echo(f"cells: {summary['cells']} ({summary['skipped']} already recorded, {summary['ran']} run{others}, "
                    f"{summary['errors']} errors); hosts: {summary['hosts_built']} trained, "

@@ -219,15 +219,32 @@ def plot(rows: list[dict[str, Any]], folder: Path, alpha: float) -> list[str]:
     return written
 
 
-def _last_run(folder: Path) -> dict[str, Any] | None:
+def _runs(folder: Path) -> list[dict[str, Any]]:
+    """Every finished run of the folder (``runs.jsonl``), oldest first; unreadable lines are skipped."""
     path = folder / "runs.jsonl"
     if not path.exists():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    try:
-        return json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        return None
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and {"ran", "skipped", "hosts_built", "seconds"} <= set(rec):
+            out.append(rec)
+    return out
+
+
+def _last_run(folder: Path) -> dict[str, Any] | None:
+    runs = _runs(folder)
+    return runs[-1] if runs else None
+
+
+def runs_markdown(runs: list[dict[str, Any]]) -> str:
+    """One line a run: when it finished, its command (``nnmark evaluate ...``, when recorded) and what it did."""
+    return "".join(f"- {r.get('finished_at', '?')}: `{r.get('command') or '(command not recorded)'}` -- "
+                   f"{r['ran']} cells run, {r['skipped']} already recorded, {r['hosts_built']} hosts trained, "
+                   f"{r['seconds']:.0f} s\n" for r in runs)
 
 
 def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Path]:
@@ -262,11 +279,14 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
         (folder / "fingerprint.md").write_text(f"# Fingerprint tracer: {plan.name}\n\n" + tracing_markdown(traces))
     run = _last_run(folder)
     (folder / "robustness.md").write_text(
-        f"# Robustness: {plan.name}\n\n## The cheapest attack that removes each scheme\n\n"
+        f"# Robustness: {plan.name}\n\n" + (f"Made by:\n\n{runs_markdown(_runs(folder))}\n" if run else "")
+        + "## The cheapest attack that removes each scheme\n\n"
         + robustness_markdown(robust, plan.alpha) + "\n## Schemes x attack families (the SoK's main table)\n\n"
         + family_md)
     (folder / "false_alarm.md").write_text(f"# False alarms: {plan.name}\n\n" + false_alarm_markdown(fa))
-    head = (f"# {plan.name}\n\nDataset {plan.dataset['name']}, host {plan.host['arch']} "
+    runs = _runs(folder)
+    head = (f"# {plan.name}\n\n" + (f"Runs of this folder:\n\n{runs_markdown(runs)}\n" if runs else "")
+            + f"Dataset {plan.dataset['name']}, host {plan.host['arch']} "
             f"({plan.host['epochs']} epochs), "
             f"alpha {plan.alpha:g}, seeds {plan.seeds}; {len(records)} cells recorded, "
             f"{sum(r.get('status') == 'error' for r in records)} errors.\n")
@@ -291,7 +311,7 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
                         **group_outcome(entries)})
     forgeries = sorted(({**r, "forgeable_label": forgeable_label(r)} for r in forgeries),
                        key=lambda r: (r["scheme"], r["seed"]))
-    html = template.render(plan=plan, run=run, forgeries=forgeries, traces=tracing_table(traces),
+    html = template.render(plan=plan, run=run, runs=runs, forgeries=forgeries, traces=tracing_table(traces),
                            n_records=len(records),
                            n_errors=sum(r.get("status") == "error" for r in records), table=table, robust=robust,
                            false_alarms=fa, plots=plots, details=details, max_loss=MAX_LOSS_POINTS,

@@ -75,22 +75,35 @@ def robustness_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_P
     """One row a (scheme, verify variant): the cheapest removing attack row (or none), with every removing row
     and the rows that removed the mark only at a larger accuracy loss."""
     by_variant: dict[tuple[str, str], list[tuple[str, str, dict[str, Any]]]] = {}
+    baselines = unattacked(records)
     for (scheme, variant, attack, budget), entries in groups(records).items():
         if attack == NO_ATTACK:
             continue
         by_variant.setdefault((scheme, variant), []).append((attack, budget, group_outcome(entries, max_loss)))
     rows = []
     for (scheme, variant), outcomes in sorted(by_variant.items()):
+        base = baselines.get((scheme, variant))
+        if base is not None and base["owned"] < base["seeds"]:  # nothing to remove: no removal is claimed
+            outcomes = [(a, b, {**o, "removed": False, "removed_but_costly": False}) for a, b, o in outcomes]
         removing = sorted((o for o in outcomes if o[2]["removed"]),
                           key=lambda o: (o[2]["data_n"], o[2]["queries"], o[2]["seconds"] or 0.0))
         costly = [o for o in outcomes if o[2]["removed_but_costly"]]
         best = removing[0] if removing else None
         rows.append({"scheme": scheme, "verify": variant, "attacks_tried": len(outcomes),
+                     "not_embedded": None if base is None or base["owned"] == base["seeds"] else
+                     f"unattacked model owned at {base['owned']}/{base['seeds']} seeds",
                      "cheapest": None if best is None else attack_name(best[0], best[1]),
                      "cheapest_outcome": None if best is None else best[2],
                      "removing": [attack_name(a, b) for a, b, _ in removing],
                      "removed_only_beyond_loss": [attack_name(a, b) for a, b, _ in costly]})
     return rows
+
+
+def unattacked(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINTS) -> dict[tuple[str, str], Any]:
+    """The no-attack row's outcome of each (scheme, verify variant) that has one: a mark whose unattacked model
+    is not owned at every seed was not (reliably) embedded, and no attack can be said to remove it."""
+    return {(scheme, variant): group_outcome(entries, max_loss)
+            for (scheme, variant, attack, _), entries in groups(records).items() if attack == NO_ATTACK}
 
 
 def attack_name(attack: str, budget_json: str) -> str:
@@ -106,7 +119,9 @@ def robustness_markdown(rows: list[dict[str, Any]], alpha: float, max_loss: floa
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["cheapest_outcome"]
-        if o is None:
+        if r.get("not_embedded"):
+            cheapest, cost, p, lost = f"not embedded: {r['not_embedded']}", "", "", ""
+        elif o is None:
             cheapest, cost, p, lost = f"none of {r['attacks_tried']} rows", "", "", ""
         else:
             cheapest = r["cheapest"]
@@ -116,7 +131,9 @@ def robustness_markdown(rows: list[dict[str, Any]], alpha: float, max_loss: floa
                      f"{len(r['removing'])} | {', '.join(r['removed_only_beyond_loss']) or '-'} |")
     rule = (f"An attack row removes a scheme when at every seed the verdict on the attacked model is not owned at "
             f"alpha = {alpha:g} and at most {max_loss:g} points of test accuracy were lost. Cheapest: fewest attacker "
-            "samples, then fewest queries, then least wall time. 'none' holds for the attacks in this grid only.")
+            "samples, then fewest queries, then least wall time. 'none' holds for the attacks in this grid only. A "
+            "scheme whose unattacked model is not owned at every seed is reported as not embedded: no attack is "
+            "credited with removing it.")
     return "\n".join(lines) + "\n\n" + rule + "\n"
 
 
@@ -173,15 +190,22 @@ def family_table(records: list[dict[str, Any]], max_loss: float = MAX_LOSS_POINT
             (attack_name(attack, budget), group_outcome(entries, max_loss)))
     families = [f for f in FAMILY_ORDER if f in present]
     rows = []
+    baselines = unattacked(records, max_loss)
     for (scheme, variant), fams in sorted(by_variant.items()):
         cells = {}
+        base = baselines.get((scheme, variant))
+        not_embedded = base is not None and base["owned"] < base["seeds"]
         for family, outcomes in fams.items():
+            if not_embedded:
+                outcomes = [(n, {**o, "removed": False, "removed_but_costly": False}) for n, o in outcomes]
             removing = sorted((o for o in outcomes if o[1]["removed"]),
                               key=lambda o: (o[1]["data_n"], o[1]["queries"], o[1]["seconds"] or 0.0))
             cells[family] = {"tried": len(outcomes), "cheapest": removing[0][0] if removing else None,
                              "outcome": removing[0][1] if removing else None, "removing": len(removing),
                              "beyond_loss": [name for name, o in outcomes if o["removed_but_costly"]]}
-        rows.append({"scheme": scheme, "verify": variant, "cells": cells})
+        rows.append({"scheme": scheme, "verify": variant, "cells": cells,
+                     "not_embedded": f"unattacked model owned at {base['owned']}/{base['seeds']} seeds"
+                     if not_embedded else None})
     return {"families": families, "rows": rows}
 
 
@@ -205,14 +229,22 @@ def family_markdown(table: dict[str, Any], alpha: float, max_loss: float = MAX_L
     lines = ["| scheme | verify | " + " | ".join(f"{f} ({SOK_CLASS[f]})" if SOK_CLASS[f] != f else f for f in fams)
              + " |", "|---|---|" + "---|" * len(fams)]
     for r in table["rows"]:
+        if r.get("not_embedded"):
+            lines.append(f"| {r['scheme']} | {r['verify']} | " + " | ".join(
+                f"not embedded ({r['not_embedded']})" for _ in fams) + " |")
+            continue
         lines.append(f"| {r['scheme']} | {r['verify']} | "
                      + " | ".join(family_cell_text(r["cells"].get(f)) for f in fams) + " |")
-    removed = [r for r in table["rows"] if any(c["outcome"] is not None for c in r["cells"].values())]
-    kept = [f"{r['scheme']} ({r['verify']})" for r in table["rows"] if r not in removed]
+    rows = [r for r in table["rows"] if not r.get("not_embedded")]
+    removed = [r for r in rows if any(c["outcome"] is not None for c in r["cells"].values())]
+    kept = [f"{r['scheme']} ({r['verify']})" for r in rows if r not in removed]
+    unembedded = [f"{r['scheme']} ({r['verify']})" for r in table["rows"] if r.get("not_embedded")]
     rule = (f"A family removes a scheme when one of its rows does: at every seed not owned at alpha = {alpha:g} "
             f"(or refused by the verifier) with at most {max_loss:g} points of test accuracy lost; the cell names "
             "the family's cheapest such row (fewest attacker samples, then queries, then seconds).")
-    here = (f"In this grid: {len(removed)} of {len(table['rows'])} scheme variants are removed by at least one "
+    here = (f"In this grid: {len(removed)} of {len(rows)} embedded scheme variants are removed by at least one "
             "family within the loss" + (f"; no family here removes {', '.join(kept)}" if kept else "")
-            + " (for the rows of this grid only).")
+            + " (for the rows of this grid only)"
+            + (f"; not embedded (the unattacked model is not owned at every seed, so nothing is credited with "
+               f"removing it): {', '.join(unembedded)}" if unembedded else "") + ".")
     return "\n".join(lines) + "\n\n" + rule + "\n\n" + SOK_FINDING + " " + here + "\n"

@@ -234,13 +234,13 @@ def _fsync_append(path: Path, obj: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progress: Progress | None = None
-             ) -> dict[str, Any]:
+def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progress: Progress | None = None,
+             command: str | None = None) -> dict[str, Any]:
     """Run what ``plan`` still lacks under ``out`` (``results.jsonl``, ``false_alarm.jsonl``, ``artifacts/``);
     returns this run's summary, which is also appended to ``out/runs.jsonl``: cells in the grid, skipped
     (recorded before this run started), run (here), by other runs (recorded by a concurrent run meanwhile),
     waited (found locked at least once), errors, hosts built and found in the cache, false-alarm checks and
-    forgeries run here, seconds."""
+    forgeries run here, seconds, and ``command`` (the command line that started it, when given)."""
     from nnmark.harness.falsealarm import FalseAlarmLog, checks
     from nnmark.harness.forgery import forgery_checks
 
@@ -261,6 +261,8 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int | None = None, progres
     summary: dict[str, Any] = {"cells": len(all_cells), "skipped": len(all_cells) - len(todo), "ran": 0, "errors": 0,
                                "by_other_runs": 0, "waited": 0, "hosts_built": 0, "hosts_cached": 0,
                                "false_alarm_checks": 0, "forgery_checks": 0, "pid": os.getpid()}
+    if command:
+        summary["command"] = command
     claims = Claims(out / "locks")
 
     recipes: dict[str, dict[str, Any]] = {}
