@@ -24,6 +24,18 @@ drops zero-output units, and the result is used only when every hidden layer the
 widths the key's reference records. Every step is function-preserving (merging: up to float round-off
 on the probes where the proportionality was checked), so the model that is read is the suspect's own
 function in fewer units; the alignment gate and the scheme's test then apply as for any suspect.
+
+When exact merging leaves a layer too wide (split copies perturbed by small weight noise are no longer
+exact duplicates), the most nearly proportional pairs are merged (:func:`merge_near_duplicates`: both
+cosines at least 1 - :data:`NEAR_DUPLICATE_TOLERANCE`), just as many as the layer has units too many, and
+the copy is used only if its outputs on the keyed probes stay within :data:`NEAR_FUNCTION_TOLERANCE`
+(relative) of the suspect's. Soundness is unchanged: every unit kept is one of the suspect's own units
+with its incoming weights as they are (the outgoing weights are combinations of the suspect's), and which
+units are merged depends only on the suspect and on probes drawn from the key's ``widths`` child, not on the
+secret material a scheme's test uses: the restored copy is a function of the suspect and of those probes, so
+for a model made independently of the key the test's null holds for it as for the suspect. Any merge (exact or
+near) is checked against :data:`NEAR_FUNCTION_TOLERANCE`: duplicates of a perturbed suspect merge only
+approximately even when their cosines pass the exact test.
 """
 
 from __future__ import annotations
@@ -44,6 +56,14 @@ from nnmark.keys import Key
 DUPLICATE_TOLERANCE = 1e-5
 #: the width-restored copy must match the suspect's outputs on the probes to this relative difference
 FUNCTION_TOLERANCE = 1e-4
+#: units that are *nearly* proportional (split copies perturbed by weight noise of 1% of the mean |weight|: 1 - cos
+#: up to ~1e-3 on digits; the closest distinct units of trained CNNs: 1 - cos >= ~1e-2): both cosines at least
+#: 1 - NEAR_DUPLICATE_TOLERANCE; tried only when exact merging leaves a layer too wide
+NEAR_DUPLICATE_TOLERANCE = 2e-3
+#: a copy restored by merging units of a suspect that was perturbed after the split (its duplicates then merge
+#: only approximately) must match the suspect's outputs on the probes to this relative difference (max
+#: |difference| over max |output|); FUNCTION_TOLERANCE holds when the merges were exact
+NEAR_FUNCTION_TOLERANCE = 1e-2
 
 
 def _modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -244,6 +264,62 @@ def merge_duplicates(model: nn.Module, probes: torch.Tensor, tolerance: float = 
     return removed
 
 
+def _similarity(z: torch.Tensor) -> torch.Tensor:
+    """``(units, units)``: the smaller of the raw and the centred cosine of every pair of rows of ``z``; rows that
+    are constant on the probes, and the diagonal, get -inf."""
+    norms = z.norm(dim=1)
+    c = z - z.mean(1, keepdim=True)
+    cnorms = c.norm(dim=1)
+    live = cnorms > 1e-9 * (1 + float(norms.max()))
+    unit = z / norms.clamp(min=1e-300).unsqueeze(1)
+    cunit = c / cnorms.clamp(min=1e-300).unsqueeze(1)
+    sim = torch.minimum(unit @ unit.T, cunit @ cunit.T)
+    sim[~live] = -torch.inf
+    sim[:, ~live] = -torch.inf
+    sim.fill_diagonal_(-torch.inf)
+    return sim
+
+
+@torch.no_grad()
+def merge_near_duplicates(model: nn.Module, probes: torch.Tensor, layer: str, count: int,
+                          tolerance: float = NEAR_DUPLICATE_TOLERANCE) -> int:
+    """Merge up to ``count`` pairs of units of hidden layer ``layer`` whose pre-activations on ``probes`` are
+    nearly positively proportional (raw and centred cosine at least 1 - ``tolerance``), the most similar pair
+    first, **in place**; returns the merges made. Unit ``j`` merged into ``i`` (the one of larger norm): ``i``'s
+    incoming weights are kept as they are, and its outgoing weights become ``w_i + r w_j`` with ``r`` the
+    least-squares ratio ``<z_i, z_j> / <z_i, z_i>`` (> 0) of their pre-activations -- exact when ``z_j = r z_i``,
+    and off by ``w_j (relu(z_j) - r relu(z_i))`` otherwise, so the caller must check the function."""
+    chain = unit_chain(model)
+    link = next(lk for lk in chain.links if lk.name == layer)
+    if not link.scale_safe or count < 1:
+        return 0
+    z = pre_activations(model, probes, chain)[layer]
+    sim = _similarity(z)
+    norms = z.norm(dim=1)
+    wn = _modules(model)[link.next].weight
+    view = wn.detach().reshape(wn.shape[0], link.units, -1)
+    out = view.double().clone()
+    alive = torch.ones(link.units, dtype=torch.bool)
+    merged = 0
+    while merged < count:
+        best = int(torch.argmax(sim))
+        i, j = divmod(best, link.units)
+        if not float(sim[i, j]) >= 1 - tolerance:
+            break
+        if norms[j] > norms[i]:
+            i, j = j, i
+        r = float(z[i] @ z[j] / (z[i] @ z[i]))
+        out[:, i] += r * out[:, j]
+        alive[j] = False
+        sim[j, :] = -torch.inf
+        sim[:, j] = -torch.inf
+        merged += 1
+    if merged:
+        view.copy_(out.to(view.dtype))  # writes through to the next layer's weight
+        remap_units(model, link, alive.nonzero().flatten().tolist())
+    return merged
+
+
 @torch.no_grad()
 def drop_silent_units(model: nn.Module, layers: list[str] | None = None, limit: dict[str, int] | None = None
                       ) -> dict[str, int]:
@@ -271,7 +347,8 @@ def drop_silent_units(model: nn.Module, layers: list[str] | None = None, limit: 
 @dataclass
 class WidthReport:
     """What :func:`restore_widths` did: ``applied`` (the suspect's widths were brought to the reference's),
-    ``reason``, units merged / dropped by layer, and the widths before and after."""
+    ``reason``, units merged (exact duplicates) / merged as near duplicates / dropped by layer, the widths
+    before and after, and the restored copy's relative output change on the probes (``None``: not checked)."""
 
     applied: bool
     reason: str
@@ -279,10 +356,13 @@ class WidthReport:
     dropped: dict[str, int] = field(default_factory=dict)
     before: dict[str, int] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
+    near_merged: dict[str, int] = field(default_factory=dict)
+    function_change: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"widths": "restored" if self.applied else "as given", "reason": self.reason,
-                "merged": self.merged, "dropped": self.dropped, "before": self.before, "after": self.after}
+                "merged": self.merged, "near_merged": self.near_merged, "dropped": self.dropped,
+                "before": self.before, "after": self.after, "function_change": self.function_change}
 
 
 def restore_widths(suspect: nn.Module, target: dict[str, int], key: Key, probes: int = 64,
@@ -314,9 +394,16 @@ def restore_widths(suspect: nn.Module, target: dict[str, int], key: Key, probes:
     now = widths(model)
     dropped = drop_silent_units(model, layers=wide, limit={n: now[n] - target[n] for n in wide})
     after = widths(model)
+    near: dict[str, int] = {}
+    if after != dict(target) and all(after[n] >= target[n] for n in after):
+        for n in wide:  # in chain order: a merge in one layer changes what the next layer sees
+            if after[n] > target[n]:
+                near[n] = merge_near_duplicates(model, x, n, after[n] - target[n])
+        respec(model)
+        after = widths(model)
     if after != dict(target):
         return suspect, WidthReport(False, "merging duplicates and dropping silent units did not reach the "
-                                    "reference's widths", merged, dropped, have, after)
+                                    "reference's widths", merged, dropped, have, after, near)
     with torch.no_grad():  # the safety net: the narrower copy must compute what the suspect computes
         was = unwrap(suspect).training
         unwrap(suspect).eval()
@@ -325,7 +412,8 @@ def restore_widths(suspect: nn.Module, target: dict[str, int], key: Key, probes:
         finally:
             unwrap(suspect).train(was)
         change = float((ya - yb).abs().max() / ya.abs().max().clamp(min=1e-30))
-    if change > FUNCTION_TOLERANCE:
+    limit = NEAR_FUNCTION_TOLERANCE if any(merged.values()) or any(near.values()) else FUNCTION_TOLERANCE
+    if not change <= limit:
         return suspect, WidthReport(False, f"the merged copy's outputs differ from the suspect's on the probes "
-                                    f"(relative {change:.2g} > {FUNCTION_TOLERANCE})", merged, dropped, have, after)
-    return model.eval(), WidthReport(True, "restored", merged, dropped, have, after)
+                                    f"(relative {change:.2g} > {limit})", merged, dropped, have, after, near, change)
+    return model.eval(), WidthReport(True, "restored", merged, dropped, have, after, near, change)
