@@ -126,7 +126,7 @@ def test_bad_model_files(journey, tmp_path):
     raw = (journey / "marked.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(raw[: len(raw) // 2])
-    assert_one_line_error(run_proc("verify", str(cut), "--key", key), "truncated")
+    assert_one_line_error(run("verify", str(cut), "--key", key), "truncated")  # the same entry point, in-process
     assert_one_line_error(run("verify", str(tmp_path / "none.safetensors"), "--key", key), "not found")
     # a model for 28x28 inputs does not fit a key made for 8x8 digits
     p = run("train", "--data", "digits28", "--arch", "mlp", "--epochs", "1", "--out", str(tmp_path / "m28.safetensors"))
