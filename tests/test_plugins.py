@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 PLUGIN = Path(__file__).parent / "plugin_pkg"
 NNMARK = [sys.executable, "-m", "nnmark.cli"]
@@ -51,10 +52,11 @@ def test_plugin_components_are_listed_with_their_parameters(plugin_env):
     assert {"name": "sigma", "type": "float", "default": 0.1} .items() <= attack["params"][0].items()
     assert ("scheme", "uchida") in by_name and by_name[("scheme", "uchida")]["origin"] == "nnmark"
     assert listing["problems"] == []
-    # without the plugin on the path, neither exists
-    clean = run(dict(os.environ), "schemes", "--json")
+    # without the plugin on the path (this process: the plugin is not installed here), neither exists
+    clean = run_cli("schemes", "--json")
+    assert clean.returncode == 0, clean.stderr
     names = {c["name"] for c in json.loads(clean.stdout)["components"]}
-    assert "sign-mark" not in names and "weight-noise" not in names
+    assert "uchida" in names and "sign-mark" not in names and "weight-noise" not in names
 
 
 def test_plugin_scheme_and_attack_work_from_the_cli(plugin_env, tmp_path):
