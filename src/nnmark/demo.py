@@ -17,7 +17,7 @@
 6. Output marks (output-wu, Wu et al.): mark an x2 super-resolution host for the committed
    secret extraction network, attack its output images (crop, noise, JPEG) and verify them
    with the key; the unmarked host's outputs and a key with 8 wrong bits are not claimed.
-7. Black-box tracing: two customers get copies that answer 256 keyed trigger queries
+7. Black-box tracing: two customers get copies that answer 512 keyed trigger queries
    by their Tardos codewords; one copy leaks alone, then the two are averaged and
    fine-tuned; each suspect is served behind ``nnmark serve`` and traced through its
    API alone (the stage reports whom the tracer names; nobody innocent may be).
