@@ -118,20 +118,14 @@ def test_fixed_label_mode_needs_calibration_and_states_empirical_null(clean_mode
         assert "reference models" in v.null_hypothesis and "not exact" in v.null_hypothesis
 
 
-def test_fixed_label_mode_detects_a_marked_model(digits):
+def test_fixed_label_mode_detects_a_marked_model(digits, clean_models):
     spec = model_spec("cnn", digits.image_shape, 10)
     scheme = TriggerSetWatermark.create(Key.from_seed("fixed-2"), None, digits, generator="noise", n=60,
                                         labels="fixed")
     marked = seeded_model(spec, 11)
     scheme.embed(marked, digits.train, TrainConfig(epochs=15, seed=11, progress=False))
-    refs = []
-    for s in (20, 21):
-        r = seeded_model(spec, s)
-        from nnmark.train import train
-
-        train(r, digits.train, TrainConfig(epochs=15, seed=s, progress=False))
-        refs.append(r)
-    scheme.calibrate(refs)
+    # references: two clean CNNs of the session (init seeds 3 and 4, not the marked model's 11)
+    scheme.calibrate([clean_models[("cnn", s)] for s in (3, 4)])
     v = scheme.verify(marked, queries=60)
     assert v.owned, v.summary()
 
