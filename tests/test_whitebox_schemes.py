@@ -115,17 +115,14 @@ def test_no_false_accusation_mlp(marked, clean_mlps, name):
 
 
 @pytest.fixture(scope="session")
-def cnn_world():
-    """Second architecture: CNNs on 8x8 digits -- five clean ones, and one marked by
-    each scheme (conv4 carrier, 256 bits) with key 1. (Other-key models: the MLP tests.)"""
+def cnn_world(clean_models):
+    """Second architecture: CNNs on 8x8 digits -- the five clean ones of the session (seeds 0-4,
+    tests/conftest.py), and one marked by each scheme (conv4 carrier, 256 bits, 3 epochs, init seed 21)
+    with key 1. (Other-key models: the MLP tests.)"""
     data = load_splits("digits")
     spec = model_spec("cnn", data.train.image_shape, 10)
     cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-3, progress=False)
-    cleans = []
-    for seed in range(5):
-        m = seeded_model(spec, seed)
-        train(m, data.train, TrainConfig(**{**cfg.__dict__, "seed": seed}))
-        cleans.append(m)
+    cleans = [clean_models[("cnn", seed)] for seed in range(5)]
     schemes = {}
     for name, (cls, _) in SETUPS.items():
         extra = {"snapshot_steps": 4} if name == "wang-manu" else {}
