@@ -94,8 +94,9 @@ def test_an_api_that_shows_probabilities_is_traced_soft_and_one_that_shows_label
 def test_clean_models_random_answers_and_other_keys_name_nobody(bb_product, clean_models) -> None:
     prod, copies = bb_product
     holders = {u: f"code-{u}" for u in range(CAPACITY)}  # every code counts as issued: any pass would show
-    for (arch, seed), model in clean_models.items():
-        for oracle in (LocalOracle(model), ProbabilityOracle(model)):  # labels, and probabilities (soft)
+    for i, ((arch, seed), model) in enumerate(clean_models.items()):
+        # labels for every clean model, their probabilities (soft answers) for three of them
+        for oracle in (LocalOracle(model), ProbabilityOracle(model))[: 2 if i < 3 else 1]:
             rep = prod.trace(oracle, stop="budget", holders=holders)
             assert rep.named == [] and rep.status == "not-named", (arch, seed)
             assert rep.min_p_not_named > rep.level
