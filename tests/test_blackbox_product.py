@@ -69,6 +69,7 @@ def combined_shop(tmp_path_factory: pytest.TempPathFactory, clean_models):
     return weights, blackbox, issued
 
 
+@pytest.mark.slow  # the module fixture issues 4 copies: ~87 s at load 8, over the default budget
 def test_a_combined_copy_is_named_both_ways_and_clean_models_by_neither(combined_shop, clean_models) -> None:
     from nnmark.blackbox.combined import trace_combined
     from nnmark.io import load_model
@@ -105,6 +106,7 @@ class _Answers:
             return self.model(x).argmax(1)
 
 
+@pytest.mark.slow  # the module fixture issues 4 copies: ~87 s at load 8, over the default budget
 def test_an_average_of_two_combined_copies_names_no_innocent(combined_shop) -> None:
     from nnmark.attacks import Average
     from nnmark.blackbox.combined import trace_combined
@@ -120,6 +122,7 @@ def test_an_average_of_two_combined_copies_names_no_innocent(combined_shop) -> N
     assert all(c["p_blackbox"] is not None for c in rep.customers.values())  # every holder's p is reported
 
 
+@pytest.mark.slow  # the module fixture issues 4 copies: ~87 s at load 8, over the default budget
 def test_products_of_different_bases_are_refused(combined_shop, tmp_path: Path, clean_models) -> None:
     from nnmark import Key
     from nnmark.blackbox import BlackBoxError, BlackBoxProduct
@@ -133,6 +136,7 @@ def test_products_of_different_bases_are_refused(combined_shop, tmp_path: Path, 
         issue_combined(weights, bb, "alice")
 
 
+@pytest.mark.slow  # the module fixture issues 4 copies: ~87 s at load 8, over the default budget
 def test_cli_trace_of_a_file_reads_probabilities_or_labels(combined_shop) -> None:
     import json
 
