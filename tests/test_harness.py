@@ -222,6 +222,25 @@ def test_reports_written(killed_and_resumed):
     assert "Schemes x attack families" in (out / "robustness.md").read_text()
 
 
+def test_reports_leave_out_records_of_cells_the_config_no_longer_makes(killed_and_resumed, tmp_path):
+    """A record whose cell the plan no longer makes (its recipe changed since) stays in the log but is not reported:
+    a changed scheme parameter must not mix old and new models in one row."""
+    import shutil
+
+    from nnmark.harness.report import write_reports
+
+    out = tmp_path / "out"
+    shutil.copytree(killed_and_resumed[0], out, ignore=shutil.ignore_patterns("artifacts", "locks"))
+    stale = dict(ResultsLog(out / "results.jsonl").records()[1], cell="0" * 64)  # FTAL of an older recipe
+    stale["verdicts"] = [dict(v, owned=False, p_value=0.9) for v in stale["verdicts"]]
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(stale) + "\n")
+    write_reports(out)
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * 2  # the stale FTAL row left out
+    assert "2 cells recorded" in (out / "summary.md").read_text()
+    assert len(ResultsLog(out / "results.jsonl").records()) == 3  # nothing deleted from the log
+
+
 def test_a_mark_the_unattacked_model_does_not_carry_is_never_counted_as_removed():
     """A scheme whose unattacked model is not owned at some seed was not embedded there: no attack row is credited
     with removing it (it would otherwise look 'removed' by every attack, at no cost)."""

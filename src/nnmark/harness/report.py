@@ -25,7 +25,7 @@ from typing import Any
 from nnmark.harness.config import NO_ATTACK, Plan
 from nnmark.harness.falsealarm import FalseAlarmLog, checks, false_alarm_rate
 from nnmark.harness.forgery import forgeable_label, forgery_markdown
-from nnmark.harness.grid import ResultsLog
+from nnmark.harness.grid import ResultsLog, cells
 from nnmark.harness.robustness import (
     MAX_LOSS_POINTS,
     SOK_FINDING,
@@ -261,7 +261,10 @@ def write_reports(folder: str | Path, plan: Plan | None = None) -> dict[str, Pat
     latest: dict[str, dict[str, Any]] = {}
     for r in records:
         latest[r["cell"]] = r
-    records = list(latest.values())
+    # Only the cells the plan makes now count: a record of a cell whose recipe the config has since changed (a
+    # scheme's parameters, an attack's budget) stays in the log as history but is not reported.
+    planned_cells = {c.ident(plan) for c in cells(plan)}
+    records = [r for r in latest.values() if r["cell"] in planned_cells]
     rows = rows_of(records)
     write_csv(folder / "results.csv", rows)
     table = main_table(records, order=[attack_name(a.label, json.dumps(b)) for a in plan.attacks for b in a.budgets])
