@@ -1,24 +1,20 @@
 """A minimal 3-owner + server run over real processes (Ray actors on loopback): 2 rounds on the 8x8 digits.
 
-The longer runs (22 rounds, SIGKILL and resume, fingerprint tracing) are in ``test_split_parties.py``. Slow too:
-on the shared two-core machine this run took 32 s at load average 5.5 (Ray start 6 s, four actors started and 2
-rounds 24 s, shutdown 1.7 s; a second run on the started Ray 30 s: the cost is starting four Python processes that
-import torch, not Ray) and 199 s at load 12-14 -- above the 20 s a default test may take. Four bare
-``torch.distributed`` gloo processes (spawn, init, one all-reduce) took 17.5 s at load 5.5: no cheaper.
+The longer runs (22 rounds, SIGKILL and resume, fingerprint tracing) are in ``test_split_parties.py`` (slow). This
+one is part of the default run, so CI runs a real multi-process partitioned training on every change: on an idle
+two-core machine it takes 21 s (Ray start, four actors that import torch, 2 rounds, shutdown); 199 s at load 12-14.
+Four bare ``torch.distributed`` gloo processes (spawn, init, one all-reduce) took 17.5 s at load 5.5: no cheaper.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
+import ray  # the test extra installs it: a missing Ray fails the run instead of skipping it
 import torch
 
 from nnmark.keys import Key
 from nnmark.split.protocol import SplitConfig, simulate
-
-pytestmark = pytest.mark.slow
-ray = pytest.importorskip("ray")
 
 MINI = {"data": "digits", "arch": "mlp", "arch_overrides": {"hidden": [64, 64, 64], "dropout": 0.1}, "at": "fc2",
         "owners": 3, "epochs": 1, "batch_size": 160, "lr": 1e-2, "defense": "adversarial", "strength": 1.0,
