@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 bash scripts/system-deps.sh
 .venv/bin/ruff check src tests benchmarks experiments
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+exec .venv/bin/python -m pytest -q --durations=25 -n 2 --dist loadgroup "$@"

@@ -83,3 +83,14 @@ def run_cli(*args: str) -> CliResult:
 def cli():
     """The in-process ``nnmark`` runner (:func:`run_cli`)."""
     return run_cli
+
+
+# Test files that start a local Ray cluster run on one xdist worker, one after another (two local clusters started
+# at once on one machine by ray.init() may find each other); everything else is spread over the workers.
+RAY_FILES = {"test_fingerprint_cli.py", "test_harness.py", "test_split_processes.py", "test_split_parties.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in RAY_FILES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
