@@ -19,7 +19,6 @@ same host wait for the first one instead of training it twice.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from nnmark.harness.claims import exclusive
 from nnmark.harness.config import canonical_json, content_hash
 from nnmark.keyfile import write_atomically
 
@@ -98,14 +98,8 @@ class ArtifactStore:
     @contextlib.contextmanager
     def lock(self, recipe: dict[str, Any]) -> Iterator[None]:
         """An exclusive lock on the artifact (``flock``; released when the holder exits, even killed)."""
-        path = self.root / "locks" / f"{self.address(recipe)}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with exclusive(self.root / "locks" / f"{self.address(recipe)}.lock"):
+            yield
 
     def build_once(self, recipe: dict[str, Any], build: Callable[[], tuple[torch.nn.Module, dict[str, Any]]]) -> bool:
         """Make sure the artifact exists: ``build()`` -> ``(model, info)`` runs only when it is missing (under
