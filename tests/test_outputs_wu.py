@@ -259,3 +259,35 @@ def test_marking_a_further_host_keeps_the_extractor_fixed(wu_tiny):
     assert not all(torch.equal(a, b) for a, b in zip(host.state_dict().values(), unmarked.state_dict().values(),
                                                      strict=True))
     assert any(p.requires_grad for p in scheme.extractor.parameters())
+
+
+def test_larger_images_read_as_the_mean_of_their_tiles(wu_marked, tmp_path):
+    """``read_size`` 64 with the shipped 32 px E: one statistic per 64 px image, the mean of its 4 aligned tiles'
+    statistics, calibrated on 64 px negatives (photos, unmarked outputs); marked outputs of other photos are
+    owned, unmarked ones and photos are not, the reading survives the key file, and sizes are checked."""
+    scheme, unmarked, marked, _, _ = wu_marked
+    big = scheme.with_read_size(64)
+    assert big.null_statistics is None and big.read_size == 64
+    x_cal, x_new = photo_patches("sr2", 64, "test", 24, 31)[0], photo_patches("sr2", 64, "test", 24, 32)[0]
+    imgs = _outputs(marked, x_new[:8])
+    tiles = OutputWu._tiles(imgs, 32)
+    assert torch.allclose(big.statistics(imgs), scheme.statistics(tiles).reshape(8, 4).mean(1), atol=1e-6)
+    big.calibrate(natural=natural_images(24, 64, 33, split="test"), negatives={"unmarked": _outputs(unmarked, x_cal)})
+    assert len(big.null_conditions) == 9 and len(big._null()) == 9 * 48
+    v = big.verify(imgs[:4], alpha=0.05)
+    assert v.owned and v.details["read_size"] == 64 and "4 aligned" in v.details["statistic"]
+    assert not big.verify(_outputs(unmarked, x_new[8:12]), alpha=0.05).owned
+    assert not big.verify(natural_images(4, 64, 34, split="test"), alpha=0.05).owned
+    path = tmp_path / "big.key"
+    big.save(path, log=tmp_path / "commitments.log")
+    again = load_scheme(path, expect="output-wu", log=tmp_path / "commitments.log")
+    w = again.verify(imgs[:4], alpha=0.05)
+    assert again.read_size == 64 and w.owned and w.p_value == pytest.approx(v.p_value)
+    blocks, notes = big.prepare_images([torch.rand(3, 130, 140)])
+    assert blocks.shape == (4, 3, 64, 64) and any("edges dropped" in n for n in notes)
+    with pytest.raises(SchemeError, match="smaller than"):
+        big.verify([torch.rand(3, 40, 64)])
+    with pytest.raises(SchemeError, match="64x64"):
+        big.verify(imgs[:, :, :32, :32])
+    with pytest.raises(SchemeError, match="multiple"):
+        scheme.with_read_size(48)

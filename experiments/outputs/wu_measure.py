@@ -140,6 +140,9 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(folder / "marked_host.safetensors"))
         save_file({k: v.contiguous() for k, v in g0.state_dict().items()}, str(folder / "unmarked_host.safetensors"))
+        if other is not None:  # a host marked under another key: a negative for later studies
+            save_file({k: v.contiguous() for k, v in other.state_dict().items()},
+                      str(folder / "other_key_host.safetensors"))
         scheme.save(folder / "owner_key.json", log=folder / "commitments.log")
     marked_b, unmarked_b = out(g, xb), out(g0, xb)
     neg_eval = {"natural(test photos)": nat_b, "natural(attacker photo)": att, "unmarked host": unmarked_b}

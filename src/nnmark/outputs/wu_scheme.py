@@ -243,6 +243,10 @@ class OutputWu(Scheme):
         Param("watermark", str, "binary", "watermark image: 'binary' (QR-like logo) or 'colour'",
               choices=("binary", "colour")),
         Param("image_size", int, 32, "side of the host's output images E reads (pixels)", low=8, high=512),
+        Param("read_size", int, None, "side (pixels) of the images one detection statistic is read from, a "
+              "multiple of image_size: the statistic is the mean of E's statistics over the image's aligned "
+              "image_size tiles, calibrated on negatives of this size; default image_size (one tile, the paper)",
+              optional=True, low=8, high=2048),
         Param("channels", int, 3, "channels of the host's output images", low=1, high=3),
         Param("wm_size", int, None, "watermark side (pixels); default image_size / 2", optional=True, low=4),
         Param("key_bits", int, 1024, "extraction key length (bits; paper 1,024)", low=16, high=65536),
@@ -280,7 +284,8 @@ class OutputWu(Scheme):
     )
 
     def __init__(self, key: Key, *, recipe: str = "nnmark", watermark: str = "binary", image_size: int = 32,
-                 channels: int = 3, wm_size: int | None = None, key_bits: int = 1024, width: int = 16,
+                 read_size: int | None = None, channels: int = 3, wm_size: int | None = None, key_bits: int = 1024,
+                 width: int = 16,
                  key_channels: int = 16, key_path: str | None = None, key_init: str | None = None,
                  distance: str | None = None, alpha: float | None = None, beta: float | None = None,
                  gamma: float | None = None, theta: float | None = None, hard_negatives: bool | None = None,
@@ -294,6 +299,9 @@ class OutputWu(Scheme):
         r = RECIPES[recipe]
         self.recipe, self.watermark_kind, self.image_size, self.channels = recipe, watermark, image_size, channels
         self.wm_size = wm_size or image_size // 2
+        self.read_size = read_size or image_size
+        if self.read_size % image_size:
+            raise SchemeError(f"read_size {self.read_size} must be a multiple of image_size {image_size}")
         self.key_bits, self.width, self.key_channels = key_bits, width, key_channels
         self.key_path = key_path or r["key_path"]
         self.key_init = key_init or r["key_init"]
@@ -352,6 +360,15 @@ class OutputWu(Scheme):
         for p in self.extractor.film.parameters():
             p.requires_grad_(False)
 
+    def with_read_size(self, read_size: int) -> OutputWu:
+        """A copy of this scheme (same key, same E) reading images of side ``read_size`` (a multiple of
+        ``image_size``; the statistic is then the mean over the aligned tiles), **uncalibrated**: its null is
+        the statistic of negatives of that size, so :meth:`calibrate` it on such negatives before verifying."""
+        params = {k: v for k, v in self.params().items() if k not in ("null_counts", "null_conditions")}
+        params["read_size"] = int(read_size)
+        state = {k: v.detach().clone() for k, v in self.extractor.state_dict().items()}
+        return OutputWu(self.key, state=state, **params)
+
     # -- building -------------------------------------------------------------
     @classmethod
     def build(cls, key: Key, model: nn.Module | None = None, data: Any = None, **params: Any) -> OutputWu:
@@ -374,7 +391,7 @@ class OutputWu(Scheme):
 
             natural = natural_images(2048, self.image_size, seed=self.key.seed("output-wu:natural") % 2**31,
                                      split="val")
-        self._check_images(natural, "natural images")
+        self._check_images(natural, "natural images", self.image_size)
         return WuHook(self, natural, train_extractor)
 
     def embed(self, model: nn.Module, data: Any, config: Any = None, *, val: Any = None,
@@ -397,10 +414,12 @@ class OutputWu(Scheme):
         return rec
 
     # -- statistics -------------------------------------------------------------
-    def _check_images(self, images: Any, what: str = "images") -> torch.Tensor:
+    def _check_images(self, images: Any, what: str = "images", size: int | None = None) -> torch.Tensor:
+        """``images`` ``(N, C, S, S)`` with ``S = size`` (default :attr:`read_size`) as float in [0, 1]."""
         if not isinstance(images, torch.Tensor):
             raise SchemeError(f"{what}: expected a tensor of images (N, C, H, W), got {type(images).__name__}")
-        want = (self.channels, self.image_size, self.image_size)
+        side = size or self.read_size
+        want = (self.channels, side, side)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise SchemeError(f"{what}: this key's extractor reads {want[0]}-channel {want[1]}x{want[2]} images, got "
                               f"shape {tuple(images.shape)} (resize, crop or tile them to {want[1]}x{want[2]} first)")
@@ -412,11 +431,31 @@ class OutputWu(Scheme):
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, bits: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
-        """E's extracted watermarks ``(N, c, h, w)`` in [-1, 1] for ``images`` ``(N, C, H, W)`` in [0, 1] with the
-        owner's key (or ``bits`` ``(key_bits,)`` / ``(N, key_bits)``)."""
+        """E's extracted watermarks ``(N, c, h, w)`` in [-1, 1] for ``images`` ``(N, C, R, R)`` in [0, 1]
+        (``R`` = :attr:`read_size`) with the owner's key (or ``bits`` ``(key_bits,)`` / ``(N, key_bits)``). For
+        ``R > image_size`` it is the mean of the extractions of the image's ``(R / image_size)^2`` aligned tiles
+        (so the detection statistic is the mean of the tiles' statistics: it is linear)."""
         images = self._check_images(images)
         self.extractor.eval()
         kb = self.bits if bits is None else bits.float()
+        if self.read_size != self.image_size:
+            t = (self.read_size // self.image_size) ** 2
+            tiles = self._tiles(images, self.image_size)
+            if kb.ndim == 2:
+                kb = kb.repeat_interleave(t, dim=0)
+            e = self._extract_tiles(tiles, kb, batch_size)
+            return e.reshape(len(images), t, *e.shape[1:]).mean(1)
+        return self._extract_tiles(images, kb, batch_size)
+
+    @staticmethod
+    def _tiles(images: torch.Tensor, size: int) -> torch.Tensor:
+        """``(N, C, H, W)`` -> its aligned ``size x size`` tiles ``(N * (H // size) * (W // size), C, size, size)``,
+        image by image, row-major; edges past a whole tile dropped."""
+        n, c, h, w = images.shape
+        t = images[:, :, :h - h % size, :w - w % size].unfold(2, size, size).unfold(3, size, size)
+        return t.permute(0, 2, 3, 1, 4, 5).reshape(-1, c, size, size)
+
+    def _extract_tiles(self, images: torch.Tensor, kb: torch.Tensor, batch_size: int) -> torch.Tensor:
         outs = []
         for i in range(0, len(images), batch_size):
             k = kb if kb.ndim == 1 else kb[i:i + batch_size]
@@ -428,13 +467,13 @@ class OutputWu(Scheme):
         return detection_statistic(self.extract(images, bits), self.watermark).double()
 
     def prepare_images(self, images: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[str]]:
-        """Suspect images of any size ``[(C, H, W), ...]`` in [0, 1] -> ``(m, channels, S, S)`` tiles and notes
+        """Suspect images of any size ``[(C, H, W), ...]`` in [0, 1] -> ``(m, channels, S, S)`` blocks and notes
         saying what was converted: grey replicated to RGB, an alpha channel dropped, an image larger than
-        ``S = image_size`` cut into non-overlapping ``S x S`` tiles (the remainder dropped: each tile is one
-        suspect image; the verdict's median p-value is valid for dependent tiles). A smaller image is refused."""
+        ``S = read_size`` cut into non-overlapping ``S x S`` blocks (the remainder dropped: each block is one
+        suspect image; the verdict's median p-value is valid for dependent blocks). A smaller image is refused."""
         if not images:
             raise SchemeError("no suspect images")
-        tiles, notes, size = [], [], self.image_size
+        tiles, notes, size = [], [], self.read_size
         for i, img in enumerate(images):
             if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] not in (1, 3, 4):
                 raise SchemeError(f"image {i}: expected a (C, H, W) tensor with C in 1, 3, 4")
@@ -453,10 +492,7 @@ class OutputWu(Scheme):
             if (h, w) != (size, size):
                 notes.append(f"image {i}: {h}x{w} cut into {(h // size) * (w // size)} tiles of {size}x{size}"
                              + (" (edges dropped)" if h % size or w % size else ""))
-            t = img[:, :h - h % size, :w - w % size]
-            t = t.unfold(1, size, size).unfold(2, size, size).permute(1, 2, 0, 3, 4).reshape(-1, img.shape[0],
-                                                                                            size, size)
-            tiles.append(t)
+            tiles.append(self._tiles(img[None], size))
             if sum(len(x) for x in tiles) > MAX_VERIFY_IMAGES:
                 raise SchemeError(f"more than {MAX_VERIFY_IMAGES} tiles of {size}x{size}")
         return torch.cat(tiles), notes
@@ -633,7 +669,10 @@ class OutputWu(Scheme):
         return Verdict(
             scheme=self.name, owned=bool(p < alpha), p_value=float(p), alpha=float(alpha), statistic=median, n=m,
             null_hypothesis=null_h,
-            details={"statistic": "median over images of <E(image,k), w>/<w, w> (1 = watermark, 0 = blank)",
+            details={"statistic": "median over images of <E(image,k), w>/<w, w> (1 = watermark, 0 = blank)"
+                     + (f", each image's the mean over its {(self.read_size // self.image_size) ** 2} aligned "
+                        f"{self.image_size}x{self.image_size} tiles" if self.read_size != self.image_size else ""),
+                     "read_size": self.read_size,
                      "per_image_min": float(stats.min()), "per_image_max": float(stats.max()),
                      "images_over_threshold": int((stats >= thr).sum()), "threshold": thr,
                      "calibration_negatives": n, "calibration_kinds": dict(self.null_counts),
@@ -646,7 +685,8 @@ class OutputWu(Scheme):
     # -- persistence --------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "watermark": self.watermark_kind, "image_size": self.image_size,
-                "channels": self.channels, "wm_size": self.wm_size, "key_bits": self.key_bits, "width": self.width,
+                "read_size": self.read_size, "channels": self.channels, "wm_size": self.wm_size,
+                "key_bits": self.key_bits, "width": self.width,
                 "key_channels": self.key_channels, "key_path": self.key_path, "key_init": self.key_init,
                 "distance": self.distance, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
                 "theta": self.theta, "hard_negatives": self.hard_negatives, "contrast": self.contrast,
