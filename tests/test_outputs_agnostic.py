@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from nnmark.cli import cli
 from nnmark.keys import Key
 from nnmark.outputs import augment
-from nnmark.outputs.agnostic import OutputMessage, prepare_images
+from nnmark.outputs.agnostic import OutputMessage, prepare_images, tpr_bound_bits
 from nnmark.outputs.data import natural_images, photo_patches
 from nnmark.outputs.hosts import host_for_task, load_host, save_host
 from nnmark.schemes.base import load_scheme
@@ -107,6 +107,10 @@ def test_cli_verify_folder_and_hostile_files(marked, tmp_path):
     res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect")])
     assert res.exit_code == 0, res.output
     assert "OWNED" in res.output and "secret" not in res.output
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect"), "--size", "32x32"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect"), "--size", "big"])
+    assert res.exit_code != 0 and "HxW" in str(res.exception or res.output)
     res = runner.invoke(cli, ["outputs", "attack", str(tmp_path / "suspect"), str(tmp_path / "att"), "--jpeg", "60"])
     assert res.exit_code == 0 and len(list((tmp_path / "att").glob("*.jpg"))) == 16
     write_images(natural_images(8, 32, seed=3), tmp_path / "clean")
@@ -212,3 +216,42 @@ def test_luma_front_end_extractor_round_trips_and_ignores_chroma(tmp_path):
     assert again.decoder.front == "luma2" and torch.allclose(again(x), ext(x))
     with pytest.raises(ExtractorError, match="front end"):
         MessageDecoder(16, 8, front="dct")
+
+
+# -- larger outputs read tile by tile ---------------------------------------------------------------------------
+def test_prepare_images_reads_only_the_tiles_a_crop_kept_and_resizes_back():
+    """A crop that keeps a square and zeroes the rest: only the tiles inside the square are read, from its own
+    corner (found from the image alone); ``size`` undoes a x0.5 rescale before tiling."""
+    img = natural_images(1, 128, seed=3)[0]
+    kept = torch.zeros_like(img)
+    kept[:, 37:101, 50:114] = img[:, 37:101, 50:114]
+    tiles, counts, notes = prepare_images([kept])
+    assert counts == [4] and torch.equal(tiles[0], img[:, 37:69, 50:82]) and "rows 37:101" in notes[0]
+    assert prepare_images([kept], trim=False)[1] == [16]
+    small = torch.zeros(3, 32, 32)
+    small[:, 4:20, 4:20] = 0.5  # a kept square smaller than a tile: read whole, as before
+    assert prepare_images([small])[1] == [1]
+    half = torch.nn.functional.interpolate(img[None], scale_factor=0.5, mode="bilinear", antialias=True)[0]
+    tiles, counts, notes = prepare_images([half], size=(128, 128))
+    assert counts == [16] and "resized from 64x64" in notes[0]
+
+
+def test_a_large_output_is_read_over_its_tiles_and_a_kept_quarter_still_claims(marked):
+    """16 marked 32 px outputs laid out as one 128 x 128 image are one image of 16 tiles: its soft read-outs
+    are averaged before the 48 signs (48 bits of evidence, not 16 x 48); after a crop that keeps an aligned
+    quarter and zeroes the rest, the 4 kept tiles still claim it; other keys and clean 128 px photos do not."""
+    scheme, _, out, clean = marked
+    big = out.view(4, 4, 3, 32, 32).permute(2, 0, 3, 1, 4).reshape(3, 128, 128)
+    v = scheme.verify([big])
+    assert v.owned and v.n == scheme.bits and v.details["images"] == 1
+    quarter = torch.zeros_like(big)
+    quarter[:, 32:96, 64:128] = big[:, 32:96, 64:128]
+    assert scheme.verify([quarter]).p_value < 1e-6
+    nat = natural_images(32, 128, seed=21)
+    gen = torch.Generator().manual_seed(1)
+    cropped = torch.cat([augment.crop_keep(nat[i:i + 1], 0.25, gen) for i in range(16)])
+    need = tpr_bound_bits(scheme.bits, 1e-6)  # fewest matches with p < 1e-6
+    for s in [scheme] + [OutputMessage.create(Key.from_seed(f"tiled-other-{i}"), None) for i in range(2)]:
+        m = s.matches(torch.cat([nat, cropped]))
+        assert m.max() < need and 18 <= m[:32].mean() <= 30
+        assert s is scheme or not s.verify([big]).owned

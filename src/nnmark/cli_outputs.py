@@ -221,17 +221,32 @@ def attack(in_dir: str, out_dir: str, crop: float | None, noise: float | None, j
 @click.option("--alpha", default=1e-6, show_default=True, help="significance level")
 @click.option("--each", is_flag=True, help="also test every image alone")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict(s) as JSON")
-def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool) -> None:
-    """Test whether the images of FOLDER were made by the host marked with this key (all together)."""
+@click.option("--size", "resize_to", default=None, metavar="HxW",
+              help="output-message: resize every image to the host's output size HxW before it is read tile by tile "
+                   "(undoes a rescale)")
+def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, resize_to: str | None) -> None:
+    """Test whether the images of FOLDER were made by the host marked with this key (all together). Large
+    images are read as 32 x 32 tiles (output-message: only the tiles inside what a zeroing crop kept)."""
     from nnmark.schemes.base import load_scheme
 
     scheme = load_scheme(key_path)  # any output-image scheme, by the name in its key file
     if scheme.name not in ("output-message", "output-wu"):
         raise NNMarkError(f"{key_path}: a key for scheme {scheme.name!r}, not an output-image scheme "
                           "(output-message, output-wu)")
+    options = {}
+    if resize_to is not None:
+        if scheme.name != "output-message":
+            raise NNMarkError("--size is read by output-message keys only")
+        try:
+            h, w = (int(v) for v in resize_to.lower().split("x"))
+        except ValueError:
+            raise NNMarkError(f"--size {resize_to!r}: give HxW, e.g. 128x128") from None
+        if not (8 <= h <= 4096 and 8 <= w <= 4096):
+            raise NNMarkError("--size: each side 8..4096 pixels")
+        options["size"] = (h, w)
     images, names = read_image_folder(folder)
-    verdict = scheme.verify(images, alpha=alpha)
-    singles = [(name, scheme.verify([img], alpha=alpha))
+    verdict = scheme.verify(images, alpha=alpha, **options)
+    singles = [(name, scheme.verify([img], alpha=alpha, **options))
                for name, img in zip(names, images, strict=True)] if each else []
     if as_json:
         click.echo(json.dumps({"batch": verdict.to_dict(), "files": names,

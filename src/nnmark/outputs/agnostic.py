@@ -82,12 +82,37 @@ def _orthogonal(rng: np.random.Generator, k: int) -> torch.Tensor:
     return torch.from_numpy(q).float()
 
 
+#: a row or column whose every pixel is at most this (all channels, [0, 1] units) counts as zeroed by a crop
+EMPTY_LEVEL = 4 / 255
+
+
+def content_box(img: torch.Tensor, level: float = EMPTY_LEVEL) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` (end-exclusive) of the rows / columns of ``img`` ``(C, H, W)`` holding
+    any pixel above ``level`` (default :data:`EMPTY_LEVEL`): what is left of an image after a crop that keeps
+    a rectangle and zeroes the rest. The whole image when nothing is above ``level``."""
+    lit = img.amax(0) > level
+    rows, cols = torch.nonzero(lit.any(1)).flatten(), torch.nonzero(lit.any(0)).flatten()
+    if len(rows) == 0:
+        return 0, img.shape[-2], 0, img.shape[-1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TILE,
-                   max_tiles: int = MAX_TILES_PER_IMAGE) -> tuple[torch.Tensor, list[int], list[str]]:
+                   max_tiles: int = MAX_TILES_PER_IMAGE, size: tuple[int, int] | None = None,
+                   trim: bool = True) -> tuple[torch.Tensor, list[int], list[str]]:
     """Tiles for reading: ``images`` ``(N, C, H, W)`` or a list of ``(C, H, W)`` / ``(1, C, H, W)`` tensors in
-    [0, 1] -> ``(tiles (T, 3, tile, tile), tiles per image, notes)``. C = 1 is replicated, C = 4 loses its
-    alpha channel, other channel counts are refused; an image smaller than ``tile`` on a side is upsampled
-    (bilinear) so its short side is ``tile``; at most ``max_tiles`` evenly spaced grid tiles per image."""
+    [0, 1] -> ``(tiles (T, 3, tile, tile), tiles per image, notes)``, in this order:
+
+    1. C = 1 is replicated, C = 4 loses its alpha channel, other channel counts are refused;
+    2. ``size`` ``(H, W)``: each image is first resized to it (bilinear, antialiased when shrinking) -- the
+       verifier who knows the host's output size undoes a rescale this way;
+    3. ``trim`` (default on): the image is cut to its :func:`content_box` when that is at least ``tile`` on
+       both sides, so a crop that zeroed all but a rectangle leaves only tiles wholly inside what it kept.
+       This is a function of the image alone (no key, no search over offsets), so it adds no multiple
+       testing;
+    4. an image smaller than ``tile`` on a side is upsampled (bilinear) so its short side is ``tile``;
+    5. the aligned ``tile`` x ``tile`` grid from the top-left corner (a partial last row / column is
+       dropped), at most ``max_tiles`` evenly spaced tiles per image."""
     items = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
     tiles, counts, notes = [], [], []
     for i, img in enumerate(items):
@@ -96,19 +121,30 @@ def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TI
             raise SchemeError(f"image {i}: expected (C, H, W), got shape {tuple(img.shape)}")
         c, h, w = img.shape
         if c == 4:
-            img, note = img[:3], "alpha channel dropped"
+            img, note = img[:3], ["alpha channel dropped"]
         elif c == 1:
-            img, note = img.expand(3, -1, -1), "grey replicated to RGB"
+            img, note = img.expand(3, -1, -1), ["grey replicated to RGB"]
         elif c == 3:
-            note = ""
+            note = []
         else:
             raise SchemeError(f"image {i}: {c} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) are read")
         img = img.float().clamp(0.0, 1.0)
+        if size is not None and (h, w) != tuple(size):
+            img = F.interpolate(img[None], size=tuple(size), mode="bilinear", align_corners=False,
+                                antialias=size[0] < h or size[1] < w)[0].clamp(0.0, 1.0)
+            note.append(f"resized from {h}x{w} to {size[0]}x{size[1]}")
+            h, w = img.shape[-2:]
+        if trim:
+            top, bottom, left, right = content_box(img)
+            if (bottom - top, right - left) != (h, w) and min(bottom - top, right - left) >= tile:
+                img = img[:, top:bottom, left:right]
+                note.append(f"read rows {top}:{bottom}, columns {left}:{right} (the rest is zero)")
+                h, w = img.shape[-2:]
         if min(h, w) < tile:
             s = tile / min(h, w)
             img = F.interpolate(img[None], size=(max(tile, round(h * s)), max(tile, round(w * s))),
                                 mode="bilinear", align_corners=False)[0]
-            note = ", ".join(filter(None, [note, f"upsampled from {h}x{w}"]))
+            note.append(f"upsampled from {h}x{w}")
             h, w = img.shape[-2:]
         grid = img[:, : h // tile * tile, : w // tile * tile].unfold(1, tile, tile).unfold(2, tile, tile)
         t = grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, tile, tile)
@@ -117,10 +153,23 @@ def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TI
         tiles.append(t)
         counts.append(len(t))
         if note:
-            notes.append(f"image {i}: {note}")
+            notes.append(f"image {i}: {', '.join(note)}")
     if not tiles:
         raise SchemeError("no images to read")
     return torch.cat(tiles), counts, notes
+
+
+def random_windows(images: torch.Tensor, tile: int, count: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` ``tile`` x ``tile`` windows of ``images`` ``(N, C, H, W)`` at uniformly random offsets (one
+    offset per window for the whole batch) -> ``(count * N, C, tile, tile)``. Training reads these, so the
+    host must write a mark that every window holds wherever it lies -- one that repeats over the image."""
+    h, w = images.shape[-2:]
+    out = []
+    for _ in range(count):
+        r = int(torch.randint(0, h - tile + 1, (1,), generator=gen))
+        c = int(torch.randint(0, w - tile + 1, (1,), generator=gen))
+        out.append(images[..., r:r + tile, c:c + tile])
+    return torch.cat(out)
 
 
 class OutputMarkHook(TrainingHook):
@@ -166,17 +215,20 @@ class OutputMessage(Scheme):
               low=0.0, high=1.0),
         Param("epochs", int, 12, "fine-tuning epochs over the host's training inputs", low=1, high=1000),
         Param("lr", float, 2e-3, "fine-tuning learning rate (Adam)", low=0.0),
+        Param("windows", int, 4, "random 32 px windows read per output while fine-tuning on outputs of >= 64 px",
+              low=1, high=64),
     )
     VERIFY_PARAMS = Params()
 
     def __init__(self, key: Key, extractor: Extractor, *, fidelity: float = 0.05, psnr_target: float = 40.0,
                  strength: float = 0.5, epochs: int = 12, lr: float = 2e-3, extractor_name: str = "shipped",
-                 centre: torch.Tensor | None = None) -> None:
+                 centre: torch.Tensor | None = None, windows: int = 4) -> None:
         super().__init__(key)
         self.extractor = extractor.eval()
         self.bits = extractor.bits
         self.fidelity, self.psnr_target, self.strength = float(fidelity), float(psnr_target), float(strength)
         self.epochs, self.lr, self.extractor_name = int(epochs), float(lr), str(extractor_name)
+        self.windows = int(windows)
         self.message = key.numpy_rng("output-message/message").integers(0, 2, self.bits).astype(np.int64)
         self.rotation = _orthogonal(key.numpy_rng("output-message/rotation"), self.bits)
         self._target = torch.from_numpy(self.message).float()
@@ -206,34 +258,45 @@ class OutputMessage(Scheme):
         return torch.cat(out)
 
     @torch.no_grad()
-    def image_readouts(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
-        """Per-image read-outs ``(N, k)`` (means over each image's tiles) and notes on conversions."""
-        tiles, counts, notes = prepare_images(images)
+    def image_readouts(self, images: torch.Tensor | Sequence[torch.Tensor],
+                       size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Per-image read-outs ``(N, k)`` (means over each image's tiles, :func:`prepare_images`; ``size``
+        resizes every image to the host's output size first) and notes on conversions."""
+        tiles, counts, notes = prepare_images(images, size=size)
         r = self.readout(tiles)
         return torch.stack([part.mean(0) for part in r.split(counts)]), notes
 
     @torch.no_grad()
-    def matches(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1) -> np.ndarray:
+    def matches(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1,
+                size: tuple[int, int] | None = None) -> np.ndarray:
         """Matched bits per group of ``group`` consecutive images ``(N // group,)`` (read-outs averaged in
-        each group) -- the raw statistic behind :meth:`verify`, for false-positive studies."""
-        r, _ = self.image_readouts(images)
+        each group; ``size`` as in :meth:`verify`) -- the raw statistic behind :meth:`verify`, for
+        false-positive studies."""
+        r, _ = self.image_readouts(images, size)
         n = len(r) // group * group
         bits = (r[:n].view(-1, group, self.bits).mean(1) > 0).long().numpy()
         return (bits == self.message[None]).sum(1)
 
-    def p_values(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1) -> np.ndarray:
+    def p_values(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1,
+                 size: tuple[int, int] | None = None) -> np.ndarray:
         """Binomial p-values per group (see :meth:`matches`)."""
         from scipy import stats as sps
 
-        return sps.binom.sf(self.matches(images, group) - 1, self.bits, 0.5)
+        return sps.binom.sf(self.matches(images, group, size) - 1, self.bits, 0.5)
 
     # -- embedding ------------------------------------------------------------------
     def mark_loss(self, outputs: torch.Tensor, reference: torch.Tensor,
                   gen: torch.Generator | None = None) -> torch.Tensor:
-        """``BCE(readout(distort(quantise(outputs))), m) + fidelity * MSE(outputs, reference) / mse_target``."""
+        """``BCE(readout(distort(quantise(outputs))), m) + fidelity * MSE(outputs, reference) / mse_target``.
+        Outputs of at least twice :data:`TILE` on a side are read as :attr:`windows` random ``TILE`` windows
+        each (:func:`random_windows`; the distortion drawn then leaves out the crop, whose kept tiles the
+        verifier reads whole)."""
         x = augment.quantize_uint8(outputs)
+        tiled = min(x.shape[-2:]) >= 2 * TILE
         if self.strength > 0:
-            x = torch.cat([augment.random_augment(part, gen, self.strength) for part in x.chunk(4)])
+            x = torch.cat([augment.random_augment(part, gen, self.strength, crop=not tiled) for part in x.chunk(4)])
+        if tiled:
+            x = random_windows(x, TILE, self.windows, gen)
         r = self.readout(x)
         bce = F.binary_cross_entropy_with_logits(r, self._target.to(r).expand_as(r))
         mse_target = 10.0 ** (-self.psnr_target / 10.0)
@@ -245,16 +308,18 @@ class OutputMessage(Scheme):
     def embed_host(self, model: nn.Module, inputs: torch.Tensor, *, targets: torch.Tensor | None = None,
                    task_weight: float = 0.0, batch_size: int = 32, seed: int = 0,
                    progress: Callable[[int, dict[str, float]], None] | None = None,
-                   checkpoint: str | Path | None = None) -> dict[str, Any]:
+                   checkpoint: str | Path | None = None, reference: nn.Module | None = None) -> dict[str, Any]:
         """Fine-tune ``model`` (in place) so its outputs on ``inputs`` ``(N, C, H, W)`` carry the mark,
         for :attr:`epochs` epochs of Adam at :attr:`lr`. ``targets`` with ``task_weight`` > 0 adds the task's
         L1 loss. ``checkpoint``: a file written after every epoch (safetensors: model weights, optimiser-free)
         from which an interrupted run resumes. ``progress(epoch, stats)`` after every epoch.
+        ``reference``: the unmarked host the fidelity term compares with (default: ``model`` as it is at the
+        start; give it when ``model`` starts from an earlier marking).
         Returns ``{"seconds", "epochs", "losses", "bit_acc"}`` (bit accuracy of undistorted outputs)."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        reference = copy.deepcopy(model).eval()
+        reference = copy.deepcopy(model if reference is None else reference).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
         start = 0
@@ -296,7 +361,7 @@ class OutputMessage(Scheme):
         model.eval()
         with torch.no_grad():
             probe = inputs[:256]
-            bits = (self.readout(model(probe).clamp(0, 1)) > 0).long()
+            bits = (self.image_readouts(model(probe).clamp(0, 1))[0] > 0).long()
             acc = float((bits == torch.from_numpy(self.message)).float().mean())
         return {"seconds": time.perf_counter() - t0, "epochs": self.epochs, "losses": losses, "bit_acc": acc}
 
@@ -326,10 +391,11 @@ class OutputMessage(Scheme):
 
     # -- verification -------------------------------------------------------------
     def verify(self, target: Any, *, alpha: float = 1e-6, inputs: torch.Tensor | None = None,
-               **kwargs: Any) -> Verdict:
+               size: tuple[int, int] | None = None, **kwargs: Any) -> Verdict:
         """Verdict on suspect images: ``target`` is ``(N, C, H, W)`` images in [0, 1], a list of
         ``(C, H, W)`` images, or a model / oracle answered with ``inputs``. All images are read together
-        (one image: a batch of one); ``p = P[Binomial(k, 1/2) >= matched bits]``."""
+        (one image: a batch of one); ``p = P[Binomial(k, 1/2) >= matched bits]``. ``size`` ``(H, W)``: the
+        host's output size, to which every image is resized before tiling (undoes a rescale)."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
         t0 = time.perf_counter()
@@ -342,7 +408,7 @@ class OutputMessage(Scheme):
                 images = target(inputs).clamp(0.0, 1.0)
         else:
             raise SchemeError(f"cannot verify a {type(target).__name__}: give images or a model with inputs")
-        r, notes = self.image_readouts(images)
+        r, notes = self.image_readouts(images, size)
         bits = (r.mean(0) > 0).long().numpy()
         verdict = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha, details={
             "images": len(r), "conversions": notes, "extractor": self.extractor_name,
@@ -357,7 +423,8 @@ class OutputMessage(Scheme):
     # -- persistence -------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         out = {"fidelity": self.fidelity, "psnr_target": self.psnr_target, "strength": self.strength,
-               "epochs": self.epochs, "lr": self.lr, "extractor_name": self.extractor_name, "bits": self.bits}
+               "epochs": self.epochs, "lr": self.lr, "extractor_name": self.extractor_name, "bits": self.bits,
+               "windows": self.windows}
         dec = self.extractor.decoder
         if isinstance(dec, KeyedLowpassDecoder):
             return {**out, "extractor_kind": "keyed", "keyed_spec": dec.spec()}

@@ -158,12 +158,16 @@ def _uniform(gen: torch.Generator | None, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=gen))
 
 
-def random_augment(img: torch.Tensor, gen: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
+def random_augment(img: torch.Tensor, gen: torch.Generator | None = None, strength: float = 1.0,
+                   crop: bool = True) -> torch.Tensor:
     """One distortion for the whole batch, drawn uniformly from identity, crop (keep 1/4..1 of the area),
     noise (sigma up to 0.06), differentiable JPEG (quality 40..90), resize (x0.4..0.9); ``strength`` in
-    (0, 1] scales how hard each may be (1 = the ranges above). Differentiable in ``img``."""
+    (0, 1] scales how hard each may be (1 = the ranges above). ``crop=False`` leaves the crop out of the draw
+    (for marks read tile by tile, where the verifier reads only the tiles a zeroing crop kept whole).
+    Differentiable in ``img``."""
     s = float(strength)
-    choice = int(torch.randint(0, 5, (1,), generator=gen))
+    kinds = (0, 1, 2, 3, 4) if crop else (0, 2, 3, 4)
+    choice = kinds[int(torch.randint(0, len(kinds), (1,), generator=gen))]
     if choice == 1:
         return crop_keep(img, _uniform(gen, 1.0 - 0.75 * s, 1.0), gen)
     if choice == 2:
