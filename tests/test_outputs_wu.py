@@ -291,3 +291,23 @@ def test_larger_images_read_as_the_mean_of_their_tiles(wu_marked, tmp_path):
         big.verify(imgs[:, :, :32, :32])
     with pytest.raises(SchemeError, match="multiple"):
         scheme.with_read_size(48)
+
+
+def test_calibration_by_kind_covers_a_kind_that_scores_high(wu_marked):
+    """``by_kind``: each kind of negative is its own condition, so a kind E scores high (here, standing in for a
+    host marked under another key, the outputs of the owner's marked host itself) is claimed at most at the
+    nominal rate, where the pooled null of the same negatives lets many of its images through."""
+    scheme, _, marked, xt, photos = wu_marked
+    high = _outputs(marked, xt[:80])
+    kinds = {"photos": photos[:120], "high": high[:40]}
+    by_kind = scheme.with_read_size(32)
+    by_kind.calibrate(negatives=kinds, distorted=False, by_kind=True)
+    assert by_kind.null_conditions == ["clean | photos", "clean | high"]
+    pooled = scheme.with_read_size(32)
+    pooled.calibrate(negatives=kinds, distorted=False)
+    fresh = by_kind.statistics(high[40:])  # 40 more of the 'high' kind, exchangeable with its negatives
+    claimed_by_kind = sum(by_kind.p_value(s[None]) <= 0.1 for s in fresh)
+    claimed_pooled = sum(pooled.p_value(s[None]) <= 0.1 for s in fresh)
+    assert claimed_by_kind <= 10  # nominal 4 of 40; P[Binomial(40, 0.1) > 10] < 0.003
+    # the pooled 10% threshold is about the 16th highest of the 40 'high' negatives: ~16 of 40 expected over it
+    assert claimed_pooled >= 8 and claimed_pooled >= claimed_by_kind + 5

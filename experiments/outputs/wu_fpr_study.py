@@ -3,6 +3,9 @@
     # the shipped sr2 key at its committed calibration (32 px images, one tile each)
     .venv/bin/python experiments/outputs/wu_fpr_study.py --key-task sr2 \
         --out experiments/results/outputs/wu_fpr_sr2.json
+    # tables of every study:
+    .venv/bin/python experiments/outputs/wu_fpr_study.py --tables experiments/results/outputs/wu_fpr_*.json \
+        experiments/results/outputs/wu_large_*.json --out experiments/results/outputs/wu_fpr_tables.md
     # larger outputs: 128 px images, the mean statistic of their 16 aligned 32 px tiles, calibrated on
     # 128 px negatives of the same kinds (a new null; the committed 32 px key is left as it is)
     .venv/bin/python experiments/outputs/wu_fpr_study.py --key-task sr2 --read-size 128 \
@@ -45,6 +48,7 @@ from scipy import stats as sps
 from nnmark.keys import Key
 from nnmark.outputs.data import natural_images, photo_patches
 from nnmark.outputs.hosts import host_for_task
+from nnmark.outputs.wu_network import flip_bits
 from nnmark.outputs.wu_scheme import OutputWu
 
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results" / "outputs"
@@ -113,9 +117,9 @@ def p_values(scheme: OutputWu, stats: torch.Tensor) -> np.ndarray:
     return p
 
 
-def train_other_key(task: str, kind: str, folder: Path, steps: int) -> None:
-    """Mark a copy of ``folder``'s unmarked host under another key (``wu-<task>-fpr-other``, the nnmark recipe,
-    ``steps`` joint steps) and save it as ``other_key_host.safetensors``."""
+def train_other_key(task: str, kind: str, folder: Path, steps: int, which: str = "other") -> None:
+    """Mark a copy of ``folder``'s unmarked host under another key (``wu-<task>-fpr-<which>``, the nnmark recipe,
+    ``steps`` joint steps) and save it as ``<which>_key_host.safetensors``."""
     import copy
 
     from safetensors.torch import save_file
@@ -126,17 +130,18 @@ def train_other_key(task: str, kind: str, folder: Path, steps: int) -> None:
     g0 = load_host(task, kind, folder / "unmarked_host.safetensors")
     x, y = photo_patches(task, 32, "train", 2048, 0)
     g = copy.deepcopy(g0).train()
-    scheme = OutputWu.create(Key.from_seed(f"wu-{task}-fpr-other"), g, image_size=32)
+    scheme = OutputWu.create(Key.from_seed(f"wu-{task}-fpr-{which}"), g, image_size=32)
     t = time.perf_counter()
     scheme.embed(g, ImageDataset(x, y, 0), TrainConfig(epochs=1000, batch_size=16, max_steps=steps, progress=False),
                  log=lambda step, h: print("other key", step, {k: round(v, 4) for k, v in h.items()}, flush=True))
     print(f"other-key host: {steps} steps in {time.perf_counter() - t:.0f} s", flush=True)
-    save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(folder / "other_key_host.safetensors"))
+    save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(folder / f"{which}_key_host.safetensors"))
 
 
-def negatives(key_task: str, size: int, n_nat: int, n_host: int, seed: int, message_cache: Path | None
-              ) -> dict[str, torch.Tensor]:
-    """The negative images ``name -> (n, 3, size, size)`` (module docs), drawn with ``seed``."""
+def negatives(key_task: str, size: int, n_nat: int, n_host: int, seed: int, message_cache: Path | None,
+              third: bool = True) -> dict[str, torch.Tensor]:
+    """The negative images ``name -> (n, 3, size, size)`` (module docs), drawn with ``seed``; ``third``: with the
+    hosts marked under a third key (``third_key_host``, never calibrated on)."""
     neg: dict[str, torch.Tensor] = {
         "natural: test photos": natural_images(n_nat, size, seed, "test"),
         "natural: attacker photo": natural_images(n_nat, size, seed + 1, "attacker"),
@@ -156,6 +161,9 @@ def negatives(key_task: str, size: int, n_nat: int, n_host: int, seed: int, mess
         if (folder / "other_key_host.safetensors").exists():
             neg[f"marked host, other key: {task} (a second wu key)"] = host_outputs(
                 load_host(task, kind, folder / "other_key_host.safetensors"), x)
+        if third and (folder / "third_key_host.safetensors").exists():
+            neg[f"marked host, other key: {task} (a third wu key, never calibrated on)"] = host_outputs(
+                load_host(task, kind, folder / "third_key_host.safetensors"), x)
     if message_cache is not None:
         for task, kind in MESSAGE_HOSTS.items():
             f = message_cache / f"{task}-{kind}-marked.pt"
@@ -202,8 +210,59 @@ def tiled_median_p(scheme32: OutputWu, images: torch.Tensor) -> np.ndarray:
     return np.array([scheme32.p_value(row) for row in st])
 
 
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def tables(paths: list[Path]) -> str:
+    """Markdown tables of study JSONs: claims per negative kind at 1e-2 and 1e-3 (99% CP), then detection."""
+    lines = []
+    for path in paths:
+        d = json.loads(path.read_text())
+        a = d["command_args"]
+        cal = d["calibration"]
+        note = "the committed calibration" if isinstance(cal, str) else (
+            f"recalibrated{' by kind' if cal.get('by_kind') else ''} on {sum(cal['kinds'].values())} negatives "
+            f"of {len(cal['kinds'])} kinds x 9 conditions")
+        lines += [f"### `{path.name}`: key `{a['key_task']}`, {d['read_size']} px images"
+                  + ("" if d["read_size"] == 32 else f", the mean statistic over {(d['read_size'] // 32) ** 2} tiles")
+                  + f"; {note}", "",
+                  "| negatives | n | claims at 1e-2 [99% CI] | claims at 1e-3 [99% CI] | mean / max statistic |"
+                  + (" old path (tiles' median, 32 px null): 1e-2 / 1e-3 |" if d["read_size"] != 32 else ""),
+                  "|---|---|---|---|---|" + ("---|" if d["read_size"] != 32 else "")]
+        rows = list(d["negatives"].items()) + [("**all**", d["all_negatives"])]
+        for k, r in rows:
+            c = [f"{r[x]['claims']} ({pct(r[x]['fpr'])}) [{pct(r[x]['ci99'][0])}, {pct(r[x]['ci99'][1])}]"
+                 for x in ("0.01", "0.001")]
+            stat = f"{r['statistic_mean']:.3f} / {r['statistic_max']:.3f}" if "statistic_mean" in r else ""
+            old = ""
+            if "tiles_median_32px_calibration" in r:
+                t = r["tiles_median_32px_calibration"]
+                old = f" {t['0.01']['claims']} / {t['0.001']['claims']} |"
+            elif d["read_size"] != 32:
+                old = " |"
+            lines.append(f"| {k} | {r['n']} | {c[0]} | {c[1]} | {stat} |{old}")
+        det = d["detection"]
+        lines += ["", f"Marked outputs detected ({det['n']} held-out inputs, mean statistic "
+                  f"{det['statistic_mean']:.3f}, min {det['statistic_min']:.3f}): "
+                  + "; ".join(f"alpha {x}: {pct(det[x]['rate'])} [{pct(det[x]['ci99'][0])}, "
+                              f"{pct(det[x]['ci99'][1])}] at a measured FPR of "
+                              f"{pct(det[x]['fpr_measured_at_this_alpha'])}" for x in ("0.01", "0.001"))]
+        if "tiles_median_32px_calibration" in det:
+            lines[-1] += (f". Old path (median of the {(d['read_size'] // 32) ** 2} tiles, 32 px null): "
+                          + " / ".join(pct(det["tiles_median_32px_calibration"][x]) for x in ("0.01", "0.001"))
+                          + "; one 32 px tile: " + " / ".join(pct(det["one_32px_tile"][x]) for x in ("0.01", "0.001")))
+        if "wrong_keys_claimed" in det:
+            lines[-1] += ". Marked outputs claimed under a key with 1 / 8 / 64 / 1,024 wrong bits (alpha 1e-2): " + \
+                " / ".join(str(v["0.01"]) for v in det["wrong_keys_claimed"].values()) + f" of {det['n']}"
+        lines += [f"({d['seconds']:.0f} s)", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--tables", nargs="*", default=None,
+                    help="only write the markdown tables of these study JSONs to --out")
     ap.add_argument("--key-task", default="sr2", choices=tuple(MODELS))
     ap.add_argument("--read-size", type=int, default=None, help="image side read (default: the key's 32 px)")
     ap.add_argument("--natural", type=int, default=1500, help="patches per natural kind")
@@ -214,18 +273,28 @@ def main() -> None:
     ap.add_argument("--marked", type=int, default=2000, help="marked outputs for the detection rate")
     ap.add_argument("--train-other-key-steps", type=int, default=0,
                     help="make the key task's other_key_host.safetensors first if missing (joint steps)")
+    ap.add_argument("--which", default="other", choices=("other", "third"),
+                    help="which host --train-other-key-steps makes: other_key_host or third_key_host")
     ap.add_argument("--train-only", action="store_true", help="stop after --train-other-key-steps")
+    ap.add_argument("--by-kind", action="store_true",
+                    help="recalibrate (at any read size) on --calibrate negatives of every kind except the attacker "
+                         "and grey photos and the third-key hosts, each kind its own condition")
+    ap.add_argument("--save-key", default=None, help="with --by-kind or --read-size: folder to save and commit the "
+                    "recalibrated key in")
     ap.add_argument("--message-cache", default=None, help="mark_hosts.py cache with output-message marked hosts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.tables is not None:
+        Path(args.out).write_text(tables([Path(p) for p in args.tables]))
+        return
     torch.set_num_threads(1)
     from nnmark.schemes.base import load_scheme
 
     t0 = time.perf_counter()
     name, kind = MODELS[args.key_task]
     folder = RESULTS / name
-    if args.train_other_key_steps and not (folder / "other_key_host.safetensors").exists():
-        train_other_key(args.key_task, kind, folder, args.train_other_key_steps)
+    if args.train_other_key_steps and not (folder / f"{args.which}_key_host.safetensors").exists():
+        train_other_key(args.key_task, kind, folder, args.train_other_key_steps, args.which)
     if args.train_only:
         return
     scheme32 = load_scheme(folder / "owner_key.json", expect="output-wu", log=folder / "commitments.log")
@@ -233,7 +302,19 @@ def main() -> None:
     res: dict = {"command_args": vars(args), "key_folder": str(folder.relative_to(RESULTS.parents[2])),
                  "key_id": scheme32.key.key_id, "read_size": size}
     marked_host = load_host(args.key_task, kind, folder / "marked_host.safetensors")
-    if size == scheme32.image_size:
+    if args.by_kind:
+        scheme = scheme32.with_read_size(size)
+        kinds = {k: v for k, v in negatives(args.key_task, size, args.calibrate, args.calibrate, 303,
+                                            Path(args.message_cache) if args.message_cache else None,
+                                            third=False).items()
+                 if k not in ("natural: attacker photo", "natural: other bundled grey photos")}
+        t = time.perf_counter()
+        scheme.calibrate(negatives=kinds, by_kind=True)
+        res["calibration"] = {"kinds": {k: len(v) for k, v in kinds.items()}, "by_kind": True,
+                              "conditions": len(scheme.null_conditions), "seconds": time.perf_counter() - t,
+                              "threshold": {f"{a:g}": scheme.threshold(a) for a in ALPHAS}}
+        print("calibrated by kind", res["calibration"], flush=True)
+    elif size == scheme32.image_size:
         scheme = scheme32
         res["calibration"] = "committed with the key: " + ", ".join(
             f"{k} {len(v)}" for k, v in scheme.null_by_condition().items())
@@ -251,6 +332,9 @@ def main() -> None:
                               "seconds": time.perf_counter() - t,
                               "threshold": {f"{a:g}": scheme.threshold(a) for a in ALPHAS}}
         print("calibrated", res["calibration"], flush=True)
+    if args.save_key and scheme is not scheme32:
+        Path(args.save_key).mkdir(parents=True, exist_ok=True)
+        scheme.save(Path(args.save_key) / "owner_key.json", log=Path(args.save_key) / "commitments.log")
     neg = negatives(args.key_task, size, args.natural, args.per_host, 9001,
                     Path(args.message_cache) if args.message_cache else None)
     print(f"{sum(len(v) for v in neg.values())} negatives in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -289,6 +373,12 @@ def main() -> None:
         det["tiles_median_32px_calibration"] = {f"{a:g}": float((p_old < a).mean()) for a in ALPHAS}
         one = p_values(scheme32, scheme32.statistics(marked[:, :, :32, :32]))
         det["one_32px_tile"] = {f"{a:g}": float((one < a).mean()) for a in ALPHAS}
+    gen = torch.Generator().manual_seed(8)
+    det["wrong_keys_claimed"] = {}
+    for f in (1, 8, 64, 1024):  # the marked outputs read with keys f bits away from the owner's
+        wrong = flip_bits(scheme.bits, torch.full((len(marked),), f), gen)
+        pw = p_values(scheme, scheme.statistics(marked, wrong))
+        det["wrong_keys_claimed"][str(f)] = {f"{a:g}": int((pw < a).sum()) for a in ALPHAS}
     res["detection"] = det
     res["seconds"] = time.perf_counter() - t0
     res["exact_size_note"] = ("conformal p: P[p <= alpha] <= alpha for innocent images exchangeable with one "

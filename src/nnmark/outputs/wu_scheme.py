@@ -99,6 +99,7 @@ NOISE_ESTIMATE_MARGIN = 1.05
 NOISE_ESTIMATE_SAMPLE = 256  # images (evenly spaced) the noise level is estimated on
 MARGIN = 0.5
 MAX_VERIFY_IMAGES = 100_000
+MAX_CONDITIONS = 256  # calibration conditions a key file may hold
 
 
 def _recipe_doc(name: str) -> str:
@@ -503,7 +504,7 @@ class OutputWu(Scheme):
 
     def calibrate(self, reference_models: list[nn.Module] | None = None, *, inputs: torch.Tensor | None = None,
                   natural: torch.Tensor | None = None, negatives: dict[str, torch.Tensor] | None = None,
-                  distorted: bool = True) -> dict[str, int]:
+                  distorted: bool = True, by_kind: bool = False) -> dict[str, int]:
         """Measure the null on negatives held out from training: ``natural`` photos ``(N, C, H, W)``, the
         outputs of ``reference_models`` (unmarked hosts, hosts marked under other keys) on held-out ``inputs``,
         and any further ``negatives`` (name -> images). They form the condition ``clean``; with ``distorted``
@@ -513,7 +514,11 @@ class OutputWu(Scheme):
         it holds for innocent images made under any one of them: a pooled null let unmarked images noised at
         sigma 0.1 score above its 1% threshold 3.7% of the time. Replaces the stored null (do it before
         :meth:`save`: the calibration is part of the committed key); returns the count per kind of clean
-        negative (each condition holds all of them)."""
+        negative (each condition holds all of them). ``by_kind``: every kind of negative is a condition of its
+        own too (``"<distortion> | <kind>"``, at most :data:`MAX_CONDITIONS`), so p is valid for innocent images
+        exchangeable with any one kind -- e.g. the outputs of one host marked under another key, which an E can
+        score far above photos and unmarked outputs (measured: 86% of one such host's outputs over the 1%
+        threshold of a null of photos and unmarked outputs)."""
         kinds: dict[str, torch.Tensor] = {}
         if natural is not None:
             kinds["natural"] = natural
@@ -526,12 +531,17 @@ class OutputWu(Scheme):
         kinds.update(negatives or {})
         if not kinds:
             raise SchemeError("calibration needs negatives (natural photos, reference models' outputs)")
-        clean = torch.cat([self._check_images(v, f"calibration negatives {k!r}") for k, v in kinds.items()])
-        conditions = {"clean": clean}
-        if distorted:
-            gen = self.key.torch_generator("output-wu:calibration-distortions")
-            for d in CALIBRATION_DISTORTIONS:
-                conditions[distortion_name(d)] = torch.cat([distort_one(img[None], d, gen) for img in clean])
+        checked = {k: self._check_images(v, f"calibration negatives {k!r}") for k, v in kinds.items()}
+        groups = {f"| {k}": v for k, v in checked.items()} if by_kind else {"": torch.cat(list(checked.values()))}
+        if len(groups) * (1 + len(CALIBRATION_DISTORTIONS) * distorted) > MAX_CONDITIONS:
+            raise SchemeError(f"calibration by kind: at most {MAX_CONDITIONS} conditions (kinds x distortions)")
+        conditions: dict[str, torch.Tensor] = {}
+        gen = self.key.torch_generator("output-wu:calibration-distortions")
+        for suffix, clean in groups.items():
+            conditions[f"clean {suffix}".strip()] = clean
+            for d in CALIBRATION_DISTORTIONS if distorted else ():
+                conditions[f"{distortion_name(d)} {suffix}".strip()] = torch.cat(
+                    [distort_one(img[None], d, gen) for img in clean])
         stats, index = [], []
         for i, imgs in enumerate(conditions.values()):
             stats.append(self.statistics(imgs))
@@ -709,9 +719,9 @@ class OutputWu(Scheme):
         params.pop("model_spec", None)
         counts = params.pop("null_counts", None)
         conditions = params.pop("null_conditions", None)
-        if conditions is not None and (not isinstance(conditions, list) or len(conditions) > 64
+        if conditions is not None and (not isinstance(conditions, list) or len(conditions) > MAX_CONDITIONS
                                        or not all(isinstance(c, str) for c in conditions)):
-            raise SchemeError("output-wu key file: null_conditions must be a list of at most 64 names")
+            raise SchemeError(f"output-wu key file: null_conditions must be a list of at most {MAX_CONDITIONS} names")
         state = {k[len("extractor."):]: v for k, v in material.items() if k.startswith("extractor.")}
         if not state:
             raise SchemeError("this output-wu key file has no extraction network")
