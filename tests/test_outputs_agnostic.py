@@ -224,9 +224,10 @@ def test_prepare_images_reads_only_the_tiles_a_crop_kept_and_resizes_back():
     corner (found from the image alone); ``size`` undoes a x0.5 rescale before tiling."""
     img = natural_images(1, 128, seed=3)[0]
     kept = torch.zeros_like(img)
-    kept[:, 37:101, 50:114] = img[:, 37:101, 50:114]
-    tiles, counts, notes = prepare_images([kept])
-    assert counts == [4] and torch.equal(tiles[0], img[:, 37:69, 50:82]) and "rows 37:101" in notes[0]
+    kept[:, 30:101, 50:114] = img[:, 30:101, 50:114]
+    tiles, counts, notes = prepare_images([kept])  # the image's own grid tiles inside the square: 2 of 16
+    assert counts == [2] and torch.equal(tiles[0], img[:, 32:64, 64:96]) and torch.equal(tiles[1], img[:, 64:96, 64:96])
+    assert "rows 32:101" in notes[0]
     assert prepare_images([kept], trim=False)[1] == [16]
     small = torch.zeros(3, 32, 32)
     small[:, 4:20, 4:20] = 0.5  # a kept square smaller than a tile: read whole, as before

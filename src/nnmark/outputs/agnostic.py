@@ -106,10 +106,11 @@ def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TI
     1. C = 1 is replicated, C = 4 loses its alpha channel, other channel counts are refused;
     2. ``size`` ``(H, W)``: each image is first resized to it (bilinear, antialiased when shrinking) -- the
        verifier who knows the host's output size undoes a rescale this way;
-    3. ``trim`` (default on): the image is cut to its :func:`content_box` when that is at least ``tile`` on
-       both sides, so a crop that zeroed all but a rectangle leaves only tiles wholly inside what it kept.
-       This is a function of the image alone (no key, no search over offsets), so it adds no multiple
-       testing;
+    3. ``trim`` (default on): when the image's :func:`content_box` is smaller than the image and at least
+       ``tile`` on both sides, only the tiles of the image's own aligned grid wholly inside the box are read
+       (a crop that zeroed all but a square keeps the original coordinates, so these tiles are the host's
+       own; from the box's corner when no grid tile fits). This is a function of the image alone (no key,
+       no search over offsets), so it adds no multiple testing;
     4. an image smaller than ``tile`` on a side is upsampled (bilinear) so its short side is ``tile``;
     5. the aligned ``tile`` x ``tile`` grid from the top-left corner (a partial last row / column is
        dropped), at most ``max_tiles`` evenly spaced tiles per image."""
@@ -137,6 +138,10 @@ def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TI
         if trim:
             top, bottom, left, right = content_box(img)
             if (bottom - top, right - left) != (h, w) and min(bottom - top, right - left) >= tile:
+                # the tiles of the image's own grid that lie wholly inside the box; the box's corner if none does
+                r0, c0 = -(-top // tile) * tile, -(-left // tile) * tile
+                if r0 + tile <= bottom and c0 + tile <= right:
+                    top, left = r0, c0
                 img = img[:, top:bottom, left:right]
                 note.append(f"read rows {top}:{bottom}, columns {left}:{right} (the rest is zero)")
                 h, w = img.shape[-2:]
@@ -159,15 +164,23 @@ def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TI
     return torch.cat(tiles), counts, notes
 
 
-def random_windows(images: torch.Tensor, tile: int, count: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """``count`` ``tile`` x ``tile`` windows of ``images`` ``(N, C, H, W)`` at uniformly random offsets (one
-    offset per window for the whole batch) -> ``(count * N, C, tile, tile)``. Training reads these, so the
-    host must write a mark that every window holds wherever it lies -- one that repeats over the image."""
+#: offsets of training windows and of the tiles read are multiples of this: the feature stride of the learned
+#: decoders (rgb 4, luma2 8) and the pooling period of the U-Net host (4) divide it, so a mark locked to that
+#: phase reads the same in every window
+WINDOW_STRIDE = 8
+
+
+def random_windows(images: torch.Tensor, tile: int, count: int, gen: torch.Generator | None = None,
+                   stride: int = WINDOW_STRIDE) -> torch.Tensor:
+    """``count`` ``tile`` x ``tile`` windows of ``images`` ``(N, C, H, W)`` at uniformly random offsets that are
+    multiples of ``stride`` (one offset per window for the whole batch) -> ``(count * N, C, tile, tile)``.
+    Training reads these, so the host must write a mark that every window holds wherever it lies -- one
+    that repeats over the image, not one anchored to the patch border."""
     h, w = images.shape[-2:]
     out = []
     for _ in range(count):
-        r = int(torch.randint(0, h - tile + 1, (1,), generator=gen))
-        c = int(torch.randint(0, w - tile + 1, (1,), generator=gen))
+        r = stride * int(torch.randint(0, (h - tile) // stride + 1, (1,), generator=gen))
+        c = stride * int(torch.randint(0, (w - tile) // stride + 1, (1,), generator=gen))
         out.append(images[..., r:r + tile, c:c + tile])
     return torch.cat(out)
 
