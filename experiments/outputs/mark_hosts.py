@@ -43,6 +43,9 @@ def attacks(seed: int):
         "noise0.05": lambda x: augment.gaussian_noise(x, 0.05, gen),
         "crop0.25": lambda x: torch.cat([augment.crop_keep(x[i:i + 1], 0.25, gen) for i in range(len(x))]),
         "resize0.5": lambda x: augment.resize(x, 0.5),
+        # kept at half size: the verifier resizes back to the host's output size (size=...)
+        "half": lambda x: torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True,
+                                                          align_corners=False).clamp(0, 1),
     }
 
 
@@ -62,6 +65,16 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/nnmark-outputs")
     ap.add_argument("--out", default="experiments/results/outputs/marks.json")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--size", type=int, default=32, help="side of the training patches the host is marked on")
+    ap.add_argument("--eval-size", type=int, default=32, help="side of the test outputs (read as 32 px tiles)")
+    ap.add_argument("--eval-n", type=int, default=256, help="test outputs")
+    ap.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
+    ap.add_argument("--windows", type=int, default=4, help="random 32 px windows per output (size >= 64)")
+    ap.add_argument("--host-cache", default=None, help="folder holding the unmarked hosts (default: --cache)")
+    ap.add_argument("--start-marked", action="store_true",
+                    help="start fine-tuning from the marked host in --host-cache (e.g. one marked on 32 px patches)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no fine-tuning: evaluate the marked host in --host-cache as it is")
     ap.add_argument("--extractor", default="shipped",
                     help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
@@ -77,13 +90,14 @@ def main() -> None:
     for task in args.tasks:
         kind = HOSTS[task]
         host = host_for_task(task, kind)
-        path = cache / f"{task}-{kind}-unmarked.pt"
-        x, y = photo_patches(task, 32, "train", args.n, seed=0)
+        path = Path(args.host_cache or cache) / f"{task}-{kind}-unmarked.pt"
+        x, y = photo_patches(task, args.size, "train", args.n, seed=0)
         if path.exists():
             host.load_state_dict(torch.load(path, weights_only=True))
             host_stats = json.loads(path.with_suffix(".json").read_text())
         else:
-            host_stats = train_host(host, task, args.host_epochs, seed=0, data=(x, y))
+            host_stats = train_host(host, task, args.host_epochs, seed=0,
+                                    data=photo_patches(task, 32, "train", args.n, seed=0))
             torch.save(host.state_dict(), path)
             path.with_suffix(".json").write_text(json.dumps(host_stats))
         print(f"{task}/{kind}: host trained in {host_stats['seconds']:.0f} s, test PSNR {host_stats['test_psnr']:.2f}",
@@ -91,12 +105,23 @@ def main() -> None:
         key = Key.from_seed(f"owner-{task}")
         scheme = OutputMessage.create(key, host, epochs=args.mark_epochs, fidelity=args.fidelity,
                                       psnr_target=args.psnr_target, strength=args.strength,
-                                      extractor=args.extractor)
+                                      extractor=args.extractor, windows=args.windows, lr=args.lr)
         marked = host_for_task(task, kind)
         marked.load_state_dict(host.state_dict())
-        emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True))
+        if args.start_marked or args.eval_only:
+            start = Path(args.host_cache or cache) / f"{task}-{kind}-marked.pt"
+            marked.load_state_dict(torch.load(start, weights_only=True))
+        if args.eval_only:
+            emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
+        else:
+            emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True),
+                                    reference=host)
+        marked.eval()
         torch.save(marked.state_dict(), cache / f"{task}-{kind}-marked.pt")
-        xt, yt = photo_patches(task, 32, "test", 256, seed=1)
+        if args.host_cache:  # the false-positive study reads both hosts from one folder
+            torch.save(host.state_dict(), cache / f"{task}-{kind}-unmarked.pt")
+            (cache / f"{task}-{kind}-unmarked.json").write_text(json.dumps(host_stats))
+        xt, yt = photo_patches(task, args.eval_size, "test", args.eval_n, seed=1)
         with torch.no_grad():
             clean = host(xt).clamp(0, 1)
             out = marked(xt).clamp(0, 1)
@@ -115,11 +140,12 @@ def main() -> None:
         for name, attack in attacks(5).items():
             t0 = time.perf_counter()
             img = attack(out)
-            r, _ = scheme.image_readouts(img)
+            size = tuple(out.shape[-2:]) if name == "half" else None
+            r, _ = scheme.image_readouts(img, size)
             bits = (r > 0).long().numpy()
             acc = float((bits == scheme.message[None]).mean())
-            single = scheme.p_values(img, 1)
-            batch = scheme.p_values(img, 16)
+            single = scheme.p_values(img, 1, size)
+            batch = scheme.p_values(img, 16, size)
             rob[name] = {"bit_acc": acc, "single_median_p": float(np.median(single)),
                          "single_frac_p_lt_1e-6": float((single < 1e-6).mean()),
                          "single_frac_p_lt_1e-3": float((single < 1e-3).mean()),
