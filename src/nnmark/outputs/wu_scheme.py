@@ -61,6 +61,13 @@ is the one measured to matter (an E trained without distortions scores innocent 
 above the threshold 3-18% of the time), so suspect images whose median estimated noise level
 (:func:`skimage.restoration.estimate_sigma`) is above the strongest calibrated noise are refused with a message
 saying so (:data:`NOISE_ESTIMATE_MARGIN`).
+Larger images (``read_size``, :meth:`OutputWu.with_read_size`): E reads ``image_size`` tiles; a key with
+``read_size = R`` reads R x R images, one statistic each, the mean of its aligned tiles' statistics, and must be
+calibrated on R x R negatives (a separate key file with the same E). Kinds of negatives as conditions
+(``calibrate(by_kind=True)``): an E scores the outputs of some hosts marked under *other* keys far above photos and
+unmarked outputs (measured: the shipped sr2 key over one denoise host marked under another key), so a null of
+photos and unmarked outputs alone does not cover them; by kind, p is valid for images exchangeable with any one
+calibrated kind, and hosts never calibrated on are still not covered.
 A stolen E is evidence about the key (its first layer matches it), and an E fitted after the fact
 could claim anything: verdicts count for committed keys only (:mod:`nnmark.commitment`).
 """
