@@ -35,7 +35,7 @@ from nnmark import Key  # noqa: E402
 from nnmark.attacks.base import build_attack  # noqa: E402
 from nnmark.attacks.collusion import combine_models  # noqa: E402
 from nnmark.blackbox import BlackBoxIssueConfig, BlackBoxProduct, ScoreNull, make_triggers, trace_oracle  # noqa: E402
-from nnmark.blackbox.answers import ProbabilityOracle, answer_weights  # noqa: E402
+from nnmark.blackbox.answers import ProbabilityOracle, answer_weights, base_reference  # noqa: E402
 from nnmark.codes.tardos import TardosCode  # noqa: E402
 from nnmark.data import load_splits  # noqa: E402
 from nnmark.io import load_model, save_model  # noqa: E402
@@ -74,6 +74,13 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the product directory and the results file")
     ap.add_argument("--other-keys", type=int, default=3)
     ap.add_argument("--issue-only", action="store_true", help="stop after issuing and measuring the copies")
+    ap.add_argument("--method", choices=["finetune", "tilt"], default="finetune",
+                    help="how copies are made (nnmark.blackbox.tilt: a closed-form tilt of the output layer)")
+    ap.add_argument("--delta", type=float, default=0.5, help="tilt: logit units per trigger")
+    ap.add_argument("--ridge", type=float, default=1.0, help="tilt: weight of the clean logits' change")
+    ap.add_argument("--sizes", default="2,3,5", help="coalition sizes of the weight averages")
+    ap.add_argument("--max-groups", type=int, default=0,
+                    help="at most this many coalitions per size (a seeded sample of them; 0: all)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,8 @@ def main() -> None:
 
     prod_dir = work / f"prod_m{args.m}{args.tag}"
     if not (prod_dir / "product.json").exists():
-        cfg = BlackBoxIssueConfig(steps=args.steps, lr=args.lr, trigger_batch=args.trigger_batch, distill=args.distill)
+        cfg = BlackBoxIssueConfig(steps=args.steps, lr=args.lr, trigger_batch=args.trigger_batch, distill=args.distill,
+                                  method=args.method, delta=args.delta, ridge=args.ridge)
         prod = BlackBoxProduct.create(prod_dir, base_file, key=Key.from_seed("blackbox-experiment"), m=args.m,
                                       capacity=10000, colluders=5, issue=cfg)
         t = time.perf_counter()
@@ -132,7 +140,7 @@ def main() -> None:
                 got = mdl(trig.x).argmax(1)
             sym = float((got == trig.labels_for(prod.code.codeword(code_of[n]))).float().mean())
             bits = prod.code.codeword(code_of[n])
-            w, _ = answer_weights(ProbabilityOracle(mdl)(trig.x), trig.a, trig.b)
+            w, _ = answer_weights(ProbabilityOracle(mdl)(trig.x), trig.a, trig.b, reference=prod.reference)
             soft_agree = float(np.mean(np.sign(w) == np.where(bits, 1, -1)))
             meta = load_model(copies[n].model_path)[1]
             rows.append({"customer": n, "code": code_of[n], "accuracy": accuracy(mdl, sp.test), "symbol_accuracy": sym,
@@ -161,7 +169,7 @@ def main() -> None:
         sec = time.perf_counter() - t
         # every colluder's own p-value over all m answers (one look, not adjusted for the K looks of the trace)
         trig = prod.triggers
-        w, _ = answer_weights(oracle_factory(soft)(trig.x), trig.a, trig.b)
+        w, _ = answer_weights(oracle_factory(soft)(trig.x), trig.a, trig.b, reference=prod.reference if soft else None)
         full = ScoreNull(prod.code.biases, weights=w)
         col_p_full = {c: float(full.p_value(prod.code.scores(weights=w, codes=[code_of[c]]))[0]) for c in colluders}
         named = rep.named_customers
@@ -186,8 +194,9 @@ def main() -> None:
         # the same suspect under other vendors' keys: no registry code of theirs may be named
         row["other_keys_named"] = []
         for oname, ocode, otrig in others:
+            oref = None if prod.reference is None else base_reference(prod.base_model, otrig)
             orep = trace_oracle(oracle_factory(modes[0] == "soft"), ocode, otrig, holders=holders,
-                                alpha=prod.config.alpha, stop="budget")
+                                alpha=prod.config.alpha, stop="budget", reference=oref)
             row["other_keys_named"] += [f"{oname}:{c}" for c in orep.named_customers]
             row.setdefault("other_keys_min_p", []).append(orep.min_p_not_named)
         traces.append(row)
@@ -206,13 +215,17 @@ def main() -> None:
 
     for n in names:
         run(f"single:{n}", local(models[n]), [n], "single")
-    for k in (2, 3, 5):
-        for group in itertools.combinations(names, k):
+    for k in [int(v) for v in args.sizes.split(",") if v.strip()]:
+        groups = list(itertools.combinations(names, k))
+        if args.max_groups and len(groups) > args.max_groups:
+            pick = np.sort(np.random.default_rng(k).choice(len(groups), size=args.max_groups, replace=False))
+            groups = [groups[i] for i in pick]
+        for group in groups:
             avg = combine_models([models[g] for g in group], [1.0 / k] * k)
             results.setdefault("average_accuracy", {})[",".join(group)] = accuracy(avg, sp.test)
             run(f"average{k}:" + ",".join(group), local(avg), list(group), f"average{k}")
     ft = build_attack("ftal", epochs=3, lr=1e-3)
-    for group in [names[:1], names[1:2], names[:2], names[2:4]]:
+    for group in [names[:1], names[1:2], names[:2], names[2:4]] + ([names[4:7]] if len(names) >= 7 else []):
         src = combine_models([models[g] for g in group], [1.0 / len(group)] * len(group))
         run("ftal3:" + ",".join(group), local(ft.attack(src, sp.attacker)), list(group), f"ftal-{len(group)}")
         for frac in (0.3, 0.5):

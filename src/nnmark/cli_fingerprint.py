@@ -79,11 +79,16 @@ def fingerprint() -> None:
               help="black-box products: design coalition size c (the Tardos cutoff is 1/(300 c))")
 @click.option("--noise", default=0.1, show_default=True,
               help="black-box products: std of the triggers' keyed perturbation (pixels in [0, 1])")
+@click.option("--issue-method", type=click.Choice(["finetune", "tilt"]), default="finetune", show_default=True,
+              help="black-box products: fine-tune each copy (labels and scores carry the code), or tilt its output "
+              "layer in closed form (no training; exact under weight averaging; traced through scores only)")
+@click.option("--tilt-delta", default=0.25, show_default=True,
+              help="black-box tilt: logit units each trigger's keyed-label difference moves")
 @click.option("--json", "as_json", is_flag=True, help="print the issued copies as JSON")
 def issue(product_path: str, base: str | None, customers: str, graph: str | None, crc_bits: int, code: str,
           layers: tuple[str, ...], train_mode: str, correction: str, steps: int, lr: float, data: str | None,
           engine: str, workers: int, key_file: str | None, key_seed: str | None, capacity: int, colluders: int,
-          noise: float, as_json: bool) -> int:
+          noise: float, issue_method: str, tilt_delta: float, as_json: bool) -> int:
     """Register customers and issue each a fingerprinted copy of the base model.
 
     With --code tardos:M the product is a black-box one (traced through a prediction API): each copy is
@@ -96,7 +101,7 @@ def issue(product_path: str, base: str | None, customers: str, graph: str | None
         given = {n: ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT for n in ("steps", "lr")}
         return _issue_blackbox(product_path, base, customers, code, steps if given["steps"] else None,
                                lr if given["lr"] else None, data, workers, key_file, key_seed, capacity, colluders,
-                               noise, as_json)
+                               noise, as_json, method=issue_method, delta=tilt_delta)
     from nnmark.fingerprint import IssueConfig, Product, issue_many
     from nnmark.keys import Key
 
@@ -166,7 +171,8 @@ def issue(product_path: str, base: str | None, customers: str, graph: str | None
 
 def _issue_blackbox(product_path: str, base: str | None, customers: str, code: str, steps: int | None,
                     lr: float | None, data: str | None, workers: int, key_file: str | None, key_seed: str | None,
-                    capacity: int, colluders: int, noise: float, as_json: bool) -> int:
+                    capacity: int, colluders: int, noise: float, as_json: bool, method: str = "finetune",
+                    delta: float = 0.25) -> int:
     from nnmark.blackbox.commands import create_product, issue_many
     from nnmark.blackbox.product import BlackBoxProduct, is_blackbox_product
     from nnmark.keys import Key
@@ -180,8 +186,9 @@ def _issue_blackbox(product_path: str, base: str | None, customers: str, code: s
             raise NNMarkError(f"{product_path} is not a product yet: give --base to create it")
         key = Key.from_seed(key_seed) if key_seed is not None else Key.generate()
         prod = create_product(root, base, code, key, capacity=capacity, colluders=colluders, noise=noise, data=data,
-                              steps=steps, lr=lr, alpha=None)
-        click.echo(f"created black-box product {prod.config.name!r} in {root} (Tardos m={prod.config.m}, capacity "
+                              steps=steps, lr=lr, alpha=None, method=method, delta=delta)
+        click.echo(f"created black-box product {prod.config.name!r} in {root} ({method} copies, Tardos "
+                   f"m={prod.config.m}, capacity "
                    f"{prod.config.capacity}, cutoff {prod.config.cutoff:.2g}, key {prod.config.key_id} in "
                    f"{root / 'key.json'}, mode 0600)", err=as_json)
     else:

@@ -65,10 +65,13 @@ def log_odds(scores: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarr
 
 
 def answer_weights(out: Any, a: np.ndarray, b: np.ndarray, mode: str = "auto",
-                   temperature: float = DEFAULT_TEMPERATURE) -> tuple[np.ndarray, str]:
+                   temperature: float = DEFAULT_TEMPERATURE, reference: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, str]:
     """Weights ``(N,)`` float64 in [-1, 1] of an oracle's output for triggers with keyed labels ``a``, ``b``
     ``(N,)``, and how they were read: ``"labels"`` (hard: labels given, or ``mode="labels"``), ``"probabilities"``
-    or ``"logits"`` (soft, module doc; ``"mixed"`` if rows of both kinds came)."""
+    or ``"logits"`` (soft, module doc; ``"mixed"`` if rows of both kinds came). ``reference`` ``(N,)``: logit
+    differences subtracted before the ``tanh`` (soft answers only; e.g. the base's own, which a tilted copy moves
+    by ``+- delta``: :mod:`nnmark.blackbox.tilt`); a constant of the key and the base, so the null is unchanged."""
     if mode not in ANSWER_MODES:
         raise NNMarkError(f"answers must be one of {', '.join(ANSWER_MODES)}, got {mode!r}")
     if not temperature > 0:
@@ -81,12 +84,29 @@ def answer_weights(out: Any, a: np.ndarray, b: np.ndarray, mode: str = "auto",
         else:
             d, prob = log_odds(arr, a, b)
             kind = "probabilities" if prob.all() else ("logits" if not prob.any() else "mixed")
+            if reference is not None:
+                ref = np.asarray(reference, dtype=np.float64).ravel()
+                if ref.shape != d.shape:
+                    raise NNMarkError(f"{ref.size} reference values for {d.size} answers")
+                d = np.where(d != 0.0, d - ref, 0.0)  # unusable rows (scored 0) stay unusable
             return np.tanh(d / (2.0 * temperature)), kind
     labels = np.asarray(arr).reshape(-1)
     if labels.shape != a.shape:
         raise NNMarkError(f"{labels.size} answers for {a.size} triggers")
     labels = labels.astype(np.int64)
     return hard_weights(np.where(labels == b, 1, np.where(labels == a, 0, -1))), "labels"
+
+
+def base_reference(model: nn.Module, triggers: Any, batch: int = 512) -> np.ndarray:
+    """A model's own logit differences ``d = z_b - z_a`` ``(m,)`` float64 on ``triggers`` (a
+    :class:`~nnmark.blackbox.triggers.TriggerSet`), in eval mode."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        z = torch.cat([model(triggers.x[i:i + batch]).double() for i in range(0, triggers.m, batch)]).numpy()
+    model.train(was)
+    rows = np.arange(len(z))
+    return z[rows, np.asarray(triggers.b)] - z[rows, np.asarray(triggers.a)]
 
 
 class ProbabilityOracle:

@@ -76,8 +76,10 @@ def issue_many(product: str | Path, names: list[str], workers: int = 1, key_file
 
 
 def create_product(root: Path, base: str, code: str, key: Any, *, capacity: int, colluders: int, noise: float,
-                   data: str | None, steps: int | None, lr: float | None, alpha: float | None) -> Any:
-    """A new black-box product from a ``tardos:M`` code spec."""
+                   data: str | None, steps: int | None, lr: float | None, alpha: float | None,
+                   method: str = "finetune", delta: float | None = None) -> Any:
+    """A new black-box product from a ``tardos:M`` code spec; ``method``: how copies are made (``"finetune"``
+    or ``"tilt"``, :class:`~nnmark.blackbox.issue.BlackBoxIssueConfig`), ``delta``: the tilt's size."""
     from nnmark.blackbox.issue import BlackBoxIssueConfig
     from nnmark.blackbox.product import BlackBoxProduct
     from nnmark.blackbox.trace import DEFAULT_ALPHA
@@ -85,7 +87,11 @@ def create_product(root: Path, base: str, code: str, key: Any, *, capacity: int,
     m = parse_tardos(code)
     if m is None:
         raise NNMarkError(f"not a Tardos code spec: {code!r} (use tardos:M, e.g. tardos:512)")
-    cfg = BlackBoxIssueConfig(**{k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None})
+    try:
+        cfg = BlackBoxIssueConfig(method=method, **{k: v for k, v in (("steps", steps), ("lr", lr), ("delta", delta))
+                                                    if v is not None})
+    except ValueError as exc:
+        raise NNMarkError(str(exc)) from None
     try:
         return BlackBoxProduct.create(root, base, key=key, m=m, capacity=capacity, colluders=colluders, noise=noise,
                                       data=data, issue=cfg, alpha=DEFAULT_ALPHA if alpha is None else alpha)

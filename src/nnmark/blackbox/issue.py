@@ -27,13 +27,20 @@ from torch import nn
 from nnmark.blackbox.triggers import TriggerSet
 from nnmark.data.dataset import ImageDataset
 
+ISSUE_METHODS = ("finetune", "tilt")
+
 
 @dataclass
 class BlackBoxIssueConfig:
-    """Fine-tune of one copy: ``steps`` (default 300), ``lr`` (Adam, default 1e-3), ``batch_size`` clean images
-    per step (64), ``trigger_batch`` triggers per step (32), ``distill`` weight of the KL term to the base's
-    probabilities on the normal images (default 0: none), ``seed`` (the per-copy shuffling seed is derived from it
-    and the code index)."""
+    """How copies are made. ``method``: ``"finetune"`` (default: this module's fine-tune) or ``"tilt"`` (a
+    closed-form tilt of the output layer, :mod:`nnmark.blackbox.tilt`: no training, exact under weight
+    averaging, read through scores only).
+
+    Fine-tune: ``steps`` (default 300), ``lr`` (Adam, default 1e-3), ``batch_size`` clean images per step (64),
+    ``trigger_batch`` triggers per step (32), ``distill`` weight of the KL term to the base's probabilities on the
+    normal images (default 0: none), ``seed`` (the per-copy shuffling seed is derived from it and the code index).
+    Tilt: ``delta`` (logit units each trigger's ``z_b - z_a`` moves, default 0.25) and ``ridge`` (default 1: the
+    weight of the clean logits' change against an exact fit)."""
 
     steps: int = 300
     lr: float = 1e-3
@@ -41,12 +48,19 @@ class BlackBoxIssueConfig:
     trigger_batch: int = 32
     seed: int = 0
     distill: float = 0.0
+    method: str = "finetune"
+    delta: float = 0.25
+    ridge: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.lr > 0 or self.batch_size < 1 or self.trigger_batch < 1:
             raise ValueError("steps, batch sizes must be >= 1 and lr positive")
         if not self.distill >= 0:
             raise ValueError("distill must be >= 0")
+        if self.method not in ISSUE_METHODS:
+            raise ValueError(f"the issue method must be one of {', '.join(ISSUE_METHODS)}, got {self.method!r}")
+        if not (self.delta > 0 and np.isfinite(self.delta)) or not (self.ridge > 0 and np.isfinite(self.ridge)):
+            raise ValueError("the tilt's delta and ridge must be positive and finite")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from nnmark.blackbox.answers import DEFAULT_TEMPERATURE
+from nnmark.blackbox.answers import DEFAULT_TEMPERATURE, base_reference
 from nnmark.blackbox.issue import BlackBoxIssueConfig, BlackBoxIssueRecord, issue_blackbox_copy
+from nnmark.blackbox.tilt import HeadTilt
 from nnmark.blackbox.trace import DEFAULT_ALPHA, BlackBoxTraceReport, trace_oracle
 from nnmark.blackbox.triggers import DEFAULT_NOISE, TriggerSet, make_triggers
 from nnmark.codes.tardos import TardosCode
@@ -107,6 +109,8 @@ class BlackBoxProduct:
         self._base: nn.Module | None = None
         self._splits = None
         self._triggers: TriggerSet | None = None
+        self._tilt: HeadTilt | None = None
+        self._reference: np.ndarray | None = None
 
     @classmethod
     def create(cls, directory: str | Path, base_model: str | Path, *, key: Key | None = None, m: int = 512,
@@ -204,6 +208,24 @@ class BlackBoxProduct:
     def issue_config(self) -> BlackBoxIssueConfig:
         return BlackBoxIssueConfig.from_dict(self.config.issue)
 
+    @property
+    def tilt(self) -> HeadTilt:
+        """The output-layer tilt directions of the base (:mod:`nnmark.blackbox.tilt`; solved on first use)."""
+        if self._tilt is None:
+            self._tilt = HeadTilt.solve(self.base_model, self.triggers, self.splits.train.x,
+                                        ridge=self.issue_config.ridge)
+        return self._tilt
+
+    @property
+    def reference(self) -> np.ndarray | None:
+        """The logit differences ``d0`` ``(m,)`` the tracer subtracts from a suspect's (tilted products: the
+        base's own on the triggers; ``None`` for fine-tuned products, whose copies override the base's)."""
+        if self.issue_config.method != "tilt":
+            return None
+        if self._reference is None:
+            self._reference = base_reference(self.base_model, self.triggers)
+        return self._reference
+
     def holders(self, include_reserved: bool = True) -> dict[int, str]:
         """``{code index: customer}`` of codes handed out (reserved ones too, by default)."""
         return self.registry.assigned_codes(include_reserved=include_reserved)
@@ -220,6 +242,16 @@ class BlackBoxProduct:
             diff = spec_difference(dict(getattr(start, "spec", {})), dict(self.config.spec))
             if diff:
                 raise BlackBoxError(f"the start model does not have the product's architecture ({diff})")
+        if cfg.method == "tilt":
+            t, cpu = time.perf_counter(), time.process_time()
+            tilt = self.tilt if start is None else HeadTilt.solve(start, self.triggers, self.splits.train.x,
+                                                                  ridge=cfg.ridge)
+            bits = self.code.codeword(code_index)
+            model = tilt.apply(self.base_model if start is None else start, bits, cfg.delta)
+            d = base_reference(model, self.triggers)
+            ref = self.reference if start is None else base_reference(start, self.triggers)
+            agree = float(np.mean((d - ref > 0) == bits))
+            return model, BlackBoxIssueRecord(time.perf_counter() - t, 0, agree, time.process_time() - cpu)
         return issue_blackbox_copy(self.base_model if start is None else start, self.triggers,
                                    self.code.codeword(code_index), self.splits.train, cfg,
                                    shuffle_seed=cfg.seed * 1_000_003 + int(code_index))
@@ -250,10 +282,10 @@ class BlackBoxProduct:
 
         def carries(path: Path, res) -> bool:
             try:
-                from nnmark.oracle import LocalOracle
+                from nnmark.blackbox.answers import ProbabilityOracle
 
-                rep = self.trace(LocalOracle(load_model(path, expect_spec=self.config.spec)[0]), stop="budget",
-                                 holders={res.code_index: res.customer})
+                rep = self.trace(ProbabilityOracle(load_model(path, expect_spec=self.config.spec)[0]),
+                                 stop="budget", holders={res.code_index: res.customer})
                 return res.customer in rep.named_customers
             except Exception:  # noqa: BLE001 - an unreadable file is simply not usable
                 return False
@@ -267,10 +299,11 @@ class BlackBoxProduct:
         """Trace the suspect behind ``oracle`` (:func:`nnmark.blackbox.trace.trace_oracle`) against every code of
         the capacity; named customers are the holders of the passing codes (default: the registry's).
         ``answers``: ``"auto"`` (soft when the oracle returns score rows, else labels) or ``"labels"``;
-        ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`)."""
+        ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`). Tilted products subtract the
+        base's logit differences (:attr:`reference`) from the suspect's."""
         return trace_oracle(oracle, self.code, self.triggers, holders=self.holders() if holders is None else holders,
                             alpha=self.config.alpha, budget=budget, looks=looks, stop=stop, top=top, answers=answers,
-                            temperature=temperature)
+                            temperature=temperature, reference=self.reference)
 
     def status(self) -> dict[str, Any]:
         return {"product": self.config.name, "code": f"tardos m={self.config.m}", "capacity": self.config.capacity,

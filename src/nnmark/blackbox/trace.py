@@ -111,7 +111,8 @@ class BlackBoxTraceReport:
 def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders: Mapping[int, str] | None = None,
                  alpha: float = DEFAULT_ALPHA, budget: int | None = None, looks: Sequence[int] | None = None,
                  stop: str = "first", top: int = 5, batch: int = 64, answers: str = "auto",
-                 temperature: float = DEFAULT_TEMPERATURE) -> BlackBoxTraceReport:
+                 temperature: float = DEFAULT_TEMPERATURE, reference: np.ndarray | None = None
+                 ) -> BlackBoxTraceReport:
     """Trace the suspect behind ``oracle`` (images ``(N, C, H, W)`` -> labels ``(N,)`` or score rows ``(N, K)``;
     e.g. :class:`~nnmark.oracle.LocalOracle`, :class:`~nnmark.blackbox.answers.ProbabilityOracle` or
     :class:`~nnmark.serving.client.HTTPOracle`).
@@ -120,7 +121,8 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
     named). ``budget``: most trigger queries (default: all ``m``). ``looks``: query counts of the looks
     (default :func:`look_schedule`); ``stop``: ``"first"`` or ``"budget"`` (module doc). ``batch``: images
     per request. ``answers``: ``"auto"`` (soft when the oracle gives score rows, else hard) or ``"labels"``
-    (always the arg-max); ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`). Returns a
+    (always the arg-max); ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`); ``reference``
+    ``(m,)``: logit differences subtracted from soft answers (tilted products: the base's). Returns a
     :class:`BlackBoxTraceReport`.
     """
     if stop not in STOPS:
@@ -129,6 +131,8 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
         raise NNMarkError(f"alpha must lie in (0, 1), got {alpha}")
     if triggers.m != code.m:
         raise NNMarkError(f"{triggers.m} triggers for a code of length {code.m}")
+    if reference is not None and np.shape(reference) != (code.m,):
+        raise NNMarkError(f"a reference of shape {np.shape(reference)} for {code.m} triggers")
     holders = dict(holders or {})
     budget = code.m if budget is None else min(int(budget), code.m)
     schedule = sorted({int(n) for n in (looks if looks is not None else look_schedule(budget))})
@@ -147,7 +151,8 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
         while asked < n:
             pos = triggers.order[asked:min(n, asked + batch)]
             out = oracle(triggers.x[torch.from_numpy(pos)])
-            weights[pos], kind = answer_weights(out, triggers.a[pos], triggers.b[pos], answers, temperature)
+            weights[pos], kind = answer_weights(out, triggers.a[pos], triggers.b[pos], answers, temperature,
+                                                None if reference is None else np.asarray(reference)[pos])
             if kind not in kinds:
                 kinds.append(kind)
             asked += len(pos)
@@ -179,4 +184,5 @@ def trace_oracle(oracle: Any, code: TardosCode, triggers: TriggerSet, *, holders
         time.perf_counter() - start, float(best[not_named].min()) if not_named.any() else 1.0,
         "+".join(kinds) or "labels",
         evidence={"unissued_codes_passing": unissued, "code": code.params(), "noise": triggers.noise,
-                  "schedule": schedule, "temperature": temperature if kinds != ["labels"] else None})
+                  "schedule": schedule, "temperature": temperature if kinds != ["labels"] else None,
+                  "reference": "base logit differences subtracted" if reference is not None else None})
