@@ -3,6 +3,11 @@
     .venv/bin/python experiments/outputs/fpr_study.py          # after mark_hosts.py (it reads its hosts)
     .venv/bin/python experiments/outputs/fpr_study.py --extractor keyed --cache /tmp/nnmark-outputs-keyed \
         --out experiments/results/outputs/fpr_keyed.json      # the keyed low-pass decoder
+    .venv/bin/python experiments/outputs/fpr_study.py --size 128 --cropped 1000 --cache <hosts> \
+        --out experiments/results/outputs/fpr_tiled128.json   # 128 px negatives read as 16 tiles each
+
+With ``--size`` S > 32 every negative is S x S and is read as verify reads it (aligned 32 px tiles averaged);
+``--cropped`` adds natural negatives after a crop keeping 1/4 with the rest zeroed (read over the kept tiles).
 
 Negatives (32x32, none made with the keys tested):
 - natural photo patches of the test and attacker photos (never used to train or calibrate the extractor);
@@ -57,6 +62,9 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--out", default="experiments/results/outputs/fpr.json")
     ap.add_argument("--extractor", default="shipped", help="'shipped', 'keyed' or an extractor .safetensors file")
+    ap.add_argument("--size", type=int, default=32, help="side of every negative (read as 32 px tiles)")
+    ap.add_argument("--cropped", type=int, default=0,
+                    help="also this many natural negatives after a crop keeping 1/4 (the rest zeroed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -69,12 +77,20 @@ def main() -> None:
     t0 = time.perf_counter()
     groups: dict[str, torch.Tensor] = {}
     half = args.natural // 2
-    groups["natural"] = torch.cat([natural_images(half, 32, 11, split="test"),
-                                   natural_images(args.natural - half, 32, 12, split="attacker")])
+    size = args.size
+    groups["natural"] = torch.cat([natural_images(half, size, 11, split="test"),
+                                   natural_images(args.natural - half, size, 12, split="attacker")])
+    if args.cropped:
+        from nnmark.outputs import augment
+
+        gen = torch.Generator().manual_seed(13)
+        nat = torch.cat([natural_images(args.cropped // 2, size, 14, split="test"),
+                         natural_images(args.cropped - args.cropped // 2, size, 15, split="attacker")])
+        groups["natural-crop0.25"] = torch.cat([augment.crop_keep(nat[i:i + 1], 0.25, gen) for i in range(len(nat))])
     cache = Path(args.cache)
     for task, kind in hosts.items():
-        xs = torch.cat([photo_patches(task, 32, "test", args.per_host // 2, seed=21)[0],
-                        photo_patches(task, 32, "attacker", args.per_host - args.per_host // 2, seed=22)[0]])
+        xs = torch.cat([photo_patches(task, size, "test", args.per_host // 2, seed=21)[0],
+                        photo_patches(task, size, "attacker", args.per_host - args.per_host // 2, seed=22)[0]])
         for state in ("unmarked", "marked"):
             f = cache / f"{task}-{kind}-{state}.pt"
             if not f.exists():
@@ -84,26 +100,37 @@ def main() -> None:
             host.load_state_dict(torch.load(f, weights_only=True))
             host.eval()
             with torch.no_grad():
-                out = torch.cat([host(xs[i:i + 256]).clamp(0, 1) for i in range(0, len(xs), 256)])
+                out = torch.cat([host(xs[i:i + 64]).clamp(0, 1) for i in range(0, len(xs), 64)])
             groups[f"{task}-{state}"] = (out * 255).round() / 255  # as saved to PNG
     negatives = torch.cat(list(groups.values()))
     print(f"{len(negatives)} negatives ({', '.join(f'{k}: {len(v)}' for k, v in groups.items())}) "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    def raw_logits(decoder: torch.nn.Module) -> torch.Tensor:
+    def per_image(ext: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means over each negative's tiles of the calibrated read-out ``W (d - mu)`` and of the raw logits
+        ``d`` (what verify averages), ``(N, k)`` each; chunks of 512 images."""
+        from nnmark.outputs.agnostic import prepare_images
+
+        cal, raw = [], []
         with torch.no_grad():
-            return torch.cat([decoder(negatives[i:i + 1024]) for i in range(0, len(negatives), 1024)])
+            for i in range(0, len(negatives), 512):
+                tiles, counts, _ = prepare_images(negatives[i:i + 512])
+                d = torch.cat([ext.decoder(tiles[j:j + 1024]) for j in range(0, len(tiles), 1024)])
+                cal += [q.mean(0) for q in ((d - ext.mu) @ ext.whiten.T).split(counts)]
+                raw += [q.mean(0) for q in d.split(counts)]
+        return torch.stack(cal), torch.stack(raw)
 
     result = {"negatives": {k: len(v) for k, v in groups.items()}, "n": len(negatives), "keys": {},
-              "extractor": args.extractor, "cache": args.cache}
-    if args.extractor != "keyed":  # one public decoder for every key
-        raw = raw_logits((load_shipped() if args.extractor == "shipped" else Extractor.load(args.extractor)).decoder)
+              "extractor": args.extractor, "cache": args.cache, "size": size}
+    keyed = args.extractor.startswith("keyed")
+    if not keyed:  # one public decoder for every key: its read-outs are computed once
+        cal, raw = per_image(load_shipped() if args.extractor == "shipped" else Extractor.load(args.extractor))
         result["raw_decoder_bits"] = bit_stats(raw)
     for i in range(args.keys):
         key = Key.from_seed(f"fpr-fixed-{i}")
         scheme = OutputMessage.create(key, None, extractor=args.extractor)
-        if args.extractor == "keyed":  # each key has its own decoder
-            raw = raw_logits(scheme.extractor.decoder)
-        r, _ = scheme.image_readouts(negatives)
+        if keyed:  # each key has its own decoder
+            cal, raw = per_image(scheme.extractor)
+        r = cal @ scheme.rotation.T - scheme.centre  # = scheme.image_readouts(negatives), rotation being linear
         matches = (((r > 0).long().numpy()) == scheme.message[None]).sum(1)
         raw_matches = (((raw > 0).long().numpy()) == scheme.message[None]).sum(1)
         per_group, start = {}, 0
