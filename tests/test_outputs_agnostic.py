@@ -256,3 +256,18 @@ def test_a_large_output_is_read_over_its_tiles_and_a_kept_quarter_still_claims(m
         m = s.matches(torch.cat([nat, cropped]))
         assert m.max() < need and 18 <= m[:32].mean() <= 30
         assert s is scheme or not s.verify([big]).owned
+
+
+def test_training_windows_sit_on_the_8_px_phase():
+    """Fine-tuning on large patches reads random 32 px windows whose offsets are multiples of 8 (the phase the
+    decoders and the U-Net share), each a true slice of the image."""
+    from nnmark.outputs.agnostic import random_windows
+
+    img = torch.arange(2 * 64 * 64, dtype=torch.float32).view(2, 1, 64, 64)
+    w = random_windows(img, 32, 20, torch.Generator().manual_seed(0))
+    assert w.shape == (40, 1, 32, 32)
+    offsets = {(int(t[0, 0, 0]) // 64 % 64, int(t[0, 0, 0]) % 64) for t in w[::2]}
+    assert all(r % 8 == 0 and c % 8 == 0 and r <= 32 and c <= 32 for r, c in offsets) and len(offsets) > 3
+    for t, start in zip(w[::2], w[::2, 0, 0, 0], strict=True):
+        r, c = int(start) // 64, int(start) % 64
+        assert torch.equal(t, img[0, :, r:r + 32, c:c + 32])
