@@ -107,7 +107,8 @@ def test_cli_verify_folder_and_hostile_files(marked, tmp_path):
     res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect")])
     assert res.exit_code == 0, res.output
     assert "OWNED" in res.output and "secret" not in res.output
-    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect"), "--size", "32x32"])
+    res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect"), "--size", "32x32",
+                              "--phases", "2"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["outputs", "verify", "--key", str(key), str(tmp_path / "suspect"), "--size", "big"])
     assert res.exit_code != 0 and "HxW" in str(res.exception or res.output)
@@ -271,3 +272,18 @@ def test_training_windows_sit_on_the_8_px_phase():
     for t, start in zip(w[::2], w[::2, 0, 0, 0], strict=True):
         r, c = int(start) // 64, int(start) % 64
         assert torch.equal(t, img[0, :, r:r + 32, c:c + 32])
+
+
+def test_reading_shifted_phases_finds_a_shifted_mark_at_a_bonferroni_price(marked):
+    """A thief who shifts the image by 2 px moves the tile grid off the mark; reading the 16 phases 0..3 px
+    finds it again, its p multiplied by 16; clean 128 px photos under other keys stay unclaimed."""
+    scheme, _, out, _ = marked
+    big = out.view(4, 4, 3, 32, 32).permute(2, 0, 3, 1, 4).reshape(3, 128, 128)
+    shifted = torch.nn.functional.pad(big[None], (2, 0, 2, 0), mode="replicate")[0, :, :128, :128]
+    one, many = scheme.verify([shifted]), scheme.verify([shifted], phases=4)
+    assert many.owned and many.details["phase"] == [2, 2] and many.details["phases_read"] == 16
+    assert many.p_value == pytest.approx(16 * many.details["p_best_phase"])
+    assert one.p_value > many.details["p_best_phase"]
+    nat = list(natural_images(4, 128, seed=22))
+    other = OutputMessage.create(Key.from_seed("tiled-other-0"), None)
+    assert not other.verify(nat, phases=4).owned and not other.verify([big], phases=4).owned

@@ -224,7 +224,10 @@ def attack(in_dir: str, out_dir: str, crop: float | None, noise: float | None, j
 @click.option("--size", "resize_to", default=None, metavar="HxW",
               help="output-message: resize every image to the host's output size HxW before it is read tile by tile "
                    "(undoes a rescale)")
-def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, resize_to: str | None) -> None:
+@click.option("--phases", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="output-message: also read the tile grid shifted by 0..N-1 px (N*N reads, p times N*N)")
+def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, resize_to: str | None,
+           phases: int) -> None:
     """Test whether the images of FOLDER were made by the host marked with this key (all together). Large
     images are read as 32 x 32 tiles (output-message: only the tiles inside what a zeroing crop kept)."""
     from nnmark.schemes.base import load_scheme
@@ -244,6 +247,10 @@ def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, 
         if not (8 <= h <= 4096 and 8 <= w <= 4096):
             raise NNMarkError("--size: each side 8..4096 pixels")
         options["size"] = (h, w)
+    if phases > 1:
+        if scheme.name != "output-message":
+            raise NNMarkError("--phases is read by output-message keys only")
+        options["phases"] = phases
     images, names = read_image_folder(folder)
     verdict = scheme.verify(images, alpha=alpha, **options)
     singles = [(name, scheme.verify([img], alpha=alpha, **options))

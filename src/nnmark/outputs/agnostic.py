@@ -404,11 +404,14 @@ class OutputMessage(Scheme):
 
     # -- verification -------------------------------------------------------------
     def verify(self, target: Any, *, alpha: float = 1e-6, inputs: torch.Tensor | None = None,
-               size: tuple[int, int] | None = None, **kwargs: Any) -> Verdict:
+               size: tuple[int, int] | None = None, phases: int = 1, **kwargs: Any) -> Verdict:
         """Verdict on suspect images: ``target`` is ``(N, C, H, W)`` images in [0, 1], a list of
         ``(C, H, W)`` images, or a model / oracle answered with ``inputs``. All images are read together
         (one image: a batch of one); ``p = P[Binomial(k, 1/2) >= matched bits]``. ``size`` ``(H, W)``: the
-        host's output size, to which every image is resized before tiling (undoes a rescale)."""
+        host's output size, to which every image is resized before tiling (undoes a rescale).
+        ``phases`` P > 1: the tile grid is also read shifted by 0..P-1 pixels down and right (P**2 reads, for
+        images shifted by a few pixels, against which a mark locked to the grid's phase is fragile); the
+        verdict's p is the smallest p times P**2 (Bonferroni, valid whatever the reads' dependence)."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
         t0 = time.perf_counter()
@@ -421,11 +424,25 @@ class OutputMessage(Scheme):
                 images = target(inputs).clamp(0.0, 1.0)
         else:
             raise SchemeError(f"cannot verify a {type(target).__name__}: give images or a model with inputs")
-        r, notes = self.image_readouts(images, size)
-        bits = (r.mean(0) > 0).long().numpy()
-        verdict = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha, details={
-            "images": len(r), "conversions": notes, "extractor": self.extractor_name,
-            "seconds": time.perf_counter() - t0})
+        if not 1 <= int(phases) <= 8:
+            raise SchemeError(f"phases must be 1..8, got {phases}")
+        best, notes, n_img = None, [], 0
+        for dy in range(int(phases)):
+            for dx in range(int(phases)):
+                shifted = images[..., dy:, dx:] if isinstance(images, torch.Tensor) else \
+                    [img[..., dy:, dx:] for img in images]
+                r, read_notes = self.image_readouts(shifted, size)
+                bits = (r.mean(0) > 0).long().numpy()
+                v = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha)
+                if best is None or v.p_value < best[0].p_value:
+                    best, notes, n_img = (v, (dy, dx)), read_notes, len(r)
+        v, phase = best
+        reads = int(phases) ** 2
+        p = min(1.0, v.p_value * reads)
+        verdict = Verdict(v.scheme, bool(p < alpha), p, alpha, v.statistic, v.n, v.null_hypothesis, {
+            **v.details, "images": n_img, "conversions": notes, "extractor": self.extractor_name,
+            "seconds": time.perf_counter() - t0,
+            **({"phases_read": reads, "phase": list(phase), "p_best_phase": v.p_value} if reads > 1 else {})})
         null = (f"the images were not made by a host marked with this key: the key's {self.bits}-bit message is "
                 "uniform and independent of them (the key committed before they existed), so each decoded bit "
                 "matches with probability 1/2 independently -- exact over the key's randomness; for one fixed "
