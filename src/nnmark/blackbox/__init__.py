@@ -3,6 +3,7 @@
 - :mod:`nnmark.codes.tardos` -- the Tardos code (arcsine biases with a cutoff, symmetric accusation score).
 - :mod:`nnmark.blackbox.triggers` -- keyed in-distribution trigger queries, two keyed labels each.
 - :mod:`nnmark.blackbox.issue` -- a customer's copy: a short fine-tune that answers the triggers by its codeword.
+- :mod:`nnmark.blackbox.tilt` -- or a closed-form tilt of the output layer (no training; exact under averaging).
 - :mod:`nnmark.blackbox.null` -- the exact null distribution of a score and its p-value.
 - :mod:`nnmark.blackbox.trace` -- tracing through an oracle with a query budget and sequential looks.
 - :mod:`nnmark.blackbox.product` -- :class:`BlackBoxProduct`: key, code, triggers, registry; issue and trace.
