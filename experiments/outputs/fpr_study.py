@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="side of every negative (read as 32 px tiles)")
     ap.add_argument("--cropped", type=int, default=0,
                     help="also this many natural negatives after a crop keeping 1/4 (the rest zeroed)")
+    ap.add_argument("--save-readouts", default="",
+                    help="also save the per-image calibrated read-outs and group names (.npz; shared decoders only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -125,6 +127,9 @@ def main() -> None:
     if not keyed:  # one public decoder for every key: its read-outs are computed once
         cal, raw = per_image(load_shipped() if args.extractor == "shipped" else Extractor.load(args.extractor))
         result["raw_decoder_bits"] = bit_stats(raw)
+        if args.save_readouts:
+            names = np.concatenate([[k] * len(v) for k, v in groups.items()])
+            np.savez(args.save_readouts, cal=cal.numpy(), group=names)
     for i in range(args.keys):
         key = Key.from_seed(f"fpr-fixed-{i}")
         scheme = OutputMessage.create(key, None, extractor=args.extractor)
