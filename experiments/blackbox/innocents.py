@@ -32,6 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prod", default="/tmp/nnmark-blackbox-exp/prod_m512d")
     ap.add_argument("--clean", default="/tmp/nnmark-blackbox-exp/clean1.safetensors")
+    ap.add_argument("--max-work", type=float, default=None,
+                    help="the exact DP's budget (default nnmark's; raise it for m > 512 soft answers, which otherwise "
+                    "fall back to the conservative Chernoff bound)")
     args = ap.parse_args()
     prod = BlackBoxProduct.open(args.prod)
     trig, code = prod.triggers, prod.code
@@ -41,6 +44,8 @@ def main() -> None:
     suspects = {
         "average2": (combine_models(models[:2], [0.5, 0.5]), [c.code_index for c in copies[:2]]),
         "average3": (combine_models(models[2:5], [1 / 3] * 3), [c.code_index for c in copies[2:5]]),
+        **({"average5": (combine_models(models[5:10], [0.2] * 5), [c.code_index for c in copies[5:10]])}
+           if len(models) >= 10 else {}),
         "clean": (load_model(args.clean)[0], []),
         "random-probabilities": (None, []),
     }
@@ -51,8 +56,8 @@ def main() -> None:
         else:
             probs = ProbabilityOracle(model)(trig.x).numpy()
         for mode in ("auto", "labels"):
-            w, kind = answer_weights(probs, trig.a, trig.b, mode=mode)
-            null = ScoreNull(code.biases, weights=w)
+            w, kind = answer_weights(probs, trig.a, trig.b, mode=mode, reference=prod.reference)
+            null = ScoreNull(code.biases, weights=w, **({"max_work": args.max_work} if args.max_work else {}))
             p = null.p_value(code.scores(weights=w))
             keep = np.ones(code.n_codes, dtype=bool)
             keep[colluders] = False
