@@ -60,7 +60,9 @@ def test_clean_models_the_base_labels_and_other_keys_name_nobody(tilt_shop, clea
         assert rep.named == [] and rep.status == "not-named"
     # a tilt lives in the scores: an API that shows labels only carries no evidence, and names nobody
     rep = prod.trace(LocalOracle(copies["ann"]), looks=[M])
-    assert rep.named == []
+    assert rep.named == [] and "labels only" in rep.evidence["warning"]
+    with pytest.raises(NNMarkError, match="scores"):
+        prod.trace(ProbabilityOracle(copies["ann"]), answers="labels")
     # the same copy under another vendor's key and triggers
     other = BlackBoxProduct.create(prod.root.parent / "other", prod.root / "base.safetensors",
                                    key=Key.from_seed("tilt-tests-other"), m=M, capacity=CAPACITY, colluders=3,

@@ -301,9 +301,18 @@ class BlackBoxProduct:
         ``answers``: ``"auto"`` (soft when the oracle returns score rows, else labels) or ``"labels"``;
         ``temperature``: of the soft weights (:mod:`nnmark.blackbox.answers`). Tilted products subtract the
         base's logit differences (:attr:`reference`) from the suspect's."""
-        return trace_oracle(oracle, self.code, self.triggers, holders=self.holders() if holders is None else holders,
-                            alpha=self.config.alpha, budget=budget, looks=looks, stop=stop, top=top, answers=answers,
-                            temperature=temperature, reference=self.reference)
+        tilted = self.issue_config.method == "tilt"
+        if tilted and answers == "labels":
+            raise BlackBoxError("this product's copies are tilted: they differ in their class scores, not their "
+                                "labels, so a trace must read scores (answers='auto' and an API that shows "
+                                "probabilities or logits)")
+        rep = trace_oracle(oracle, self.code, self.triggers, holders=self.holders() if holders is None else holders,
+                           alpha=self.config.alpha, budget=budget, looks=looks, stop=stop, top=top, answers=answers,
+                           temperature=temperature, reference=self.reference)
+        if tilted and rep.answers_read == "labels":
+            rep.evidence["warning"] = ("the API answered labels only; this product's tilted copies differ in their "
+                                       "scores, so these answers carry no evidence (nobody can be named)")
+        return rep
 
     def status(self) -> dict[str, Any]:
         return {"product": self.config.name, "code": f"tardos m={self.config.m}", "capacity": self.config.capacity,
