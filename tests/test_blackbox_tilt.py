@@ -140,3 +140,31 @@ def test_cli_issues_tilted_copies_and_traces_their_average(tmp_path, clean_model
     r = cli("fingerprint", "issue", "--product", tmp_path / "bad", "--base", base, "--customers", "1",
             "--code", "tardos:64", "--issue-method", "tilt", "--tilt-delta", "-1", "--key-seed", "x")
     assert r.returncode != 0 and "delta" in r.stderr
+
+
+def test_lying_apis_name_nobody_through_the_reference(tilt_shop) -> None:
+    """Crafted score rows (NaN, +-1e30 logits, the bare reference itself) against a tilted product: the
+    reference subtraction keeps every innocent's null exact, so nobody is named."""
+    prod, _ = tilt_shop
+    rng = np.random.default_rng(3)
+
+    def api(kind: str):
+        def answer(x: torch.Tensor) -> torch.Tensor:
+            n = len(x)
+            if kind == "nan":
+                return torch.full((n, 10), float("nan"))
+            if kind == "huge":
+                return torch.from_numpy(rng.choice([-1e30, 1e30], size=(n, 10)))
+            return torch.from_numpy(rng.normal(0, 5, size=(n, 10)))  # random logits
+        return answer
+
+    for kind in ("nan", "huge", "random"):
+        rep = prod.trace(api(kind), looks=[M])
+        assert rep.named == [], kind
+    # an API that answers the base's own logits (shifted by a constant): d - d0 = 0, no evidence, nobody named
+    def base_api(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return prod.base_model(x) + 3.0
+
+    rep = prod.trace(base_api, looks=[M])
+    assert rep.named == [] and rep.min_p_not_named > 1e-6
