@@ -50,6 +50,23 @@ def test_clean_images_are_not_claimed_under_several_keys(marked):
         p = s.p_values(nat)
         assert (p < 1e-6).sum() == 0
         assert 18 <= s.matches(nat).mean() <= 30  # about k/2 = 24 of 48
+        soft = s.p_values(nat, test="soft")  # the soft sign test claims no clean image either
+        assert (soft < 1e-6).sum() == 0  # (its fixed-key rates at 1e-2 / 1e-3: experiments/outputs/fpr_study.py)
+        assert not s.verify(clean[:16], test="soft").owned
+
+
+def test_soft_test_claims_the_marked_outputs_with_more_power(marked):
+    """Weighing each bit by its read-out's margin: the owner's batch is claimed, and single outputs reach
+    p < 1e-6 at least as often as by counting signs; another key's soft test claims nothing."""
+    scheme, _, out, _ = marked
+    v = scheme.verify(out[:16], test="soft")
+    assert v.owned and v.details["binomial_p"] >= v.p_value * 0.5 and "soft sign test" in v.null_hypothesis
+    noisy = augment.gaussian_noise(out, 0.05, torch.Generator().manual_seed(0))
+    assert (scheme.p_values(noisy, test="soft") < 1e-6).sum() >= (scheme.p_values(noisy) < 1e-6).sum()
+    other = OutputMessage.create(Key.from_seed("test-output-other-soft"), None)
+    assert not other.verify(out[:16], test="soft").owned and (other.p_values(out, test="soft") < 1e-3).sum() == 0
+    with pytest.raises(Exception, match="unknown test"):
+        scheme.verify(out[:16], test="bayes")
 
 
 def test_the_public_decoder_alone_does_not_reveal_the_message(marked):

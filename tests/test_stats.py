@@ -68,3 +68,43 @@ def test_hit_rate_verdict_uniform_null_is_calibrated():
 def test_queries_to_significance():
     assert queries_to_significance(np.ones(20), 0.1, 1e-6) == 7
     assert queries_to_significance(np.zeros(20), 0.1, 1e-6) is None
+
+
+def test_rademacher_tail_is_exact_for_equal_weights_and_never_below_the_true_tail():
+    """Equal weights give the binomial tail; random weights: the bound sits at or above the tail counted over
+    all 2**12 sign patterns, and close to it."""
+    import itertools
+
+    from nnmark.stats import binomial_tail, rademacher_tail
+
+    for k in (24, 30, 41, 48):
+        assert rademacher_tail(np.ones(48), 2 * k - 48) == pytest.approx(binomial_tail(k, 48, 0.5), rel=1e-9)
+    rng = np.random.default_rng(0)
+    signs = np.array(list(itertools.product([-1.0, 1.0], repeat=12)))
+    for _ in range(3):
+        w = rng.uniform(0.0, 3.0, 12)
+        sums = signs @ w
+        for s in (0.0, 2.0, 6.0, 12.0, float(w.sum())):
+            exact = float((sums >= s - 1e-12).mean())
+            assert exact <= rademacher_tail(w, s) <= exact + 0.01
+    assert rademacher_tail(np.zeros(5), 0.0) == 1.0
+    with pytest.raises(ValueError):
+        rademacher_tail(np.array([1.0, -1.0]), 0.0)
+
+
+def test_soft_bit_verdict_holds_its_level_over_random_messages():
+    """Under H0 (a uniform message independent of the read-outs) the soft test's p is valid: over 4,000 draws,
+    heavy-tailed read-outs included, P[p <= a] <= a (within sampling error) at a = 0.05 and 0.01."""
+    from nnmark.stats import soft_bit_verdict
+
+    rng = np.random.default_rng(1)
+    ps = []
+    for i in range(4000):
+        r = rng.standard_t(2, 48) * (1 + (i % 3))  # any read-outs: the message is what is random
+        m = rng.integers(0, 2, 48)
+        ps.append(soft_bit_verdict(r, m, scheme="t").p_value)
+    ps = np.array(ps)
+    assert (ps <= 0.05).mean() <= 0.05 + 0.01 and (ps <= 0.01).mean() <= 0.01 + 0.005
+    assert (ps <= 0.05).mean() >= 0.03  # and not uselessly conservative
+    with pytest.raises(ValueError):
+        soft_bit_verdict(np.array([np.nan, 1.0]), np.array([0, 1]), scheme="t")

@@ -226,8 +226,11 @@ def attack(in_dir: str, out_dir: str, crop: float | None, noise: float | None, j
                    "(undoes a rescale)")
 @click.option("--phases", default=1, show_default=True, type=click.IntRange(1, 8),
               help="output-message: also read the tile grid shifted by 0..N-1 px (N*N reads, p times N*N)")
+@click.option("--test", "test", type=click.Choice(["binomial", "soft"]), default="binomial", show_default=True,
+              help="output-message: count matched bits (binomial) or weigh each bit by its read-out's margin (soft "
+                   "sign test; same null)")
 def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, resize_to: str | None,
-           phases: int) -> None:
+           phases: int, test: str) -> None:
     """Test whether the images of FOLDER were made by the host marked with this key (all together). Large
     images are read as 32 x 32 tiles (output-message: only the tiles inside what a zeroing crop kept)."""
     from nnmark.schemes.base import load_scheme
@@ -251,6 +254,10 @@ def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, 
         if scheme.name != "output-message":
             raise NNMarkError("--phases is read by output-message keys only")
         options["phases"] = phases
+    if test != "binomial":
+        if scheme.name != "output-message":
+            raise NNMarkError("--test is read by output-message keys only")
+        options["test"] = test
     images, names = read_image_folder(folder)
     verdict = scheme.verify(images, alpha=alpha, **options)
     singles = [(name, scheme.verify([img], alpha=alpha, **options))

@@ -155,6 +155,81 @@ def bit_match_verdict(
     )
 
 
+def rademacher_tail(weights: np.ndarray, s: float, grid: int = 8192) -> float:
+    """An upper bound on ``P[sum_i eps_i w_i >= s]`` for independent fair signs ``eps_i`` and the fixed weights
+    ``w_i >= 0`` (1-D), tight to ``n * max(w) / grid``-ish: the weights are rounded to a grid of step
+    ``d = sum(w) / grid``, the exact distribution of the rounded sum is built by convolution (``grid`` + n
+    points), and ``s`` is lowered by the largest rounding error ``n d / 2`` first, so the result is never
+    below the true tail (a valid p-value). Equal weights give the binomial tail."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("weights must be a non-empty array of finite numbers >= 0")
+    total = float(w.sum())
+    if total <= 0.0:
+        return 1.0 if s <= 0 else 0.0
+    d = total / int(grid)
+    q = np.rint(w / d).astype(np.int64)
+    off = int(q.sum())
+    dist = np.zeros(2 * off + 1)
+    dist[off] = 1.0
+    for qi in q[q > 0]:
+        dist = 0.5 * (np.concatenate([np.zeros(qi), dist[:-qi]]) + np.concatenate([dist[qi:], np.zeros(qi)]))
+    k = math.ceil((float(s) - 0.5 * w.size * d) / d - 1e-9)
+    if k <= -off:
+        return 1.0
+    if k > off:
+        return 0.0
+    return float(min(1.0, dist[k + off:].sum()))
+
+
+def soft_bit_verdict(
+    readout: np.ndarray,
+    message: np.ndarray,
+    *,
+    scheme: str,
+    alpha: float = 1e-6,
+    clip: float = 3.0,
+    details: dict[str, Any] | None = None,
+) -> Verdict:
+    """Verdict from soft read-outs: bit ``i`` is read as ``readout[i] > 0`` with confidence
+    ``w_i = min(|readout[i]|, clip)``; the statistic is ``S = sum_i (+w_i if bit i matches the message else -w_i)``
+    and ``p = P[S' >= S]`` for ``S' = sum_i eps_i w_i`` with fair independent signs (:func:`rademacher_tail`).
+
+    H0 is the binomial test's: the message is uniform and independent of the read-outs, so each bit matches with
+    probability 1/2 independently *whatever its confidence* -- then ``S`` given the ``w`` is exactly ``S'``. The
+    gain: a bit read with a large margin counts more than one read near zero (sign-counting throws the margins
+    away). ``clip`` (default 3, in the read-out's null standard deviations) bounds what one bit can weigh, so a
+    bit that a kind of innocent image pushes far from zero cannot dominate a fixed key's statistic."""
+    r = np.asarray(readout, dtype=np.float64).ravel()
+    message = np.asarray(message).astype(np.int64).ravel()
+    if r.shape != message.shape:
+        raise ValueError("read-outs and message differ in length")
+    if not np.all(np.isfinite(r)):
+        raise ValueError("read-outs must be finite")
+    w = np.minimum(np.abs(r), float(clip))
+    agree = np.where((r > 0).astype(np.int64) == message, 1.0, -1.0)
+    stat = float((agree * w).sum())
+    p = rademacher_tail(w, stat)
+    matches = int(((r > 0).astype(np.int64) == message).sum())
+    det = {"ber": 1.0 - matches / r.size, "matches": matches, "clip": float(clip),
+           "binomial_p": binomial_tail(matches, int(r.size), 0.5)}
+    det.update(details or {})
+    return Verdict(
+        scheme=scheme,
+        owned=bool(p < alpha),
+        p_value=p,
+        alpha=alpha,
+        statistic=stat,
+        n=int(r.size),
+        null_hypothesis=(
+            "the images were not made with this key: each read-out's sign matches the key's message with "
+            "probability 1/2 independently of its confidence (soft sign test, weights clipped at "
+            f"{float(clip):g})"
+        ),
+        details=det,
+    )
+
+
 def hit_rate_verdict(
     hits: int,
     n: int,

@@ -54,10 +54,12 @@ from nnmark.outputs.extractor import Extractor, calibration_images, load_shipped
 from nnmark.outputs.keyed_decoder import KeyedLowpassDecoder
 from nnmark.params import Param, Params
 from nnmark.schemes.base import Scheme
-from nnmark.stats import Verdict, bit_match_verdict
+from nnmark.stats import Verdict, bit_match_verdict, soft_bit_verdict
 from nnmark.train import TrainingHook
 
 TILE = 32
+#: the soft test's clip on one bit's weight, in null standard deviations of the calibrated read-out
+SOFT_CLIP = 3.0
 MAX_TILES_PER_IMAGE = 256
 CALIBRATION_PATCHES = 2048
 CALIBRATION_SEED = 7919
@@ -291,11 +293,20 @@ class OutputMessage(Scheme):
         return (bits == self.message[None]).sum(1)
 
     def p_values(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1,
-                 size: tuple[int, int] | None = None) -> np.ndarray:
-        """Binomial p-values per group (see :meth:`matches`)."""
+                 size: tuple[int, int] | None = None, test: str = "binomial") -> np.ndarray:
+        """p-values per group of ``group`` consecutive images: ``test="binomial"`` on the matched signs (see
+        :meth:`matches`), ``"soft"`` the soft sign test on the group's mean read-out
+        (:func:`~nnmark.stats.soft_bit_verdict`)."""
         from scipy import stats as sps
 
-        return sps.binom.sf(self.matches(images, group, size) - 1, self.bits, 0.5)
+        if test == "binomial":
+            return sps.binom.sf(self.matches(images, group, size) - 1, self.bits, 0.5)
+        if test != "soft":
+            raise SchemeError(f"unknown test {test!r}: 'binomial' or 'soft'")
+        r, _ = self.image_readouts(images, size)
+        n = len(r) // group * group
+        means = r[:n].view(-1, group, self.bits).mean(1).double().numpy()
+        return np.array([soft_bit_verdict(x, self.message, scheme=self.name, clip=SOFT_CLIP).p_value for x in means])
 
     # -- embedding ------------------------------------------------------------------
     def mark_loss(self, outputs: torch.Tensor, reference: torch.Tensor,
@@ -404,14 +415,19 @@ class OutputMessage(Scheme):
 
     # -- verification -------------------------------------------------------------
     def verify(self, target: Any, *, alpha: float = 1e-6, inputs: torch.Tensor | None = None,
-               size: tuple[int, int] | None = None, phases: int = 1, **kwargs: Any) -> Verdict:
+               size: tuple[int, int] | None = None, phases: int = 1, test: str = "binomial",
+               **kwargs: Any) -> Verdict:
         """Verdict on suspect images: ``target`` is ``(N, C, H, W)`` images in [0, 1], a list of
         ``(C, H, W)`` images, or a model / oracle answered with ``inputs``. All images are read together
         (one image: a batch of one); ``p = P[Binomial(k, 1/2) >= matched bits]``. ``size`` ``(H, W)``: the
         host's output size, to which every image is resized before tiling (undoes a rescale).
         ``phases`` P > 1: the tile grid is also read shifted by 0..P-1 pixels down and right (P**2 reads, for
         images shifted by a few pixels, against which a mark locked to the grid's phase is fragile); the
-        verdict's p is the smallest p times P**2 (Bonferroni, valid whatever the reads' dependence)."""
+        verdict's p is the smallest p times P**2 (Bonferroni, valid whatever the reads' dependence).
+        ``test``: ``"binomial"`` (default; counts matched signs) or ``"soft"`` (the soft sign test of
+        :func:`~nnmark.stats.soft_bit_verdict`: each bit weighted by its read-out's margin, clipped at
+        :data:`SOFT_CLIP`; the same null, exact over the key's randomness, and more power when wrong bits are
+        read near zero -- measured in experiments/results/outputs/README.md)."""
         if kwargs:
             raise SchemeError(f"unknown verify option(s): {', '.join(sorted(kwargs))}")
         t0 = time.perf_counter()
@@ -424,6 +440,8 @@ class OutputMessage(Scheme):
                 images = target(inputs).clamp(0.0, 1.0)
         else:
             raise SchemeError(f"cannot verify a {type(target).__name__}: give images or a model with inputs")
+        if test not in ("binomial", "soft"):
+            raise SchemeError(f"unknown test {test!r}: 'binomial' or 'soft'")
         if not 1 <= int(phases) <= 8:
             raise SchemeError(f"phases must be 1..8, got {phases}")
         best, notes, n_img = None, [], 0
@@ -432,8 +450,12 @@ class OutputMessage(Scheme):
                 shifted = images[..., dy:, dx:] if isinstance(images, torch.Tensor) else \
                     [img[..., dy:, dx:] for img in images]
                 r, read_notes = self.image_readouts(shifted, size)
-                bits = (r.mean(0) > 0).long().numpy()
-                v = bit_match_verdict(bits, self.message, scheme=self.name, alpha=alpha)
+                if test == "soft":
+                    v = soft_bit_verdict(r.mean(0).double().numpy(), self.message, scheme=self.name, alpha=alpha,
+                                         clip=SOFT_CLIP)
+                else:
+                    v = bit_match_verdict((r.mean(0) > 0).long().numpy(), self.message, scheme=self.name,
+                                          alpha=alpha)
                 if best is None or v.p_value < best[0].p_value:
                     best, notes, n_img = (v, (dy, dx)), read_notes, len(r)
         v, phase = best
@@ -447,6 +469,10 @@ class OutputMessage(Scheme):
                 "uniform and independent of them (the key committed before they existed), so each decoded bit "
                 "matches with probability 1/2 independently -- exact over the key's randomness; for one fixed "
                 "key the rate measured on >= 10,000 negatives is in experiments/results/outputs/fpr.json")
+        if test == "soft":
+            null += (f"; soft sign test: each bit weighted by its read-out's margin (clipped at {SOFT_CLIP:g}), "
+                     "exact given the margins since each sign matches with probability 1/2 whatever its margin; "
+                     "fixed-key rates in experiments/results/outputs/fpr_soft.json")
         sides = [max(size)] if size is not None else \
             [max(img.shape[-2:]) for img in (images if isinstance(images, (list, tuple)) else images[:1])]
         if max(sides) > TILE:
