@@ -263,6 +263,23 @@ def test_marking_a_further_host_keeps_the_extractor_fixed(wu_tiny):
     assert any(p.requires_grad for p in scheme.extractor.parameters())
 
 
+def test_extra_negatives_are_one_more_group_of_blanks(wu_tiny):
+    """``embed(extra_negatives=...)`` (E taught e.g. other keys' marks as blanks): every step E also reads
+    ``batch`` of the extra images, next to the marked outputs, the photos and G0's outputs; other sizes refused."""
+    scheme, unmarked, _, _, _ = wu_tiny
+    s = scheme.with_read_size(SIZE)  # a copy: the same key and E
+    with pytest.raises(SchemeError):
+        s.training_hook(natural_images(8, SIZE, 0, split="val"), extra_negatives=torch.zeros(2, 3, 2 * SIZE, 2 * SIZE))
+    seen = []
+    features = s.extractor.image_features
+    s.extractor.image_features = lambda imgs: (seen.append(imgs), features(imgs))[1]
+    extra = torch.full((8, 3, SIZE, SIZE), 0.5)
+    x, y = photo_patches("sr2", SIZE, "train", 16, 5)
+    s.embed(copy.deepcopy(unmarked), ImageDataset(x, y, 0),
+            TrainConfig(epochs=1, batch_size=8, max_steps=2, progress=False),
+            natural=natural_images(16, SIZE, 2, split="val"), extra_negatives=extra)
+    assert len(seen) == 2 and all(v.shape[0] == 4 * 8 and torch.equal(v[3 * 8:], extra) for v in seen)
+
 def test_larger_images_read_as_the_mean_of_their_tiles(wu_marked, tmp_path):
     """``read_size`` 64 with the shipped 32 px E: one statistic per 64 px image, the mean of its 4 aligned tiles'
     statistics, calibrated on 64 px negatives (photos, unmarked outputs); marked outputs of other photos are

@@ -9,10 +9,12 @@
 The key is the committed 32 px key of ``wu_fpr_study.MODELS`` (its E, its secret), read at 128 px through
 :meth:`OutputWu.with_read_size` and calibrated exactly as ``wu_fpr_study.py --read-size 128`` does (same kinds,
 same seeds: test photos, the key's unmarked host and its second-key host on held-out test inputs, each in the 9
-conditions, ``--calibrate`` per kind; the null is pooled over those 3 kinds). Then, for every attack (real Pillow
-JPEG 50 / 80, Gaussian noise 0.05 / 0.1, crop keeping 1/2 and 1/4 of the area with the rest zeroed, x0.5
-down-up resize; each image attacked on its own, crop positions and noise drawn per image from ``--seed``, the
-result quantised to 8 bits as a saved image would be):
+conditions, ``--calibrate`` per kind; the null is pooled over those 3 kinds), or with ``--by-kind`` as
+``wu_fpr_study.py --by-kind`` does (every kind of ``wu_fpr_study.negatives`` but the attacker and grey photos and
+the third-key host, each kind its own condition). Then, for every attack (real Pillow JPEG 50 / 80, Gaussian noise
+0.05 / 0.1, crop keeping 1/2 and 1/4 of the area with the rest zeroed, x0.5 down-up resize; each image attacked on
+its own, crop positions and noise drawn per image from ``--seed``, the result quantised to 8 bits as a saved image
+would be):
 
 - detection: the share of the marked host's 128 px outputs on held-out test / attacker inputs (never trained on,
   never calibrated on) whose single-image p-value is below alpha 1e-2 and 1e-3; an image that ``verify`` would
@@ -94,6 +96,22 @@ def calibrate_128(scheme32: OutputWu, task: str, kind: str, folder: Path, size: 
                     "smallest_p": scheme.min_alpha(1)}
 
 
+def calibrate_by_kind(scheme32: OutputWu, task: str, size: int, n: int, cache: Path | None) -> tuple[OutputWu, dict]:
+    """``wu_fpr_study.py --by-kind --read-size`` 's calibration: ``n`` negatives of every kind of
+    ``wu_fpr_study.negatives`` (seed 303) except the attacker and grey photos and the third-key host, each kind
+    its own condition in each of the 9 distortions."""
+    scheme = scheme32.with_read_size(size)
+    kinds = {k: v for k, v in negatives(task, size, n, n, 303, cache, third=False).items()
+             if k not in ("natural: attacker photo", "natural: other bundled grey photos")}
+    t = time.perf_counter()
+    scheme.calibrate(negatives=kinds, by_kind=True)
+    return scheme, {"kinds": {k: len(v) for k, v in kinds.items()}, "by_kind": True,
+                    "conditions": {k: len(v) for k, v in scheme.null_by_condition().items()},
+                    "seconds": time.perf_counter() - t,
+                    "threshold": {f"{a:g}": scheme.threshold(a) for a in ALPHAS},
+                    "smallest_p": scheme.min_alpha(1)}
+
+
 def measure(scheme: OutputWu, marked: torch.Tensor, neg: dict[str, torch.Tensor], seed: int) -> dict:
     """Detection of ``marked`` and claims on ``neg`` under every attack of :data:`ATTACKS`."""
     out = {}
@@ -106,9 +124,13 @@ def measure(scheme: OutputWu, marked: torch.Tensor, neg: dict[str, torch.Tensor]
         pm = p_values(scheme, st)
         det = {"n": len(pm), "refused_as_noisy": int(ref.sum()), "statistic_mean": float(st.mean()),
                "statistic_min": float(st.min()), "statistic_p05": float(np.quantile(st.numpy(), 0.05))}
+        half = len(pm) - len(pm) // 2  # inputs(): the test photos first, then the attacker photo
         for al in ALPHAS:
-            k = int(((pm < al) & ~ref).sum())
-            det[f"{al:g}"] = {"detected": k, "rate": k / len(pm), "ci99": interval(k, len(pm))}
+            hit = (pm < al) & ~ref
+            k = int(hit.sum())
+            det[f"{al:g}"] = {"detected": k, "rate": k / len(pm), "ci99": interval(k, len(pm)),
+                              "rate_test_photos": float(hit[:half].mean()),
+                              "rate_attacker_photo": float(hit[half:].mean())}
         rows, all_p, all_ref, neg_max = {}, [], [], -np.inf
         for i, (kname, imgs) in enumerate(neg.items()):
             x = attacked(imgs, a, seed + 1000 * j + 17 + i)
@@ -143,17 +165,23 @@ def pct(x: float) -> str:
 
 
 def table(d: dict) -> str:
-    big, small = d["read_size"], d["small"]["read_size"]
-    lines = [f"Key `{d['key_task']}` ({d['key_id']}); {big} px: mean of {(big // small) ** 2} tiles, null pooled over "
+    big, small = d["read_size"], 32
+    how = "by kind" if d["calibration"].get("by_kind") else "pooled over"
+    lines = [f"Key `{d['key_task']}` ({d['key_id']}); {big} px: mean of {(big // small) ** 2} tiles, null {how} "
              f"{len(d['calibration']['kinds'])} kinds x 9 conditions, {min(d['calibration']['conditions'].values())} "
              f"per condition, thresholds {d['calibration']['threshold']['0.01']:.3f} / "
-             f"{d['calibration']['threshold']['0.001']:.3f}; {small} px: one tile, the committed calibration "
-             f"(thresholds {d['small']['threshold']['0.01']:.3f} / {d['small']['threshold']['0.001']:.3f}).", "",
+             f"{d['calibration']['threshold']['0.001']:.3f}"
+             + (f"; {small} px: one tile, the committed calibration (thresholds {d['small']['threshold']['0.01']:.3f}"
+                f" / {d['small']['threshold']['0.001']:.3f})." if "small" in d else "; 32 px not run."), "",
              f"| attack | {big} px detected 1e-2 / 1e-3 | {big} px negatives claimed 1e-2 / 1e-3 [99% CI at 1e-2] | "
              f"{big} px min marked / max negative | {small} px detected 1e-2 / 1e-3 | {small} px claimed 1e-2 / 1e-3 |",
              "|---|---|---|---|---|---|"]
     for name, r in d["large"]["attacks"].items():
-        s = d["small"]["attacks"][name]
+        if "small" not in d:
+            s = {"detection": {"0.01": {"rate": float("nan")}, "0.001": {"rate": float("nan")}, "refused_as_noisy": 0},
+                 "all_negatives": {"0.01": {"claims": "-"}, "0.001": {"claims": "-"}, "n": "-"}}
+        else:
+            s = d["small"]["attacks"][name]
         det, neg = r["detection"], r["all_negatives"]
         lines.append(
             f"| {name} | {pct(det['0.01']['rate'])} / {pct(det['0.001']['rate'])}"
@@ -180,6 +208,8 @@ def main() -> None:
     ap.add_argument("--marked", type=int, default=400, help="marked outputs, large and 32 px each")
     ap.add_argument("--message-cache", default=None, help="mark_hosts.py cache with output-message marked hosts")
     ap.add_argument("--seed", type=int, default=12800)
+    ap.add_argument("--by-kind", action="store_true", help="calibrate the large null by kind (calibrate_by_kind)")
+    ap.add_argument("--skip-small", action="store_true", help="do not measure single 32 px tiles")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.table:
@@ -197,11 +227,16 @@ def main() -> None:
     res: dict = {"command_args": vars(args), "key_task": args.key_task, "key_id": scheme32.key.key_id,
                  "key_folder": str(folder.relative_to(RESULTS.parents[2])), "read_size": args.read_size,
                  "attack_seed": args.seed}
-    scheme, cal = calibrate_128(scheme32, args.key_task, kind, folder, args.read_size, args.calibrate)
+    if args.by_kind:
+        scheme, cal = calibrate_by_kind(scheme32, args.key_task, args.read_size, args.calibrate, cache)
+    else:
+        scheme, cal = calibrate_128(scheme32, args.key_task, kind, folder, args.read_size, args.calibrate)
     res["calibration"] = cal
     print("calibrated", cal, flush=True)
-    for size, sch, n_neg, label in ((args.read_size, scheme, args.per_kind, "large"),
-                                    (scheme32.image_size, scheme32, args.per_kind_small, "small")):
+    runs = [(args.read_size, scheme, args.per_kind, "large")]
+    if not args.skip_small:
+        runs.append((scheme32.image_size, scheme32, args.per_kind_small, "small"))
+    for size, sch, n_neg, label in runs:
         t = time.perf_counter()
         marked = host_outputs(marked_host, inputs(args.key_task, size, args.marked, 7001))
         # held-out negatives: wu_fpr_study's kinds at another seed than its calibration (303) and study (9001)

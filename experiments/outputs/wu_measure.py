@@ -14,6 +14,19 @@ recovery (BER of the binary watermark's sign / PSNR of the colour one), key sens
 bits) and robustness (noise, crop, real JPEG, resize). Each attack's false-positive rate is measured on the
 evaluation negatives attacked the same way, at the per-condition threshold (the scheme's) and, for comparison,
 at the single pooled threshold of earlier versions (every negative distorted once, the distortions in turn).
+
+E taught other keys' marks as blanks (``--negative-host``), from the shipped G0 (``--host-from``), then counted
+the ``wu_fpr_study.py`` way against the shipped key (``--count-fpr``: both keys recalibrated on the same
+negatives, pooled and by kind, claims per kind over the study's >= 15,000 held-out negatives):
+
+    F=experiments/results/outputs/wu_sr2_binary_model; C=experiments/results/outputs/wu_colourise_resnet_model
+    D=experiments/results/outputs/wu_denoise_resnet_model
+    .venv/bin/python experiments/outputs/wu_measure.py --task sr2 --steps 1500 --host-from $F \
+        --key-seed wu-sr2-owner-othernegs --negative-host sr2=$F/other_key_host.safetensors \
+        --negative-host colourise=$C/other_key_host.safetensors --negative-host denoise=$D/other_key_host.safetensors \
+        --save /tmp/wu128/sr2_othernegs_model --out experiments/results/outputs/wu_sr2_othernegs.json
+    .venv/bin/python experiments/outputs/wu_measure.py --task sr2 --count-fpr $F /tmp/wu128/sr2_othernegs_model \
+        --message-cache /tmp/nnmark-outputs --out experiments/results/outputs/wu_sr2_othernegs_fpr.json
 """
 
 from __future__ import annotations
@@ -56,14 +69,93 @@ def metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"psnr_mean": float(np.mean(ps)), "psnr_min": float(np.min(ps)), "ssim_mean": float(np.mean(ss))}
 
 
-def mark(key: Key, g0, x, y, args, params):
+def mark(key: Key, g0, x, y, args, params, extra=None):
     g = copy.deepcopy(g0)
     scheme = OutputWu.create(key, g, image_size=args.size, watermark=args.watermark, recipe=args.recipe, **params)
     t = time.perf_counter()
     rec = scheme.embed(g, ImageDataset(x, y, 0), TrainConfig(epochs=1000, batch_size=args.batch, max_steps=args.steps,
                                                              progress=False),
+                       extra_negatives=extra,
                        log=lambda step, h: print(step, {k: round(v, 4) for k, v in h.items()}, flush=True))
     return scheme, g, time.perf_counter() - t, rec.config["wu_history"]
+
+
+def negative_bank(specs: list[str], size: int, n: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """``TASK=PATH`` hosts (the task's host kind of ``wu_fpr_study.MODELS``) -> their 8-bit outputs on ``n``
+    training-split inputs of their task each (never the test or attacker photos that calibration and studies use)."""
+    from wu_fpr_study import MODELS, host_outputs, load_host
+
+    bank, counts = [], {}
+    for spec in specs:
+        task, path = spec.split("=", 1)
+        xs = photo_patches(task, size, "train", n, 5)[0]
+        bank.append(host_outputs(load_host(task, MODELS[task][1], Path(path)), xs))
+        counts[spec] = len(bank[-1])
+    return torch.cat(bank), counts
+
+
+def count_fpr(task: str, folders: list[str], args) -> dict:
+    """``wu_fpr_study.py``-style counting of several keys of ``task`` under identical nulls: each key's committed
+    E recalibrated (a copy; the key files are left as they are) on (i) ``pooled``: n = ``--count-n`` (1,000) test
+    photos and n outputs of its unmarked host (the seeds of this script's calibration; the null under which the
+    shipped key claimed one other-key denoise host's outputs), (ii) ``by kind``: ``wu_fpr_study.py --by-kind --calibrate
+    1000``'s kinds and seeds (n per kind). Claims per kind on the study's held-out negatives (seed 9001, 1.5 n
+    photos and n host outputs per kind, the third-key host included: never trained on, never calibrated on),
+    detection of 2 n held-out marked outputs, PSNR."""
+    from wu_fpr_study import MODELS, claims, host_outputs, inputs, load_host, negatives, p_values
+
+    from nnmark.schemes.base import load_scheme
+
+    kind = MODELS[task][1]
+    cache = Path(args.message_cache) if args.message_cache else None
+    t0 = time.perf_counter()
+    n = args.count_n
+    by_kind = {k: v for k, v in negatives(task, args.size, n, n, 303, cache, third=False).items()
+               if k not in ("natural: attacker photo", "natural: other bundled grey photos")}
+    study = negatives(task, args.size, n + n // 2, n, 9001, cache)
+    xa = photo_patches(task, args.size, "test", n, 101)[0]
+    xm = inputs(task, args.size, 2 * n, 7001)
+    res: dict = {"by_kind_calibration_kinds": {k: len(v) for k, v in by_kind.items()},
+                 "study_negatives": {k: len(v) for k, v in study.items()}, "keys": {}}
+    for f in folders:
+        folder = Path(f)
+        base = load_scheme(folder / "owner_key.json", expect="output-wu", log=folder / "commitments.log")
+        g0 = load_host(task, kind, folder / "unmarked_host.safetensors")
+        g = load_host(task, kind, folder / "marked_host.safetensors")
+        marked, unmarked = host_outputs(g, xm), host_outputs(g0, xm)
+        s_pos = base.statistics(marked)
+        s_neg = {k: base.statistics(v) for k, v in study.items()}
+        for f2 in folders:  # the other compared keys' marked hosts: other-key hosts never trained or calibrated on
+            if f2 != f:
+                h2 = load_host(task, kind, Path(f2) / "marked_host.safetensors")
+                s_neg[f"marked host, other key: {task} ({Path(f2).name}, compared)"] = base.statistics(
+                    host_outputs(h2, inputs(task, args.size, n, 9077)))
+        r: dict = {"key_id": base.key.key_id, "fidelity_marked_vs_unmarked": metrics(marked, unmarked),
+                   "marked_statistic": {"mean": float(s_pos.mean()), "min": float(s_pos.min())}, "nulls": {}}
+        pooled = {"natural": natural_images(n, args.size, 303, "test"), "unmarked host": host_outputs(g0, xa)}
+        for null, (negs, bk) in {"pooled": (pooled, False), "by kind": (by_kind, True)}.items():
+            t = time.perf_counter()
+            scheme = base.with_read_size(base.image_size)
+            scheme.calibrate(negatives=negs, by_kind=bk)
+            nr: dict = {"calibration_seconds": time.perf_counter() - t,
+                        "threshold": {f"{a:g}": scheme.threshold(a) for a in (0.01, 0.001)},
+                        "smallest_p": scheme.min_alpha(1), "negatives": {}}
+            all_p = []
+            for k, st in s_neg.items():
+                nr["negatives"][k] = claims(scheme, st)
+                all_p.append(p_values(scheme, st))
+            p = np.concatenate(all_p)
+            nr["all_negatives"] = {f"{a:g}": rate(int((p < a).sum()), len(p)) for a in (0.01, 0.001)}
+            pm = p_values(scheme, s_pos)
+            nr["detection"] = {f"{a:g}": rate(int((pm < a).sum()), len(pm)) for a in (0.01, 0.001)}
+            r["nulls"][null] = nr
+            print(folder.name, null, nr["threshold"], {a: (nr["detection"][a]["k"], nr["all_negatives"][a]["k"])
+                                                      for a in ("0.01", "0.001")}, flush=True)
+        r["statistic_mean_max_per_kind"] = {k: [float(v.mean()), float(v.max())] for k, v in s_neg.items()}
+        r["margin_min_marked_minus_max_negative"] = float(s_pos.min()) - max(float(v.max()) for v in s_neg.values())
+        res["keys"][f] = r
+    res["seconds"] = time.perf_counter() - t0
+    return res
 
 
 def main() -> None:
@@ -84,12 +176,45 @@ def main() -> None:
     ap.add_argument("--load", default=None, help="a --save folder: re-calibrate and measure its hosts and key "
                     "(no training; timings and history are copied from --out if it exists)")
     ap.add_argument("--save", default=None, help="folder for the key file and both hosts' weights (safetensors)")
+    ap.add_argument("--host-from", default=None, help="a --save folder: its unmarked host is G0 (no host training) "
+                    "and its other_key_host the other-key reference (no second marking)")
+    ap.add_argument("--key-seed", default=None, help="the owner key's seed (default wu-<task>-owner)")
+    ap.add_argument("--negative-host", action="append", default=[], metavar="TASK=PATH",
+                    help="a host whose outputs on 2,048 training inputs of its task E learns as blanks (repeat)")
+    ap.add_argument("--count-fpr", nargs="+", default=None, metavar="FOLDER",
+                    help="only count these --save folders' keys the wu_fpr_study.py way (see count_fpr), to --out")
+    ap.add_argument("--count-n", type=int, default=1000, help="with --count-fpr: negatives per kind (see count_fpr)")
+    ap.add_argument("--message-cache", default=None, help="with --count-fpr: mark_hosts.py's output-message hosts")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.count_fpr:
+        res = count_fpr(args.task, args.count_fpr, args)
+        res["args"] = vars(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out} in {res['seconds']:.0f} s")
+        return
     params = dict(kv.split("=", 1) for kv in args.param)
     res: dict = {"args": vars(args)}
     x, y = photo_patches(args.task, args.size, "train", args.train, 0)
     g0 = host_for_task(args.task, args.host, args.host_width)
+    extra = None
+    if args.negative_host:
+        extra, res["extra_negatives"] = negative_bank(args.negative_host, args.size, 2048)
+    other = None
+    if args.host_from:
+        from safetensors.torch import load_file
+
+        g0.load_state_dict(load_file(str(Path(args.host_from) / "unmarked_host.safetensors")))
+        g0.eval()
+        if not args.no_other_key and (Path(args.host_from) / "other_key_host.safetensors").exists():
+            other = host_for_task(args.task, args.host, args.host_width)
+            other.load_state_dict(load_file(str(Path(args.host_from) / "other_key_host.safetensors")))
+            other.eval()
+        res["host_from"] = args.host_from
     if args.load:
         from safetensors.torch import load_file
 
@@ -106,10 +231,14 @@ def main() -> None:
             res.update({k: old[k] for k in ("host_seconds", "host_test_psnr", "embed_seconds",
                                             "embed_over_host_time", "history") if k in old})
     else:
-        host = train_host(g0, args.task, epochs=4, data=(x, y))
-        res["host_seconds"], res["host_test_psnr"] = host["seconds"], host["test_psnr"]
-        scheme, g, secs, hist = mark(Key.from_seed(f"wu-{args.task}-owner"), g0, x, y, args, params)
-        res["embed_seconds"], res["embed_over_host_time"] = secs, secs / host["seconds"]
+        if not args.host_from:
+            host = train_host(g0, args.task, epochs=4, data=(x, y))
+            res["host_seconds"], res["host_test_psnr"] = host["seconds"], host["test_psnr"]
+        scheme, g, secs, hist = mark(Key.from_seed(args.key_seed or f"wu-{args.task}-owner"), g0, x, y, args, params,
+                                     extra)
+        res["embed_seconds"] = secs
+        if "host_seconds" in res:
+            res["embed_over_host_time"] = secs / res["host_seconds"]
         res["history"] = hist[:: max(1, len(hist) // 15)]
     n = args.negatives
     xa, ya = photo_patches(args.task, args.size, "test", n, 101)     # calibration inputs (seed A)
@@ -117,9 +246,9 @@ def main() -> None:
     nat_a, nat_b = natural_images(n, args.size, 303, "test"), natural_images(n, args.size, 404, "test")
     att = natural_images(n, args.size, 505, "attacker")
     refs = [g0]
-    other = None
-    if not args.no_other_key and not args.load:
+    if not args.no_other_key and not args.load and other is None:
         _, other, _, _ = mark(Key.from_seed(f"wu-{args.task}-other"), g0, x, y, args, params)
+    if other is not None:
         refs.append(other)
     counts = scheme.calibrate(refs, inputs=xa, natural=nat_a)
     res["calibration"] = {"kinds": counts, "conditions": {k: len(v) for k, v in scheme.null_by_condition().items()}}
@@ -205,7 +334,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ("detection", "fidelity_marked_vs_unmarked", "key_sensitivity",
-                                          "embed_over_host_time")}, indent=1))
+                                          "embed_seconds") if k in res}, indent=1))
 
 
 if __name__ == "__main__":

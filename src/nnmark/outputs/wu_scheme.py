@@ -121,11 +121,16 @@ class WuHook(TrainingHook):
     ``(M, C, H, W)`` in [0, 1], drawn ``batch`` at a time. E's own Adam optimizer steps in :meth:`after_step`.
     ``train_extractor=False`` keeps E fixed (its parameters frozen until :meth:`finalize`): only the host
     learns to carry the mark E already reads, so a calibration of that E stays valid for the new host.
+    ``extra_negatives``: further unmarked images ``(M, C, H, W)`` (e.g. outputs of hosts marked under other
+    keys), ``batch`` of them drawn each step as one more group of blanks next to the photos and G0's outputs
+    (in the blank loss and the margin term alike).
     """
 
-    def __init__(self, scheme: OutputWu, natural: torch.Tensor, train_extractor: bool = True) -> None:
+    def __init__(self, scheme: OutputWu, natural: torch.Tensor, train_extractor: bool = True,
+                 extra_negatives: torch.Tensor | None = None) -> None:
         self.scheme = scheme
         self.natural = natural.float()
+        self.extra = None if extra_negatives is None else extra_negatives.float()
         self.unmarked: nn.Module | None = None
         self._x: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
@@ -176,6 +181,8 @@ class WuHook(TrainingHook):
             unmarked = self.unmarked(x).clamp(0.0, 1.0)
         nat = self.natural[torch.randint(0, len(self.natural), (b,), generator=self.gen)]
         negatives = [nat, unmarked] if s.hard_negatives else [nat]
+        if self.extra is not None:
+            negatives.append(self.extra[torch.randint(0, len(self.extra), (b,), generator=self.gen)])
         seen = s.augment_images(torch.cat([marked] + negatives), self.gen)
         feats = s.extractor.image_features(seen)
         f_pos, f_neg = feats[:b], feats[b:]
@@ -390,30 +397,36 @@ class OutputWu(Scheme):
 
         return random_augment(images, gen, self.augment)
 
-    def training_hook(self, natural: torch.Tensor | None = None, train_extractor: bool = True) -> WuHook:
+    def training_hook(self, natural: torch.Tensor | None = None, train_extractor: bool = True,
+                      extra_negatives: torch.Tensor | None = None) -> WuHook:
         """The joint-training hook; ``natural``: unmarked photos ``(M, C, H, W)`` (default: 2,048 patches of the
         training photos at other positions, :func:`nnmark.outputs.data.natural_images` split ``val``);
-        ``train_extractor=False``: E fixed, only the host learns (:class:`WuHook`)."""
+        ``train_extractor=False``: E fixed, only the host learns; ``extra_negatives``: more blanks for E
+        (:class:`WuHook`)."""
         if natural is None:
             from nnmark.outputs.data import natural_images
 
             natural = natural_images(2048, self.image_size, seed=self.key.seed("output-wu:natural") % 2**31,
                                      split="val")
         self._check_images(natural, "natural images", self.image_size)
-        return WuHook(self, natural, train_extractor)
+        if extra_negatives is not None:
+            extra_negatives = self._check_images(extra_negatives, "extra negatives", self.image_size)
+        return WuHook(self, natural, train_extractor, extra_negatives)
 
     def embed(self, model: nn.Module, data: Any, config: Any = None, *, val: Any = None,
               description: str = "embedding output-wu", natural: torch.Tensor | None = None,
-              log: Any = None, train_extractor: bool = True) -> Any:
+              log: Any = None, train_extractor: bool = True, extra_negatives: torch.Tensor | None = None) -> Any:
         """Fine-tune ``model`` (the unmarked host, in place) jointly with E on ``data`` (an
         :class:`~nnmark.data.ImageDataset` of ``(inputs, targets)``); returns the training record with the
         hook's loss history in ``record.config["wu_history"]`` (every 10th step). The frozen unmarked host is
         kept in :attr:`unmarked_host` for :meth:`calibrate`. ``train_extractor=False``: E stays as it is (a
-        further host marked for an existing, already calibrated E)."""
+        further host marked for an existing, already calibrated E). ``extra_negatives`` ``(M, C, H, W)``: images
+        E is taught to read as blanks besides the photos and the unmarked host's outputs, e.g. outputs of hosts
+        marked under other keys (an E never shown them can score some such host far above the photos)."""
         from nnmark.train import TrainConfig, train
 
         self.model_spec = dict(getattr(model, "spec", {}) or {}) or None
-        hook = self.training_hook(natural, train_extractor)
+        hook = self.training_hook(natural, train_extractor, extra_negatives)
         hook.log = log
         cfg = config or TrainConfig(epochs=1, batch_size=16)
         rec = train(model, data, cfg, val=val, hooks=[hook], description=description)
