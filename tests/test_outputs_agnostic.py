@@ -306,3 +306,16 @@ def test_reading_shifted_phases_finds_a_shifted_mark_at_a_bonferroni_price(marke
     nat = list(natural_images(4, 128, seed=22))
     other = OutputMessage.create(Key.from_seed("tiled-other-0"), None)
     assert not other.verify(nat, phases=4).owned and not other.verify([big], phases=4).owned
+
+
+def test_phase_encoder_sees_a_grid_that_repeats_every_8_px():
+    """The phase channels repeat with period 8, so windows at multiples of 8 see the same phase; a phase
+    encoder keeps the image shape and its residual budget."""
+    from nnmark.outputs.extractor import MessageEncoder, phase_channels
+
+    ph = phase_channels(64, 64, torch.zeros(1))
+    assert ph.shape == (1, 8, 64, 64) and torch.allclose(ph[..., 8:40, 16:48], ph[..., :32, :32], atol=1e-5)
+    enc = MessageEncoder(16, 8, phase=True).eval()
+    x = natural_images(2, 64, seed=1)
+    out = enc(x, torch.randint(0, 2, (2, 16)))
+    assert out.shape == x.shape and float((out - x).pow(2).mean().sqrt()) <= 0.0125

@@ -37,6 +37,11 @@ def main() -> None:
     ap.add_argument("--boost", type=float, default=4.0, help="residual RMS at the start, in units of --budget")
     ap.add_argument("--front", default="rgb", choices=("rgb", "luma2"),
                     help="decoder front end: the image as it is, or its luma averaged over 2x2 pixels")
+    ap.add_argument("--size", type=int, default=32, help="side of the training patches the encoder marks")
+    ap.add_argument("--window", type=int, default=None,
+                    help="the decoder reads one random window of this side per patch (offsets multiples of 8), "
+                    "so the code cannot lean on the patch border; e.g. --size 64 --window 32")
+    ap.add_argument("--phase", action="store_true", help="the encoder sees the 8 px grid's phase (cos/sin channels)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="src/nnmark/outputs/assets/extractor48.safetensors")
     ap.add_argument("--log", default="experiments/results/outputs/extractor_log.json")
@@ -62,13 +67,15 @@ def main() -> None:
     ext, enc, log = pretrain_extractor(args.bits, args.steps, args.seed, width=args.width, budget=args.budget,
                                        lr=args.lr, batch_size=args.batch_size, progress=progress,
                                        clean_frac=args.clean_frac, ramp_frac=args.ramp_frac, boost=args.boost,
-                                       front=args.front, log_every=50)
+                                       front=args.front, size=args.size, window=args.window,
+                                       phase=args.phase, log_every=50)
     out = Path(args.out)
     ext.save(out)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()},
               str(out.with_suffix(".encoder.safetensors")), metadata={"bits": str(args.bits),
                                                                      "width": str(args.width),
-                                                                     "budget": str(args.budget)})
+                                                                     "budget": str(args.budget),
+                                                                     "phase": str(args.phase)})
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     Path(args.log).write_text(json.dumps({"args": vars(args), **log}, indent=1))
     print(f"wrote {out} ({out.stat().st_size} bytes) in {log['seconds']:.0f} s")

@@ -21,6 +21,7 @@ so that its outputs decode to the owner's message (:mod:`nnmark.outputs.agnostic
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from functools import cache, lru_cache
@@ -51,20 +52,44 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
                          nn.LeakyReLU(0.2, inplace=True))
 
 
+#: periods (px) of the grid-phase channels a ``phase`` encoder sees; all divide
+#: :data:`~nnmark.outputs.agnostic.WINDOW_STRIDE`, so every window at a multiple of 8 sees the same phase
+PHASE_PERIODS = (8, 4)
+
+
+def phase_channels(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """``(1, 4 * len(PHASE_PERIODS), h, w)``: cos / sin of ``2 pi row / P`` and of ``2 pi column / P`` for each
+    period P of :data:`PHASE_PERIODS`, counted from the image's top-left pixel."""
+    rows = torch.arange(h, dtype=like.dtype, device=like.device).view(1, h, 1).expand(1, h, w)
+    cols = torch.arange(w, dtype=like.dtype, device=like.device).view(1, 1, w).expand(1, h, w)
+    out = []
+    for period in PHASE_PERIODS:
+        for grid in (rows, cols):
+            a = 2.0 * math.pi * grid / period
+            out += [torch.cos(a), torch.sin(a)]
+    return torch.cat(out, 0).unsqueeze(0)
+
+
 class MessageEncoder(nn.Module):
     """Hides ``bits`` bits in an image (HiDDeN's layout: the message, as +-1, replicated over every pixel
     and concatenated with image features); the residual is scaled to RMS ``budget`` per image ([0, 1] units)."""
 
-    def __init__(self, bits: int = DEFAULT_BITS, width: int = 32, budget: float = DEFAULT_BUDGET) -> None:
+    def __init__(self, bits: int = DEFAULT_BITS, width: int = 32, budget: float = DEFAULT_BUDGET,
+                 phase: bool = False) -> None:
         super().__init__()
-        self.bits, self.budget = bits, budget
-        self.img = nn.Sequential(_conv(3, width), _conv(width, width))
-        self.mix = nn.Sequential(_conv(width + bits + 3, width), _conv(width, width), nn.Conv2d(width, 3, 1))
+        self.bits, self.budget, self.phase = bits, budget, bool(phase)
+        extra = len(PHASE_PERIODS) * 4 if self.phase else 0
+        self.img = nn.Sequential(_conv(3 + extra, width), _conv(width, width))
+        self.mix = nn.Sequential(_conv(width + bits + 3 + extra, width), _conv(width, width), nn.Conv2d(width, 3, 1))
 
     def forward(self, x: torch.Tensor, bits: torch.Tensor, budget: float | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         m = (2.0 * bits.float() - 1.0).view(n, self.bits, 1, 1).expand(-1, -1, h, w)
-        r = self.mix(torch.cat([self.img(x), m, x], 1))
+        if self.phase:  # the pixel grid's phase, so the encoder can lay down a code that repeats every 8 px
+            x_in = torch.cat([x, phase_channels(h, w, x).expand(n, -1, -1, -1)], 1)
+        else:
+            x_in = x
+        r = self.mix(torch.cat([self.img(x_in), m, x_in], 1))
         rms = r.pow(2).flatten(1).mean(1).clamp(min=1e-12).sqrt().view(n, 1, 1, 1)
         return (x + (self.budget if budget is None else budget) * r / rms).clamp(0.0, 1.0)
 
@@ -238,7 +263,8 @@ def load_shipped() -> Extractor:
 def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 0, *, width: int = 32,
                        budget: float = DEFAULT_BUDGET, size: int = 32, batch_size: int = 32, lr: float = 2e-3,
                        n_images: int = 8192, calib_images: int = 8192, clean_frac: float = 0.1,
-                       ramp_frac: float = 0.5, boost: float = 4.0, front: str = "rgb",
+                       ramp_frac: float = 0.5, boost: float = 4.0, front: str = "rgb", window: int | None = None,
+                       phase: bool = False,
                        progress: Callable[[int, dict[str, float]], None] | None = None,
                        log_every: int = 100) -> tuple[Extractor, MessageEncoder, dict[str, Any]]:
     """Pre-train an encoder/decoder on uniformly random ``bits``-bit messages over ``n_images`` train-photo
@@ -248,11 +274,20 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
     with no distortion), while the residual's RMS shrinks from ``boost`` x ``budget`` to ``budget`` over the
     same ramp (defaults 0.1, 0.5, 4); ``front`` the decoder's front end (:data:`FRONTS`). Then calibrate the decoder on
     ``calib_images`` other train-photo patches. Returns ``(extractor, encoder, log)``; ``progress(step, stats)`` every
-    ``log_every`` steps."""
+    ``log_every`` steps.
+
+    ``window`` W (e.g. 32 with ``size`` 64): the decoder reads, instead of the whole patch, one random W x W window
+    of each marked patch at an offset that is a multiple of
+    :data:`~nnmark.outputs.agnostic.WINDOW_STRIDE` (no zeroing crop among the distortions then). The code found
+    this way cannot lean on the patch border (the decoder's zero padding never meets the encoder's border), so it
+    repeats over an image: the kind of mark a convolutional host can write everywhere and a verifier can read in
+    any aligned tile, including the tiles a crop kept. ``phase``: the encoder also sees the grid-phase channels
+    of :func:`phase_channels` (a stride-1 convolution cannot tell one pixel's position from another's, so
+    without them it can only write content-driven residuals once the border is out of the decoder's sight)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images = natural_images(n_images, size, seed, split="train")
-    enc, dec = MessageEncoder(bits, width, budget), MessageDecoder(bits, width, front)
+    enc, dec = MessageEncoder(bits, width, budget, phase), MessageDecoder(bits, width, front)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     log: dict[str, Any] = {"steps": [], "loss": [], "bit_acc": []}
@@ -267,7 +302,12 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
         ramp = min(1.0, step / (ramp_frac * steps))
         marked = augment.quantize_uint8(enc(x, m, budget * (boost - (boost - 1.0) * ramp)))
         if step >= clean_frac * steps:  # four distortions per batch, one per quarter
-            marked = torch.cat([augment.random_augment(part, gen, max(0.1, ramp)) for part in marked.chunk(4)])
+            marked = torch.cat([augment.random_augment(part, gen, max(0.1, ramp), crop=window is None)
+                                for part in marked.chunk(4)])
+        if window is not None:
+            from nnmark.outputs.agnostic import random_windows  # (agnostic imports this module)
+
+            marked = torch.cat([random_windows(marked[i:i + 1], window, 1, gen) for i in range(batch_size)])
         logits = dec(marked)
         loss = F.binary_cross_entropy_with_logits(logits, m)
         opt.zero_grad()
@@ -289,8 +329,9 @@ def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 
     dec.eval()
     ext = Extractor(dec, meta={"bits": bits, "width": width, "budget": budget, "size": size, "steps": steps,
                                "seed": seed, "batch_size": batch_size, "lr": lr, "clean_frac": clean_frac,
-                               "ramp_frac": ramp_frac, "boost": boost, "front": front})
-    ext.calibrate(calibration_images(calib_images, size, seed + 1))
+                               "ramp_frac": ramp_frac, "boost": boost, "front": front, "window": window,
+                               "phase": phase})
+    ext.calibrate(calibration_images(calib_images, window or size, seed + 1))
     return ext, enc, log
 
 
