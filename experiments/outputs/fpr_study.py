@@ -19,6 +19,8 @@ each nominal alpha (1e-2, 1e-3, 1e-6) is given with its two-sided 99% Clopper-Pe
 exact size of the binomial test at that alpha (the test is discrete: P[p < alpha] under H0). The same is
 measured for the raw decoder (signs of its logits, no whitening, no keyed rotation, no centring) to show
 what the calibration fixes. Also: the bits' bias and pairwise correlation over all negatives, for both.
+``--test soft`` measures the soft sign test instead (no discrete size: rates beside the nominal alpha);
+``--batch 16`` adds claims over batches of 16 negatives of one kind, read-outs averaged as verify does.
 Writes experiments/results/outputs/fpr.json.
 """
 
@@ -54,6 +56,26 @@ def rates(matches: np.ndarray, bits: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def rates_from_p(p: np.ndarray) -> dict[str, dict[str, float]]:
+    """Claims at each alpha from p-values of a test without a discrete size (the soft sign test): the
+    measured rate with its 99% interval beside the nominal alpha."""
+    out = {}
+    for a in ALPHAS:
+        k = int((p < a).sum())
+        lo, hi = interval(k, len(p))
+        out[f"{a:g}"] = {"claims": k, "n": len(p), "fpr": k / len(p), "ci99": [lo, hi],
+                         "nominal_inside_ci": lo <= a <= hi, "at_or_below_nominal": lo <= a}
+    return out
+
+
+def soft_p(r: torch.Tensor, message: np.ndarray) -> np.ndarray:
+    from nnmark.outputs.agnostic import SOFT_CLIP
+    from nnmark.stats import soft_bit_verdict
+
+    return np.array([soft_bit_verdict(x, message, scheme="fpr", clip=SOFT_CLIP).p_value
+                     for x in r.double().numpy()])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default="/tmp/nnmark-outputs")
@@ -65,6 +87,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="side of every negative (read as 32 px tiles)")
     ap.add_argument("--cropped", type=int, default=0,
                     help="also this many natural negatives after a crop keeping 1/4 (the rest zeroed)")
+    ap.add_argument("--test", default="binomial", choices=("binomial", "soft"),
+                    help="the verdict's test: matched signs (binomial) or the soft sign test")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="also claims over batches of this many negatives of one kind (read-outs averaged)")
     ap.add_argument("--save-readouts", default="",
                     help="also save the per-image calibrated read-outs and group names (.npz; shared decoders only)")
     args = ap.parse_args()
@@ -138,12 +164,23 @@ def main() -> None:
         r = cal @ scheme.rotation.T - scheme.centre  # = scheme.image_readouts(negatives), rotation being linear
         matches = (((r > 0).long().numpy()) == scheme.message[None]).sum(1)
         raw_matches = (((raw > 0).long().numpy()) == scheme.message[None]).sum(1)
-        per_group, start = {}, 0
+        soft = args.test == "soft"
+        ps = soft_p(r, scheme.message) if soft else None
+        per_group, batches, start = {}, [], 0
         for name, g in groups.items():
-            per_group[name] = rates(matches[start:start + len(g)], scheme.bits)["0.01"]
+            sl = slice(start, start + len(g))
+            per_group[name] = (rates_from_p(ps[sl]) if soft else rates(matches[sl], scheme.bits))["0.01"]
+            if args.batch:
+                nb = len(g) // args.batch
+                means = r[sl][:nb * args.batch].view(nb, args.batch, -1).mean(1)
+                batches.append(soft_p(means, scheme.message) if soft else
+                               sps.binom.sf(((means > 0).long().numpy() == scheme.message[None]).sum(1) - 1,
+                                            scheme.bits, 0.5))
             start += len(g)
         result["keys"][key.key_id] = {
-            "calibrated": rates(matches, scheme.bits), "raw_decoder": rates(raw_matches, scheme.bits),
+            "calibrated": rates_from_p(ps) if soft else rates(matches, scheme.bits),
+            "raw_decoder": rates(raw_matches, scheme.bits), "test": args.test,
+            **({f"batches_of_{args.batch}": rates_from_p(np.concatenate(batches))} if args.batch else {}),
             "calibrated_bits": bit_stats(r), "raw_bits": bit_stats(raw), "per_group_at_0.01": per_group,
             "max_matches": int(matches.max()), "max_matches_raw": int(raw_matches.max())}
         print(key.key_id, json.dumps(result["keys"][key.key_id]["calibrated"]), flush=True)
@@ -154,6 +191,13 @@ def main() -> None:
         n = sum(v["calibrated"][f"{a:g}"]["n"] for v in result["keys"].values())
         pooled[f"{a:g}"] = {"claims": k, "n": n, "fpr": k / n, "ci99": interval(k, n)}
     result["pooled_over_keys"] = pooled
+    if args.batch:
+        bk = f"batches_of_{args.batch}"
+        result[f"pooled_{bk}"] = {a: {"claims": sum(v[bk][a]["claims"] for v in result["keys"].values()),
+                                      "n": sum(v[bk][a]["n"] for v in result["keys"].values())}
+                                  for a in next(iter(result["keys"].values()))[bk]}
+        for v in result[f"pooled_{bk}"].values():
+            v["ci99"] = interval(v["claims"], v["n"])
     result["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
