@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from nnmark.cli import cli
+from nnmark.errors import SchemeError
 from nnmark.keys import Key
 from nnmark.outputs import augment
 from nnmark.outputs.agnostic import OutputMessage, prepare_images, tpr_bound_bits
@@ -109,6 +110,10 @@ def test_prepare_images_converts_or_refuses():
     assert any("grey" in n for n in notes) and any("alpha" in n for n in notes) and any("upsampled" in n for n in notes)
     with pytest.raises(Exception, match="2 channels"):
         prepare_images([torch.rand(2, 32, 32)])
+    bad = torch.rand(3, 32, 32)
+    bad[0, 0, 0] = float("nan")  # a crafted file's NaN would otherwise read as bits 0 (and break the soft test)
+    with pytest.raises(SchemeError, match="NaN or infinite"):
+        prepare_images([torch.rand(3, 32, 32), bad])
 
 
 def test_cli_verify_folder_and_hostile_files(marked, tmp_path):

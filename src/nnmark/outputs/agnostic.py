@@ -131,6 +131,8 @@ def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], tile: int = TI
             note = []
         else:
             raise SchemeError(f"image {i}: {c} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) are read")
+        if not bool(torch.isfinite(img).all()):
+            raise SchemeError(f"image {i}: holds NaN or infinite pixels; refused (no reading is made of it)")
         img = img.float().clamp(0.0, 1.0)
         if size is not None and (h, w) != tuple(size):
             img = F.interpolate(img[None], size=tuple(size), mode="bilinear", align_corners=False,
