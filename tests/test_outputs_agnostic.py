@@ -324,3 +324,41 @@ def test_phase_encoder_sees_a_grid_that_repeats_every_8_px():
     x = natural_images(2, 64, seed=1)
     out = enc(x, torch.randint(0, 2, (2, 16)))
     assert out.shape == x.shape and float((out - x).pow(2).mean().sqrt()) <= 0.0125
+
+
+def test_input_variation_keeps_shape_and_range_and_is_seeded():
+    """vary_inputs returns images of the same shape in [0, 1], the same draw for the same seed, other content
+    than it was given, and the input itself at strength 0; an old key without the parameter still loads."""
+    x = natural_images(6, 32, seed=2)
+    a = augment.vary_inputs(x, torch.Generator().manual_seed(3), 1.0)
+    b = augment.vary_inputs(x, torch.Generator().manual_seed(3), 1.0)
+    assert a.shape == x.shape and torch.equal(a, b) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert float((a - x).abs().mean()) > 0.02
+    assert augment.vary_inputs(x, None, 0.0) is x
+    grey = augment.vary_inputs(x[:, :1], torch.Generator().manual_seed(3), 1.0)
+    assert grey.shape == (6, 1, 32, 32)
+    wide = augment.vary_inputs(torch.rand(2, 3, 24, 40), torch.Generator().manual_seed(1), 1.0)
+    assert wide.shape == (2, 3, 24, 40)
+    scheme = OutputMessage.create(Key.from_seed("test-vary"), None, input_variation=0.5)
+    params = scheme.params()
+    assert params["input_variation"] == 0.5
+    params.pop("input_variation")
+    old = OutputMessage.from_params(scheme.key, params, scheme.material())
+    assert old.input_variation == 0.0 and np.array_equal(old.message, scheme.message)
+
+
+def test_union_of_two_marks_pays_its_bonferroni_price():
+    from nnmark.outputs.agnostic import union_p_value
+
+    assert union_p_value([1e-8, 0.5]) == pytest.approx(2e-8)
+    assert union_p_value([0.7, 0.9]) == 1.0
+    with pytest.raises(SchemeError):
+        union_p_value([])
+    # under the null each p is uniform; the union's rate at alpha stays at or below alpha (here 3 dependent
+    # copies of one p and 3 independent ones)
+    rng = np.random.default_rng(0)
+    u = rng.random((20000, 3))
+    dep = np.repeat(u[:, :1], 3, 1)
+    for ps in (u, dep):
+        rate = np.mean([union_p_value(row) <= 0.01 for row in ps])
+        assert rate <= 0.01 + 3 * np.sqrt(0.01 * 0.99 / len(ps))

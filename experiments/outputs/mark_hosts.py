@@ -70,6 +70,15 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=256, help="test outputs")
     ap.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     ap.add_argument("--windows", type=int, default=4, help="random 32 px windows per output (size >= 64)")
+    ap.add_argument("--input-variation", type=float, default=0.0,
+                    help="strength of the random variation of the host's inputs while marking (0: off)")
+    ap.add_argument("--psnr-floor", type=float, default=0.0,
+                    help="adapt the fidelity weight to hold marked-vs-unmarked PSNR at this (dB; 0: fixed weight)")
+    ap.add_argument("--companion-extractor", default=None,
+                    help="also mark for a second key read by this extractor (.safetensors); verdicts are then "
+                         "reported for each mark and for both by a union bound")
+    ap.add_argument("--companion-strength", type=float, default=1.0,
+                    help="distortion strength of the companion mark's term")
     ap.add_argument("--host-cache", default=None, help="folder holding the unmarked hosts (default: --cache)")
     ap.add_argument("--start-marked", action="store_true",
                     help="start fine-tuning from the marked host in --host-cache (e.g. one marked on 32 px patches)")
@@ -80,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
-    from nnmark.outputs.agnostic import OutputMessage
+    from nnmark.outputs.agnostic import OutputMessage, union_p_value
     from nnmark.outputs.data import photo_patches
     from nnmark.outputs.hosts import host_for_task, train_host
 
@@ -105,7 +114,13 @@ def main() -> None:
         key = Key.from_seed(f"owner-{task}")
         scheme = OutputMessage.create(key, host, epochs=args.mark_epochs, fidelity=args.fidelity,
                                       psnr_target=args.psnr_target, strength=args.strength,
-                                      extractor=args.extractor, windows=args.windows, lr=args.lr)
+                                      extractor=args.extractor, windows=args.windows, lr=args.lr,
+                                      input_variation=args.input_variation, psnr_floor=args.psnr_floor)
+        companions = []
+        if args.companion_extractor:
+            companions.append(OutputMessage.create(Key.from_seed(f"owner-{task}-companion"), host,
+                                                   extractor=args.companion_extractor,
+                                                   strength=args.companion_strength, windows=args.windows))
         marked = host_for_task(task, kind)
         marked.load_state_dict(host.state_dict())
         if args.start_marked or args.eval_only:
@@ -115,7 +130,7 @@ def main() -> None:
             emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
         else:
             emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True),
-                                    reference=host)
+                                    reference=host, companions=companions)
         marked.eval()
         torch.save(marked.state_dict(), cache / f"{task}-{kind}-marked.pt")
         if args.host_cache:  # the false-positive study reads both hosts from one folder
@@ -152,6 +167,20 @@ def main() -> None:
                          "batch16_max_p": float(batch.max()), "batch16_frac_p_lt_1e-6": float((batch < 1e-6).mean()),
                          "batch16_frac_p_lt_1e-3": float((batch < 1e-3).mean()),
                          "seconds_per_image": (time.perf_counter() - t0) / len(img)}
+            if companions:
+                for test in ("binomial", "soft"):
+                    own_s, own_b = scheme.p_values(img, 1, size, test), scheme.p_values(img, 16, size, test)
+                    com_s = companions[0].p_values(img, 1, size, test)
+                    com_b = companions[0].p_values(img, 16, size, test)
+                    uni_s = np.array([union_p_value(pair) for pair in zip(own_s, com_s, strict=True)])
+                    uni_b = np.array([union_p_value(pair) for pair in zip(own_b, com_b, strict=True)])
+                    cr, _ = companions[0].image_readouts(img, size)
+                    rob[name][test] = {
+                        "companion_bit_acc": float(((cr > 0).long().numpy() == companions[0].message[None]).mean()),
+                        **{f"{who}_{unit}_frac_p_lt_1e-6": float((v < 1e-6).mean())
+                           for who, unit, v in (("own", "single", own_s), ("own", "batch16", own_b),
+                                                ("companion", "single", com_s), ("companion", "batch16", com_b),
+                                                ("union", "single", uni_s), ("union", "batch16", uni_b))}}
             print(f"  {name}: {rob[name]}", flush=True)
         results["tasks"][task] = {"host": kind, "host_train_seconds": host_stats["seconds"],
                                   "mark_seconds": emb["seconds"],

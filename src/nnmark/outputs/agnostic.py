@@ -234,18 +234,25 @@ class OutputMessage(Scheme):
         Param("lr", float, 2e-3, "fine-tuning learning rate (Adam)", low=0.0),
         Param("windows", int, 4, "random 32 px windows read per output while fine-tuning on outputs of >= 64 px",
               low=1, high=64),
+        Param("input_variation", float, 0.0, "strength of random flips, rotations, zooms, gains and gammas of the "
+              "host's inputs while fine-tuning (augment.vary_inputs; 0: off)", low=0.0, high=1.0),
+        Param("psnr_floor", float, 0.0, "when > 0, the fidelity weight adapts during fine-tuning so that the "
+              "PSNR of marked vs unmarked outputs stays at or above this (dB); 0: a fixed weight", low=0.0, high=80.0),
     )
     VERIFY_PARAMS = Params()
 
     def __init__(self, key: Key, extractor: Extractor, *, fidelity: float = 0.05, psnr_target: float = 40.0,
                  strength: float = 0.5, epochs: int = 12, lr: float = 2e-3, extractor_name: str = "shipped",
-                 centre: torch.Tensor | None = None, windows: int = 4) -> None:
+                 centre: torch.Tensor | None = None, windows: int = 4, input_variation: float = 0.0,
+                 psnr_floor: float = 0.0) -> None:
         super().__init__(key)
         self.extractor = extractor.eval()
         self.bits = extractor.bits
         self.fidelity, self.psnr_target, self.strength = float(fidelity), float(psnr_target), float(strength)
         self.epochs, self.lr, self.extractor_name = int(epochs), float(lr), str(extractor_name)
         self.windows = int(windows)
+        self.input_variation = float(input_variation)
+        self.psnr_floor = float(psnr_floor)
         self.message = key.numpy_rng("output-message/message").integers(0, 2, self.bits).astype(np.int64)
         self.rotation = _orthogonal(key.numpy_rng("output-message/rotation"), self.bits)
         self._target = torch.from_numpy(self.message).float()
@@ -312,8 +319,9 @@ class OutputMessage(Scheme):
 
     # -- embedding ------------------------------------------------------------------
     def mark_loss(self, outputs: torch.Tensor, reference: torch.Tensor,
-                  gen: torch.Generator | None = None) -> torch.Tensor:
-        """``BCE(readout(distort(quantise(outputs))), m) + fidelity * MSE(outputs, reference) / mse_target``.
+                  gen: torch.Generator | None = None, fidelity: float | None = None) -> torch.Tensor:
+        """``BCE(readout(distort(quantise(outputs))), m) + fidelity * MSE(outputs, reference) / mse_target``
+        (``fidelity`` default :attr:`fidelity`).
         Outputs of at least twice :data:`TILE` on a side are read as :attr:`windows` random ``TILE`` windows
         each (:func:`random_windows`; the distortion drawn then leaves out the crop, whose kept tiles the
         verifier reads whole)."""
@@ -326,7 +334,8 @@ class OutputMessage(Scheme):
         r = self.readout(x)
         bce = F.binary_cross_entropy_with_logits(r, self._target.to(r).expand_as(r))
         mse_target = 10.0 ** (-self.psnr_target / 10.0)
-        return bce + self.fidelity * F.mse_loss(outputs, reference) / mse_target
+        weight = self.fidelity if fidelity is None else float(fidelity)
+        return bce + weight * F.mse_loss(outputs, reference) / mse_target
 
     def training_hook(self) -> TrainingHook:
         return OutputMarkHook(self)
@@ -334,32 +343,48 @@ class OutputMessage(Scheme):
     def embed_host(self, model: nn.Module, inputs: torch.Tensor, *, targets: torch.Tensor | None = None,
                    task_weight: float = 0.0, batch_size: int = 32, seed: int = 0,
                    progress: Callable[[int, dict[str, float]], None] | None = None,
-                   checkpoint: str | Path | None = None, reference: nn.Module | None = None) -> dict[str, Any]:
+                   checkpoint: str | Path | None = None, reference: nn.Module | None = None,
+                   companions: Sequence[OutputMessage] = ()) -> dict[str, Any]:
         """Fine-tune ``model`` (in place) so its outputs on ``inputs`` ``(N, C, H, W)`` carry the mark,
         for :attr:`epochs` epochs of Adam at :attr:`lr`. ``targets`` with ``task_weight`` > 0 adds the task's
         L1 loss. ``checkpoint``: a file written after every epoch (safetensors: model weights, optimiser-free)
         from which an interrupted run resumes. ``progress(epoch, stats)`` after every epoch.
         ``reference``: the unmarked host the fidelity term compares with (default: ``model`` as it is at the
         start; give it when ``model`` starts from an earlier marking).
-        Returns ``{"seconds", "epochs", "losses", "bit_acc"}`` (bit accuracy of undistorted outputs)."""
+        With :attr:`input_variation` > 0 (and no task term) the second half of every batch of inputs is varied
+        (:func:`nnmark.outputs.augment.vary_inputs`) and both hosts see the varied batch: the owner's few photos
+        then stand for more kinds of content, which is what carries the mark to photos never trained on.
+        With :attr:`psnr_floor` > 0 the fidelity weight starts at :attr:`fidelity` and, after every batch, is
+        multiplied by ``exp(0.1 * clip(psnr_floor - batch PSNR, -1, 1))`` (PSNR over the batch's unvaried half:
+        the mark is weaker on varied inputs, so they would hide a drift on the real ones), kept within 1/100 and
+        1,000 times its start: a dual step that holds the marked outputs near the floor however long the run, instead of
+        letting a fixed weight drift below it as the mark grows.
+        ``companions``: other :class:`OutputMessage` schemes (other keys, other decoders) whose mark terms
+        (their BCE, not their fidelity) are added to the loss, so that one host carries every mark; each is
+        verified on its own and several verdicts combine by a union bound (:func:`union_p_value`).
+        Returns ``{"seconds", "epochs", "losses", "bit_acc", "fidelity_weight"}`` (bit accuracy of undistorted
+        outputs; the fidelity weight at the end)."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
         reference = copy.deepcopy(model if reference is None else reference).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
-        start = 0
+        start, weight = 0, self.fidelity
         ckpt = Path(checkpoint) if checkpoint is not None else None
         if ckpt is not None and ckpt.exists():
             with safe_open(str(ckpt), framework="pt") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}
                 start = int((f.metadata() or {}).get("epoch", 0))
+                weight = float((f.metadata() or {}).get("fidelity_weight", weight))
             for prefix, net in (("model.", model), ("reference.", reference)):
                 net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(seed)
         aug_gen = torch.Generator().manual_seed(seed + 1)
         losses: list[float] = []
+        # a varied input has no matching target, so the variation is off when the task's own loss is used
+        vary = self.input_variation > 0 and not (targets is not None and task_weight > 0)
         t0 = time.perf_counter()
         model.train()
         for epoch in range(start, self.epochs):
@@ -367,29 +392,41 @@ class OutputMessage(Scheme):
             total = 0.0
             for i in range(0, len(inputs), batch_size):
                 j = order[i:i + batch_size]
-                out = model(inputs[j])
+                xb = inputs[j]
+                keep = len(xb) - len(xb) // 2 if vary else len(xb)
+                if vary:  # the first half stays as it is (and is what the PSNR floor watches)
+                    xb = torch.cat([xb[:keep], augment.vary_inputs(xb[keep:], aug_gen, self.input_variation)])
+                out = model(xb)
                 with torch.no_grad():
-                    ref = reference(inputs[j])
-                loss = self.mark_loss(out, ref, aug_gen)
+                    ref = reference(xb)
+                loss = self.mark_loss(out, ref, aug_gen, weight)
+                for other in companions:
+                    loss = loss + other.mark_loss(out, ref, aug_gen, 0.0)
                 if targets is not None and task_weight > 0:
                     loss = loss + task_weight * (out - targets[j]).abs().mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if self.psnr_floor > 0:
+                    mse = float(F.mse_loss(out[:keep].detach().clamp(0, 1), ref[:keep].clamp(0, 1)))
+                    gap = self.psnr_floor - 10.0 * np.log10(1.0 / max(mse, 1e-12))
+                    weight = float(np.clip(weight * np.exp(0.1 * np.clip(gap, -1.0, 1.0)),
+                                           self.fidelity / 100, self.fidelity * 1000))
                 total += float(loss.detach()) * len(j)
             losses.append(total / len(inputs))
             if ckpt is not None:
                 tensors = {**{f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()},
                            **{f"reference.{k}": v.contiguous() for k, v in reference.state_dict().items()}}
-                save_file(tensors, str(ckpt), metadata={"epoch": str(epoch + 1)})
+                save_file(tensors, str(ckpt), metadata={"epoch": str(epoch + 1), "fidelity_weight": repr(weight)})
             if progress is not None:
-                progress(epoch + 1, {"loss": losses[-1]})
+                progress(epoch + 1, {"loss": losses[-1], "fidelity_weight": weight})
         model.eval()
         with torch.no_grad():
             probe = inputs[:256]
             bits = (self.image_readouts(model(probe).clamp(0, 1))[0] > 0).long()
             acc = float((bits == torch.from_numpy(self.message)).float().mean())
-        return {"seconds": time.perf_counter() - t0, "epochs": self.epochs, "losses": losses, "bit_acc": acc}
+        return {"seconds": time.perf_counter() - t0, "epochs": self.epochs, "losses": losses, "bit_acc": acc,
+                "fidelity_weight": weight}
 
     def mark_images(self, images: torch.Tensor, steps: int = 100, max_delta: float = 4 / 255, lr: float = 0.05,
                     seed: int = 0) -> torch.Tensor:
@@ -489,7 +526,8 @@ class OutputMessage(Scheme):
     def params(self) -> dict[str, Any]:
         out = {"fidelity": self.fidelity, "psnr_target": self.psnr_target, "strength": self.strength,
                "epochs": self.epochs, "lr": self.lr, "extractor_name": self.extractor_name, "bits": self.bits,
-               "windows": self.windows}
+               "windows": self.windows, "input_variation": self.input_variation,
+               "psnr_floor": self.psnr_floor}
         dec = self.extractor.decoder
         if isinstance(dec, KeyedLowpassDecoder):
             return {**out, "extractor_kind": "keyed", "keyed_spec": dec.spec()}
@@ -519,6 +557,15 @@ class OutputMessage(Scheme):
         if "centre" not in material or material["centre"].shape != (bits,):
             raise SchemeError("output-message key material lacks its calibration centre")
         return cls(key, ext, centre=material["centre"], **p)
+
+
+def union_p_value(p_values: Sequence[float]) -> float:
+    """One p-value from the p-values of several marks read from the same images (a host that carries
+    several keys' marks, :meth:`OutputMessage.embed_host` ``companions``): Bonferroni's
+    ``min(1, len(p) * min(p))``, valid whatever the dependence between the marks' read-outs."""
+    if len(p_values) == 0:
+        raise SchemeError("union_p_value needs at least one p-value")
+    return float(min(1.0, len(p_values) * min(float(p) for p in p_values)))
 
 
 def tpr_bound_bits(bits: int, alpha: float) -> int:

@@ -177,3 +177,43 @@ def random_augment(img: torch.Tensor, gen: torch.Generator | None = None, streng
     if choice == 4:
         return resize(img, _uniform(gen, 1.0 - 0.6 * s, 1.0))
     return img
+
+
+def vary_inputs(img: torch.Tensor, gen: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Random photometric and geometric variants of a host's *inputs* ``(N, C, H, W)`` in [0, 1], one draw
+    per image, so that marking sees more kinds of content than the owner's few training photos hold:
+
+    - a horizontal flip (probability 1/2) and, for square images, a rotation by a random multiple of 90°;
+    - a zoom by a factor in [1 - 0.4 s, 1 + 0.6 s] (bilinear, antialiased when shrinking), centre-cropped
+      or reflect-padded back to ``(H, W)`` -- other texture scales;
+    - a gain per channel in [1 - 0.4 s, 1 + 0.4 s] and a gamma exp(0.4 s z), z ~ N(0, 1) -- other colours
+      and contrasts (a 1-channel input gets one gain).
+
+    ``strength`` s in [0, 1] (0 returns ``img`` unchanged). Not differentiable in the draw; the marking
+    loop compares the marked host with the unmarked one on the *same* varied inputs, so the variation never
+    asks the host to change what it does, only to write the mark on more content."""
+    s = float(strength)
+    if s <= 0:
+        return img
+    n, c, h, w = img.shape
+    out = []
+    for i in range(n):
+        x = img[i:i + 1]
+        if float(torch.rand((), generator=gen)) < 0.5:
+            x = x.flip(-1)
+        if h == w:
+            x = torch.rot90(x, int(torch.randint(0, 4, (1,), generator=gen)), (-2, -1))
+        z = _uniform(gen, 1.0 - 0.4 * s, 1.0 + 0.6 * s)
+        zh, zw = max(4, int(round(h * z))), max(4, int(round(w * z)))
+        if (zh, zw) != (h, w):
+            x = F.interpolate(x, size=(zh, zw), mode="bilinear", antialias=zh < h, align_corners=False)
+            if zh >= h:
+                t, left = (zh - h) // 2, (zw - w) // 2
+                x = x[..., t:t + h, left:left + w]
+            else:
+                ph, pw = h - zh, w - zw
+                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+        gain = 1.0 + 0.4 * s * (2 * torch.rand((1, 1 if c == 1 else c, 1, 1), generator=gen) - 1)
+        gamma = math.exp(0.4 * s * float(torch.randn((), generator=gen)))
+        out.append((x.clamp(1e-4, 1.0) ** gamma * gain.to(x)).clamp(0.0, 1.0))
+    return torch.cat(out)
