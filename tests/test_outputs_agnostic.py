@@ -362,3 +362,15 @@ def test_union_of_two_marks_pays_its_bonferroni_price():
     for ps in (u, dep):
         rate = np.mean([union_p_value(row) <= 0.01 for row in ps])
         assert rate <= 0.01 + 3 * np.sqrt(0.01 * 0.99 / len(ps))
+
+
+def test_a_seeded_host_starts_from_the_same_weights_whatever_ran_before():
+    a = host_for_task("sr2", "unet", width=8, seed=4)
+    torch.rand(100)
+    b = host_for_task("sr2", "unet", width=8, seed=4)
+    c = host_for_task("sr2", "unet", width=8, seed=5)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    with pytest.raises(Exception, match="unknown host kind"):
+        host_for_task("sr2", "transformer", seed=1)

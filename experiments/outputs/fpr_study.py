@@ -93,6 +93,9 @@ def main() -> None:
                     help="also claims over batches of this many negatives of one kind (read-outs averaged)")
     ap.add_argument("--save-readouts", default="",
                     help="also save the per-image calibrated read-outs and group names (.npz; shared decoders only)")
+    ap.add_argument("--companion-extractor", default="",
+                    help="also a companion key per fixed key read by this extractor (.safetensors): the union "
+                         "verdict min(1, 2 min(p, p_companion)) is measured too (hosts marked with companions)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -156,6 +159,8 @@ def main() -> None:
         if args.save_readouts:
             names = np.concatenate([[k] * len(v) for k, v in groups.items()])
             np.savez(args.save_readouts, cal=cal.numpy(), group=names)
+    if args.companion_extractor:
+        comp_cal, _ = per_image(Extractor.load(args.companion_extractor))
     for i in range(args.keys):
         key = Key.from_seed(f"fpr-fixed-{i}")
         scheme = OutputMessage.create(key, None, extractor=args.extractor)
@@ -183,6 +188,33 @@ def main() -> None:
             **({f"batches_of_{args.batch}": rates_from_p(np.concatenate(batches))} if args.batch else {}),
             "calibrated_bits": bit_stats(r), "raw_bits": bit_stats(raw), "per_group_at_0.01": per_group,
             "max_matches": int(matches.max()), "max_matches_raw": int(raw_matches.max())}
+        if args.companion_extractor:
+            from nnmark.outputs.agnostic import union_p_value
+
+            comp = OutputMessage.create(Key.from_seed(f"fpr-fixed-{i}-companion"), None,
+                                        extractor=args.companion_extractor)
+            rc = comp_cal @ comp.rotation.T - comp.centre
+
+            def p_of(x: torch.Tensor, sch: OutputMessage, soft: bool = soft) -> np.ndarray:
+                if soft:
+                    return soft_p(x, sch.message)
+                return sps.binom.sf(((x > 0).long().numpy() == sch.message[None]).sum(1) - 1, sch.bits, 0.5)
+
+            p_own = ps if soft else sps.binom.sf(matches - 1, scheme.bits, 0.5)
+            p_union = np.array([union_p_value(pair) for pair in zip(p_own, p_of(rc, comp), strict=True)])
+            entry = {"single": rates_from_p(p_union)}
+            if args.batch:
+                ub, start = [], 0
+                for g in groups.values():
+                    nb = len(g) // args.batch
+                    sl = slice(start, start + nb * args.batch)
+                    pa = p_of(r[sl].view(nb, args.batch, -1).mean(1), scheme)
+                    pb = p_of(rc[sl].view(nb, args.batch, -1).mean(1), comp)
+                    ub.append([union_p_value(pair) for pair in zip(pa, pb, strict=True)])
+                    start += len(g)
+                entry[f"batches_of_{args.batch}"] = rates_from_p(np.concatenate(ub))
+            result["keys"][key.key_id]["union_with_companion"] = entry
+            print("  union:", json.dumps(entry["single"]), flush=True)
         print(key.key_id, json.dumps(result["keys"][key.key_id]["calibrated"]), flush=True)
         print("  raw:", json.dumps(result["keys"][key.key_id]["raw_decoder"]), flush=True)
     pooled = {}

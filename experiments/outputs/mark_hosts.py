@@ -79,6 +79,7 @@ def main() -> None:
                          "reported for each mark and for both by a union bound")
     ap.add_argument("--companion-strength", type=float, default=1.0,
                     help="distortion strength of the companion mark's term")
+    ap.add_argument("--companion-weight", type=float, default=1.0, help="weight of the companion mark's term")
     ap.add_argument("--host-cache", default=None, help="folder holding the unmarked hosts (default: --cache)")
     ap.add_argument("--start-marked", action="store_true",
                     help="start fine-tuning from the marked host in --host-cache (e.g. one marked on 32 px patches)")
@@ -98,7 +99,7 @@ def main() -> None:
     results = {"args": vars(args), "tasks": {}}
     for task in args.tasks:
         kind = HOSTS[task]
-        host = host_for_task(task, kind)
+        host = host_for_task(task, kind, seed=0)
         path = Path(args.host_cache or cache) / f"{task}-{kind}-unmarked.pt"
         x, y = photo_patches(task, args.size, "train", args.n, seed=0)
         if path.exists():
@@ -130,7 +131,8 @@ def main() -> None:
             emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
         else:
             emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True),
-                                    reference=host, companions=companions)
+                                    reference=host, companions=companions,
+                                    companion_weight=args.companion_weight)
         marked.eval()
         torch.save(marked.state_dict(), cache / f"{task}-{kind}-marked.pt")
         if args.host_cache:  # the false-positive study reads both hosts from one folder

@@ -110,9 +110,14 @@ def outputs() -> None:
 @click.option("--strength", default=0.5, show_default=True, help="distortion strength while marking (0..1)")
 @click.option("--extractor", default="shipped", show_default=True,
               help="'shipped', 'keyed' (drawn from the key) or a safetensors extractor")
+@click.option("--input-variation", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="vary half of each batch of host inputs while marking (flips, zooms, gains; 0: off)")
+@click.option("--psnr-floor", default=0.0, show_default=True, type=click.FloatRange(0.0, 80.0),
+              help="adapt the fidelity weight to hold marked-vs-unmarked PSNR at this (dB; 0: fixed weight)")
 @click.option("--seed", default=0, show_default=True)
 def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, host_epochs: int, mark_epochs: int,
-          fidelity: float, psnr_target: float, strength: float, extractor: str, seed: int) -> None:
+          fidelity: float, psnr_target: float, strength: float, extractor: str, input_variation: float,
+          psnr_floor: float, seed: int) -> None:
     """Train (or load) a host, then fine-tune a marked copy; resumes an interrupted run."""
     import torch
 
@@ -133,7 +138,7 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
         host, _ = load_host(host_file)
         save_host(unmarked_path, host, task)
     else:
-        host = host_for_task(task, kind)
+        host = host_for_task(task, kind, seed=seed)
         stats = train_host(host, task, host_epochs, seed, data=(x, y),
                            progress=lambda e, l: click.echo(f"host epoch {e + 1}/{host_epochs}: loss {l:.4f}"))
         save_host(unmarked_path, host, task, train_seconds=stats["seconds"], test_psnr=stats["test_psnr"])
@@ -141,7 +146,8 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
     key_path = run / "owner.key"
     key = load_key_file(key_path).key if key_path.exists() else Key.generate()
     scheme = OutputMessage.create(key, host, extractor=extractor, epochs=mark_epochs, fidelity=fidelity,
-                                  psnr_target=psnr_target, strength=strength)
+                                  psnr_target=psnr_target, strength=strength, input_variation=input_variation,
+                                  psnr_floor=psnr_floor)
     marked = host_for_task(task, kind) if host_file is None else load_host(unmarked_path)[0]
     marked.load_state_dict(host.state_dict())
     if not key_path.exists():  # the key is fixed (committed) before the marked host exists

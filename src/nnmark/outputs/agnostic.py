@@ -344,7 +344,7 @@ class OutputMessage(Scheme):
                    task_weight: float = 0.0, batch_size: int = 32, seed: int = 0,
                    progress: Callable[[int, dict[str, float]], None] | None = None,
                    checkpoint: str | Path | None = None, reference: nn.Module | None = None,
-                   companions: Sequence[OutputMessage] = ()) -> dict[str, Any]:
+                   companions: Sequence[OutputMessage] = (), companion_weight: float = 1.0) -> dict[str, Any]:
         """Fine-tune ``model`` (in place) so its outputs on ``inputs`` ``(N, C, H, W)`` carry the mark,
         for :attr:`epochs` epochs of Adam at :attr:`lr`. ``targets`` with ``task_weight`` > 0 adds the task's
         L1 loss. ``checkpoint``: a file written after every epoch (safetensors: model weights, optimiser-free)
@@ -360,7 +360,8 @@ class OutputMessage(Scheme):
         1,000 times its start: a dual step that holds the marked outputs near the floor however long the run, instead of
         letting a fixed weight drift below it as the mark grows.
         ``companions``: other :class:`OutputMessage` schemes (other keys, other decoders) whose mark terms
-        (their BCE, not their fidelity) are added to the loss, so that one host carries every mark; each is
+        (their BCE, not their fidelity), times ``companion_weight``, are added to the loss, so that one host
+        carries every mark; each is
         verified on its own and several verdicts combine by a union bound (:func:`union_p_value`).
         Returns ``{"seconds", "epochs", "losses", "bit_acc", "fidelity_weight"}`` (bit accuracy of undistorted
         outputs; the fidelity weight at the end)."""
@@ -401,7 +402,7 @@ class OutputMessage(Scheme):
                     ref = reference(xb)
                 loss = self.mark_loss(out, ref, aug_gen, weight)
                 for other in companions:
-                    loss = loss + other.mark_loss(out, ref, aug_gen, 0.0)
+                    loss = loss + companion_weight * other.mark_loss(out, ref, aug_gen, 0.0)
                 if targets is not None and task_weight > 0:
                     loss = loss + task_weight * (out - targets[j]).abs().mean()
                 opt.zero_grad()

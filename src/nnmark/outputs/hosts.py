@@ -98,18 +98,25 @@ class ResNetHost(nn.Module):
         return _base_image(x, self.out_channels) + self.tail(h + self.body(h))
 
 
-def build_host(kind: str = "unet", in_channels: int = 3, out_channels: int = 3, width: int = 16) -> nn.Module:
-    """A fresh host: ``kind`` ``"unet"`` or ``"resnet"``, ``width`` base channels (default 16)."""
-    if kind == "unet":
-        return UNetHost(in_channels, out_channels, width)
-    if kind == "resnet":
-        return ResNetHost(in_channels, out_channels, width)
-    raise NNMarkError(f"unknown host kind {kind!r}; known: {', '.join(HOST_KINDS)}")
+def build_host(kind: str = "unet", in_channels: int = 3, out_channels: int = 3, width: int = 16,
+               seed: int | None = None) -> nn.Module:
+    """A fresh host: ``kind`` ``"unet"`` or ``"resnet"``, ``width`` base channels (default 16). ``seed``: its
+    initial weights drawn from that seed (the global generator untouched); None draws them from the global
+    generator, so they depend on whatever ran before."""
+    if kind not in HOST_KINDS:
+        raise NNMarkError(f"unknown host kind {kind!r}; known: {', '.join(HOST_KINDS)}")
+    cls = UNetHost if kind == "unet" else ResNetHost
+    if seed is None:
+        return cls(in_channels, out_channels, width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return cls(in_channels, out_channels, width)
 
 
-def host_for_task(task: str, kind: str = "unet", width: int = 16) -> nn.Module:
-    """A fresh host with the input channels ``task`` needs (``sr2``, ``colourise``, ``denoise``)."""
-    return build_host(kind, IN_CHANNELS[task], 3, width)
+def host_for_task(task: str, kind: str = "unet", width: int = 16, seed: int | None = None) -> nn.Module:
+    """A fresh host with the input channels ``task`` needs (``sr2``, ``colourise``, ``denoise``); ``seed`` as
+    in :func:`build_host`."""
+    return build_host(kind, IN_CHANNELS[task], 3, width, seed)
 
 
 def train_host(model: nn.Module, task: str, epochs: int = 5, seed: int = 0, *, n: int = 4096, size: int = 32,
