@@ -16,6 +16,15 @@ How it works (the approach of HiDDeN / Stable Signature, :mod:`nnmark.outputs.ex
    unmarked host (frozen), the distortion drawn per quarter-batch by
    :func:`nnmark.outputs.augment.random_augment` after 8-bit quantisation.
 
+Marking on a few photos for photos never seen: a host fine-tuned on the owner's 7 train photos writes the mark
+almost perfectly on them and on other positions of them, and worse on other photos (sr2 0.99 -> 0.89 bit
+accuracy on the test photos, ``experiments/outputs/mark_generalisation.py``): the decoder's read-out depends on
+content, and the host learns to offset it only for the content it saw. ``input_variation`` (default off) varies
+half of every batch of inputs (:func:`nnmark.outputs.augment.vary_inputs`: flips, rotations, zooms, gains,
+gammas), and ``psnr_floor`` (default off) adapts the fidelity weight so that long runs keep their PSNR;
+``embed_host(companions=...)`` adds marks of further keys / decoders to the same host (combined by
+:func:`union_p_value`). Figures: ``experiments/results/outputs/README.md``, round 5.
+
 Two decoders (parameter ``extractor``): ``"shipped"``, the learned decoder above (public: whoever installs
 nnmark holds it, so it is a removal oracle for a thief), and ``"keyed"``, a fixed low-pass decoder whose
 filters are drawn from the key (:mod:`nnmark.outputs.keyed_decoder`; robust to JPEG and resizing by
