@@ -4,6 +4,7 @@ positions of those photos, or on photos never seen.
     .venv/bin/python experiments/outputs/mark_generalisation.py --task sr2                    # as before
     .venv/bin/python experiments/outputs/mark_generalisation.py --task sr2 --vary 1.0 --epochs 24
     .venv/bin/python experiments/outputs/mark_generalisation.py --task sr2 --jitter           # offline copies
+    .venv/bin/python experiments/outputs/mark_generalisation.py --task sr2 --vary 1.0 --extra-grey 1024
 
 Trains the task's host (3 epochs on 1,024 train patches, cached under ``--cache``), fine-tunes a copy
 against the shipped extractor (``--epochs``, ``--fidelity``, ``--strength``, ``--vary`` =
@@ -30,6 +31,24 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 HOSTS = {"sr2": "unet", "colourise": "unet", "denoise": "resnet"}
 
 
+GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "moon", "coins", "clock", "cell")
+
+
+def tinted_grey_patches(n: int, size: int, seed: int) -> torch.Tensor:
+    """``n`` random ``size`` px patches ``(n, 3, S, S)`` of :data:`GREY_PHOTOS`, each replicated to RGB and
+    multiplied by a random gain per channel in [0.6, 1.4] (clamped)."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0 for name in GREY_PHOTOS]
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        p = photos[rng.integers(len(photos))]
+        r, c = rng.integers(0, p.shape[0] - size + 1), rng.integers(0, p.shape[1] - size + 1)
+        out[i] = p[r:r + size, c:c + size][None] * rng.uniform(0.6, 1.4, (3, 1, 1))
+    return torch.from_numpy(out).clamp(0, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="colourise", choices=tuple(HOSTS))
@@ -39,6 +58,10 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--vary", type=float, default=0.0, help="input_variation while marking")
     ap.add_argument("--jitter", action="store_true", help="add colour-jittered, rotated copies of the targets")
+    ap.add_argument("--width", type=int, default=16, help="host base channels")
+    ap.add_argument("--extra-grey", type=int, default=0,
+                    help="add this many patches of the grey scikit-image photos no split uses (textures, "
+                         "camera, moon, ...), tinted by a random gain per channel, to the marking set")
     ap.add_argument("--tag", default="base")
     ap.add_argument("--cache", default="/tmp/nnmark-generalisation")
     ap.add_argument("--out", default="experiments/results/outputs/generalisation")
@@ -51,8 +74,8 @@ def main() -> None:
 
     kind = HOSTS[args.task]
     Path(args.cache).mkdir(parents=True, exist_ok=True)
-    host_file = Path(args.cache) / f"{args.task}.pt"
-    host = host_for_task(args.task, kind, seed=0)
+    host_file = Path(args.cache) / (f"{args.task}.pt" if args.width == 16 else f"{args.task}-w{args.width}.pt")
+    host = host_for_task(args.task, kind, args.width, seed=0)
     if host_file.exists():
         host.load_state_dict(torch.load(host_file, weights_only=True))
     else:
@@ -69,10 +92,12 @@ def main() -> None:
         turns = torch.randint(0, 4, (len(y),), generator=g)
         yj = torch.stack([torch.rot90(im, int(k), (1, 2)) for im, k in zip(yj, turns, strict=True)])
         x = torch.cat([x, degrade(args.task, yj, 5)])
+    if args.extra_grey:
+        x = torch.cat([x, degrade(args.task, tinted_grey_patches(args.extra_grey, 32, 17), 6)])
     key = Key.from_seed(f"owner-{args.task}")
     scheme = OutputMessage.create(key, host, epochs=args.epochs, fidelity=args.fidelity, strength=args.strength,
                                   input_variation=args.vary)
-    marked = host_for_task(args.task, kind)
+    marked = host_for_task(args.task, kind, args.width)
     marked.load_state_dict(host.state_dict())
     t0 = time.perf_counter()
     scheme.embed_host(marked, x, reference=host, progress=lambda e, s: print(f"  epoch {e}: {s}", flush=True))
