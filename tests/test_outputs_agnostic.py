@@ -374,3 +374,13 @@ def test_a_seeded_host_starts_from_the_same_weights_whatever_ran_before():
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
     with pytest.raises(Exception, match="unknown host kind"):
         host_for_task("sr2", "transformer", seed=1)
+
+
+def test_tinted_grey_marking_patches_are_seeded_colour_images():
+    from nnmark.outputs.data import MARKING_GREY_PHOTOS, SOURCES, tinted_grey_patches
+
+    a, b = tinted_grey_patches(8, 32, 3), tinted_grey_patches(8, 32, 3)
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert float((a[:, 0] - a[:, 1]).abs().mean()) > 0.01  # tinted: channels differ
+    used = {name for names in SOURCES.values() for name in names}
+    assert not used & set(MARKING_GREY_PHOTOS)

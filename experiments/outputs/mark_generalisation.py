@@ -31,24 +31,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 HOSTS = {"sr2": "unet", "colourise": "unet", "denoise": "resnet"}
 
 
-GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "moon", "coins", "clock", "cell")
-
-
-def tinted_grey_patches(n: int, size: int, seed: int) -> torch.Tensor:
-    """``n`` random ``size`` px patches ``(n, 3, S, S)`` of :data:`GREY_PHOTOS`, each replicated to RGB and
-    multiplied by a random gain per channel in [0.6, 1.4] (clamped)."""
-    import skimage.data
-
-    rng = np.random.default_rng(seed)
-    photos = [np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0 for name in GREY_PHOTOS]
-    out = np.empty((n, 3, size, size), dtype=np.float32)
-    for i in range(n):
-        p = photos[rng.integers(len(photos))]
-        r, c = rng.integers(0, p.shape[0] - size + 1), rng.integers(0, p.shape[1] - size + 1)
-        out[i] = p[r:r + size, c:c + size][None] * rng.uniform(0.6, 1.4, (3, 1, 1))
-    return torch.from_numpy(out).clamp(0, 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="colourise", choices=tuple(HOSTS))
@@ -69,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from nnmark.keys import Key
     from nnmark.outputs.agnostic import OutputMessage
-    from nnmark.outputs.data import degrade, photo_patches
+    from nnmark.outputs.data import degrade, photo_patches, tinted_grey_patches
     from nnmark.outputs.hosts import host_for_task, train_host
 
     kind = HOSTS[args.task]

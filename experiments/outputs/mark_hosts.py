@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="random 32 px windows per output (size >= 64)")
     ap.add_argument("--input-variation", type=float, default=0.0,
                     help="strength of the random variation of the host's inputs while marking (0: off)")
+    ap.add_argument("--width", type=int, default=16, help="host base channels")
+    ap.add_argument("--extra-grey", type=int, default=0,
+                    help="add this many tinted grey-photo patches (data.tinted_grey_patches) to the marking set")
     ap.add_argument("--psnr-floor", type=float, default=0.0,
                     help="adapt the fidelity weight to hold marked-vs-unmarked PSNR at this (dB; 0: fixed weight)")
     ap.add_argument("--companion-extractor", default=None,
@@ -91,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from nnmark.keys import Key
     from nnmark.outputs.agnostic import OutputMessage, union_p_value
-    from nnmark.outputs.data import photo_patches
+    from nnmark.outputs.data import degrade, photo_patches, tinted_grey_patches
     from nnmark.outputs.hosts import host_for_task, train_host
 
     cache = Path(args.cache)
@@ -99,9 +102,12 @@ def main() -> None:
     results = {"args": vars(args), "tasks": {}}
     for task in args.tasks:
         kind = HOSTS[task]
-        host = host_for_task(task, kind, seed=0)
-        path = Path(args.host_cache or cache) / f"{task}-{kind}-unmarked.pt"
+        host = host_for_task(task, kind, args.width, seed=0)
+        suffix = "" if args.width == 16 else f"-w{args.width}"
+        path = Path(args.host_cache or cache) / f"{task}-{kind}{suffix}-unmarked.pt"
         x, y = photo_patches(task, args.size, "train", args.n, seed=0)
+        if args.extra_grey:  # more kinds of content to mark on (no targets needed: marking compares hosts)
+            x = torch.cat([x, degrade(task, tinted_grey_patches(args.extra_grey, args.size, 17), 6)])
         if path.exists():
             host.load_state_dict(torch.load(path, weights_only=True))
             host_stats = json.loads(path.with_suffix(".json").read_text())
@@ -122,10 +128,10 @@ def main() -> None:
             companions.append(OutputMessage.create(Key.from_seed(f"owner-{task}-companion"), host,
                                                    extractor=args.companion_extractor,
                                                    strength=args.companion_strength, windows=args.windows))
-        marked = host_for_task(task, kind)
+        marked = host_for_task(task, kind, args.width)
         marked.load_state_dict(host.state_dict())
         if args.start_marked or args.eval_only:
-            start = Path(args.host_cache or cache) / f"{task}-{kind}-marked.pt"
+            start = Path(args.host_cache or cache) / f"{task}-{kind}{suffix}-marked.pt"
             marked.load_state_dict(torch.load(start, weights_only=True))
         if args.eval_only:
             emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
@@ -134,10 +140,10 @@ def main() -> None:
                                     reference=host, companions=companions,
                                     companion_weight=args.companion_weight)
         marked.eval()
-        torch.save(marked.state_dict(), cache / f"{task}-{kind}-marked.pt")
+        torch.save(marked.state_dict(), cache / f"{task}-{kind}{suffix}-marked.pt")
         if args.host_cache:  # the false-positive study reads both hosts from one folder
-            torch.save(host.state_dict(), cache / f"{task}-{kind}-unmarked.pt")
-            (cache / f"{task}-{kind}-unmarked.json").write_text(json.dumps(host_stats))
+            torch.save(host.state_dict(), cache / f"{task}-{kind}{suffix}-unmarked.pt")
+            (cache / f"{task}-{kind}{suffix}-unmarked.json").write_text(json.dumps(host_stats))
         xt, yt = photo_patches(task, args.eval_size, "test", args.eval_n, seed=1)
         with torch.no_grad():
             clean = host(xt).clamp(0, 1)

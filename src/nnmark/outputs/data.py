@@ -92,6 +92,27 @@ def _patches(split: str, size: int, n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
+#: grey scikit-image photos no split above uses: extra content for *marking* a host (never for training or
+#: testing one, and never among output-message's negatives; output-wu's false-positive study reads them)
+MARKING_GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "moon", "coins", "clock", "cell")
+
+
+def tinted_grey_patches(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """``n`` random ``size`` px patches ``(n, 3, S, S)`` in [0, 1] of :data:`MARKING_GREY_PHOTOS`, each replicated
+    to RGB and multiplied by a random gain per channel in [0.6, 1.4] (clamped): more kinds of content for the
+    marking set than the 7 train photos hold."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0 for name in MARKING_GREY_PHOTOS]
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        p = photos[rng.integers(len(photos))]
+        r, c = rng.integers(0, p.shape[0] - size + 1), rng.integers(0, p.shape[1] - size + 1)
+        out[i] = p[r:r + size, c:c + size][None] * rng.uniform(0.6, 1.4, (3, 1, 1))
+    return torch.from_numpy(out).clamp(0.0, 1.0)
+
+
 def to_luma(img: torch.Tensor) -> torch.Tensor:
     """``(N, 3, H, W)`` RGB -> ``(N, 1, H, W)`` luma (BT.601 weights)."""
     w = torch.tensor(_LUMA, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
