@@ -384,3 +384,21 @@ def test_tinted_grey_marking_patches_are_seeded_colour_images():
     assert float((a[:, 0] - a[:, 1]).abs().mean()) > 0.01  # tinted: channels differ
     used = {name for names in SOURCES.values() for name in names}
     assert not used & set(MARKING_GREY_PHOTOS)
+
+
+def test_union_of_two_keys_does_not_claim_clean_images_or_other_keys_marks(marked):
+    """Photos and another owner's marked images are not claimed by the union verdict of (own, companion)
+    for several key pairs: the union pays its factor 2 and stays far from alpha 1e-6."""
+    from nnmark.outputs.agnostic import union_p_value
+
+    scheme, _, out, clean = marked
+    for i in range(4):
+        own = OutputMessage.create(Key.from_seed(f"test-union-{i}"), None)
+        comp = OutputMessage.create(Key.from_seed(f"test-union-{i}-companion"), None)
+        for images in (clean, out):
+            for group in (1, 16):
+                pairs = zip(own.p_values(images, group), comp.p_values(images, group), strict=True)
+                assert min(union_p_value(p) for p in pairs) > 1e-6
+    # the owner's own mark still passes the union with any companion key
+    comp = OutputMessage.create(Key.from_seed("test-union-owner-companion"), None)
+    assert union_p_value([scheme.p_values(out, 16)[0], comp.p_values(out, 16)[0]]) < 1e-6

@@ -1,6 +1,6 @@
 """How well can *any* 32 px image be made to decode to the message at a given PSNR? A ceiling for hosts.
 
-    .venv/bin/python experiments/outputs/per_image_ceiling.py --psnr 35 40 45 50 \
+    .venv/bin/python experiments/outputs/per_image_ceiling.py --psnr 35 38 42 46 \
         --host <a colourise-unet-unmarked.pt from mark_hosts.py>
 
 For 256 test-photo patches (natural) and the outputs of a colourise host on them (``--host``, optional), a
