@@ -93,6 +93,8 @@ def main() -> None:
                     help="also claims over batches of this many negatives of one kind (read-outs averaged)")
     ap.add_argument("--save-readouts", default="",
                     help="also save the per-image calibrated read-outs and group names (.npz; shared decoders only)")
+    ap.add_argument("--width", type=int, default=16,
+                    help="base channels of the cached hosts (mark_hosts.py --width; files named <task>-<kind>-w<W>-*)")
     ap.add_argument("--companion-extractor", default="",
                     help="also a companion key per fixed key read by this extractor (.safetensors): the union "
                          "verdict min(1, 2 min(p, p_companion)) is measured too (hosts marked with companions)")
@@ -123,11 +125,12 @@ def main() -> None:
         xs = torch.cat([photo_patches(task, size, "test", args.per_host // 2, seed=21)[0],
                         photo_patches(task, size, "attacker", args.per_host - args.per_host // 2, seed=22)[0]])
         for state in ("unmarked", "marked"):
-            f = cache / f"{task}-{kind}-{state}.pt"
+            suffix = "" if args.width == 16 else f"-w{args.width}"
+            f = cache / f"{task}-{kind}{suffix}-{state}.pt"
             if not f.exists():
                 print(f"missing {f}: run mark_hosts.py first; skipped")
                 continue
-            host = host_for_task(task, kind)
+            host = host_for_task(task, kind, args.width)
             host.load_state_dict(torch.load(f, weights_only=True))
             host.eval()
             with torch.no_grad():
