@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from nnmark.cli import cli
@@ -402,3 +403,58 @@ def test_union_of_two_keys_does_not_claim_clean_images_or_other_keys_marks(marke
     # the owner's own mark still passes the union with any companion key
     comp = OutputMessage.create(Key.from_seed("test-union-owner-companion"), None)
     assert union_p_value([scheme.p_values(out, 16)[0], comp.p_values(out, 16)[0]]) < 1e-6
+
+
+def test_joint_test_of_two_keys_is_exact_over_their_messages(marked):
+    """The joint test reads (own, companion) as one 96-bit message: over random messages (the null: images
+    made without the keys) its claim rate at alpha stays at or below alpha, binomial and soft."""
+    from nnmark.outputs.agnostic import joint_p_values
+
+    _, _, out, clean = marked
+    own = OutputMessage.create(Key.from_seed("test-joint-own"), None)
+    comp = OutputMessage.create(Key.from_seed("test-joint-comp"), None)
+    rng = np.random.default_rng(3)
+    trials = 600
+    for test in ("binomial", "soft"):
+        ps = []
+        for _ in range(trials):
+            own.message = rng.integers(0, 2, own.bits)
+            comp.message = rng.integers(0, 2, comp.bits)
+            ps.append(joint_p_values([own, comp], out, 16, test=test)[0])
+        ps = np.array(ps)
+        for alpha in (0.05, 0.2):
+            assert (ps <= alpha).mean() <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+        assert ps.min() > 1e-4  # no random message comes near the verdict's alpha
+    with pytest.raises(SchemeError, match="share a key"):
+        joint_p_values([own, OutputMessage.create(Key.from_seed("test-joint-own"), None)], clean)
+    with pytest.raises(SchemeError, match="unknown test"):
+        joint_p_values([own, comp], clean, test="fisher")
+
+
+def test_joint_test_adds_the_evidence_of_two_weak_marks():
+    """Images carrying two keys' marks, each too weak to be claimed on its own, are claimed by the joint test
+    (both marks' bits at once); a third key reads nothing from them, alone or jointly with the owner's."""
+    from nnmark.outputs.agnostic import joint_p_values
+
+    own = OutputMessage.create(Key.from_seed("test-joint-weak-own"), None)
+    comp = OutputMessage.create(Key.from_seed("test-joint-weak-comp"), None)
+    clean = natural_images(16, 32, seed=9)
+    w = torch.zeros_like(clean, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(25):
+        x = clean + 1.0 / 255 * torch.tanh(w)
+        loss = sum(F.binary_cross_entropy_with_logits(s.readout(x), torch.from_numpy(s.message).float().expand(16, -1))
+                   for s in (own, comp))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = ((clean + 1.0 / 255 * torch.tanh(w)).clamp(0, 1) * 255).round() / 255
+    p_own, p_comp = own.p_values(out, 16)[0], comp.p_values(out, 16)[0]
+    p_joint = joint_p_values([own, comp], out, 16)[0]
+    assert min(p_own, p_comp) > 1e-6  # neither mark is claimed on its own
+    assert p_joint < min(p_own, p_comp) / 2  # better than the union bound of the two
+    third = OutputMessage.create(Key.from_seed("test-joint-weak-third"), None)
+    fourth = OutputMessage.create(Key.from_seed("test-joint-weak-4th"), None)
+    assert joint_p_values([third, fourth], out, 16)[0] > 1e-3
+    assert joint_p_values([own, third], clean, 16)[0] > 1e-3

@@ -204,20 +204,40 @@ def main() -> None:
                 return sps.binom.sf(((x > 0).long().numpy() == sch.message[None]).sum(1) - 1, sch.bits, 0.5)
 
             p_own = ps if soft else sps.binom.sf(matches - 1, scheme.bits, 0.5)
-            p_union = np.array([union_p_value(pair) for pair in zip(p_own, p_of(rc, comp), strict=True)])
+            both = np.concatenate([scheme.message, comp.message])
+
+            def p_joint(x: torch.Tensor, xc: torch.Tensor, soft: bool = soft, both: np.ndarray = both) -> np.ndarray:
+                """joint_p_values on read-outs already computed: both marks' bits as one message."""
+                cat = torch.cat([x, xc], 1)
+                if soft:
+                    return soft_p(cat, both)
+                return sps.binom.sf(((cat > 0).long().numpy() == both[None]).sum(1) - 1, len(both), 0.5)
+
+            p_comp, p_j = p_of(rc, comp), p_joint(r, rc)
+            p_union = np.array([union_p_value(pair) for pair in zip(p_own, p_comp, strict=True)])
+            p_union3 = np.array([union_p_value(t) for t in zip(p_own, p_comp, p_j, strict=True)])
             entry = {"single": rates_from_p(p_union)}
+            entry_joint = {"single": rates_from_p(p_j)}
+            entry_union3 = {"single": rates_from_p(p_union3)}
             if args.batch:
-                ub, start = [], 0
+                ub, jb, u3, start = [], [], [], 0
                 for g in groups.values():
                     nb = len(g) // args.batch
                     sl = slice(start, start + nb * args.batch)
-                    pa = p_of(r[sl].view(nb, args.batch, -1).mean(1), scheme)
-                    pb = p_of(rc[sl].view(nb, args.batch, -1).mean(1), comp)
+                    ma, mb = r[sl].view(nb, args.batch, -1).mean(1), rc[sl].view(nb, args.batch, -1).mean(1)
+                    pa, pb, pj = p_of(ma, scheme), p_of(mb, comp), p_joint(ma, mb)
                     ub.append([union_p_value(pair) for pair in zip(pa, pb, strict=True)])
+                    jb.append(pj)
+                    u3.append([union_p_value(t) for t in zip(pa, pb, pj, strict=True)])
                     start += len(g)
                 entry[f"batches_of_{args.batch}"] = rates_from_p(np.concatenate(ub))
+                entry_joint[f"batches_of_{args.batch}"] = rates_from_p(np.concatenate(jb))
+                entry_union3[f"batches_of_{args.batch}"] = rates_from_p(np.concatenate(u3))
             result["keys"][key.key_id]["union_with_companion"] = entry
+            result["keys"][key.key_id]["joint_with_companion"] = entry_joint
+            result["keys"][key.key_id]["union_of_own_companion_joint"] = entry_union3
             print("  union:", json.dumps(entry["single"]), flush=True)
+            print("  joint:", json.dumps(entry_joint["single"]), flush=True)
         print(key.key_id, json.dumps(result["keys"][key.key_id]["calibrated"]), flush=True)
         print("  raw:", json.dumps(result["keys"][key.key_id]["raw_decoder"]), flush=True)
     pooled = {}

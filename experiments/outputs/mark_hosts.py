@@ -93,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
-    from nnmark.outputs.agnostic import OutputMessage, union_p_value
+    from nnmark.outputs.agnostic import OutputMessage, joint_p_values, union_p_value
     from nnmark.outputs.data import degrade, photo_patches, tinted_grey_patches
     from nnmark.outputs.hosts import host_for_task, train_host
 
@@ -182,13 +182,23 @@ def main() -> None:
                     com_b = companions[0].p_values(img, 16, size, test)
                     uni_s = np.array([union_p_value(pair) for pair in zip(own_s, com_s, strict=True)])
                     uni_b = np.array([union_p_value(pair) for pair in zip(own_b, com_b, strict=True)])
+                    # both marks' bits read as one message (joint_p_values), and the union of all three
+                    joi_s = joint_p_values([scheme, companions[0]], img, 1, size, test)
+                    joi_b = joint_p_values([scheme, companions[0]], img, 16, size, test)
+                    u3_s = np.array([union_p_value(t) for t in zip(own_s, com_s, joi_s, strict=True)])
+                    u3_b = np.array([union_p_value(t) for t in zip(own_b, com_b, joi_b, strict=True)])
+                    oj_s = np.array([union_p_value(t) for t in zip(own_s, joi_s, strict=True)])
+                    oj_b = np.array([union_p_value(t) for t in zip(own_b, joi_b, strict=True)])
                     cr, _ = companions[0].image_readouts(img, size)
                     rob[name][test] = {
                         "companion_bit_acc": float(((cr > 0).long().numpy() == companions[0].message[None]).mean()),
                         **{f"{who}_{unit}_frac_p_lt_1e-6": float((v < 1e-6).mean())
                            for who, unit, v in (("own", "single", own_s), ("own", "batch16", own_b),
                                                 ("companion", "single", com_s), ("companion", "batch16", com_b),
-                                                ("union", "single", uni_s), ("union", "batch16", uni_b))}}
+                                                ("union", "single", uni_s), ("union", "batch16", uni_b),
+                                                ("joint", "single", joi_s), ("joint", "batch16", joi_b),
+                                                ("union3", "single", u3_s), ("union3", "batch16", u3_b),
+                                                ("own_or_joint", "single", oj_s), ("own_or_joint", "batch16", oj_b))}}
             print(f"  {name}: {rob[name]}", flush=True)
         results["tasks"][task] = {"host": kind, "host_train_seconds": host_stats["seconds"],
                                   "mark_seconds": emb["seconds"],

@@ -578,6 +578,41 @@ def union_p_value(p_values: Sequence[float]) -> float:
     return float(min(1.0, len(p_values) * min(float(p) for p in p_values)))
 
 
+def joint_p_values(schemes: Sequence[OutputMessage], images: torch.Tensor | Sequence[torch.Tensor],
+                   group: int = 1, size: tuple[int, int] | None = None, test: str = "binomial") -> np.ndarray:
+    """p-values per group of ``group`` consecutive images ``(N // group,)`` from the marks of several
+    :class:`OutputMessage` schemes of *distinct* keys read as one message: each scheme's group-mean read-out
+    ``(k_s,)`` and message are concatenated (``sum k_s`` bits, e.g. 96 for an own and a companion 48-bit mark)
+    and tested by ``test`` (``"binomial"``: matched signs, ``P[Binomial(sum k_s, 1/2) >= matches]``; ``"soft"``:
+    the soft sign test, :func:`~nnmark.stats.soft_bit_verdict`).
+
+    Null: the images were made without these keys. Each key draws its message independently of its
+    rotation and of every other key, so given the images and the rotations all ``sum k_s`` message bits are
+    fair and independent, whatever the dependence between the decoders' read-outs: the test is exact, like
+    each scheme's own. Against :func:`union_p_value` it adds the evidence of both marks instead of taking the
+    better one times two: an attack that leaves each mark partly readable (JPEG weakens one decoder, a crop
+    the other) is read by both at once. Schemes sharing a key (one message twice) are refused."""
+    from scipy import stats as sps
+
+    if len(schemes) == 0:
+        raise SchemeError("joint_p_values needs at least one scheme")
+    ids = [s.key.key_id for s in schemes]
+    if len(set(ids)) != len(ids):
+        raise SchemeError("joint_p_values: two schemes share a key; their messages are not independent")
+    if test not in ("binomial", "soft"):
+        raise SchemeError(f"unknown test {test!r}: 'binomial' or 'soft'")
+    means, messages = [], []
+    for s in schemes:
+        r, _ = s.image_readouts(images, size)
+        n = len(r) // group * group
+        means.append(r[:n].view(-1, group, s.bits).mean(1).double().numpy())
+        messages.append(s.message)
+    x, m = np.concatenate(means, axis=1), np.concatenate(messages)
+    if test == "binomial":
+        return sps.binom.sf(((x > 0).astype(np.int64) == m[None]).sum(1) - 1, len(m), 0.5)
+    return np.array([soft_bit_verdict(row, m, scheme=OutputMessage.name, clip=SOFT_CLIP).p_value for row in x])
+
+
 def tpr_bound_bits(bits: int, alpha: float) -> int:
     """Fewest matched bits of ``bits`` with ``P[Binomial(bits, 1/2) >= matches] < alpha``."""
     from scipy import stats as sps
