@@ -219,6 +219,12 @@ def main() -> None:
             entry = {"single": rates_from_p(p_union)}
             entry_joint = {"single": rates_from_p(p_j)}
             entry_union3 = {"single": rates_from_p(p_union3)}
+            start = 0
+            for e, pv in ((entry, p_union), (entry_joint, p_j), (entry_union3, p_union3)):
+                e["per_group_at_0.01"], start = {}, 0
+                for name, g in groups.items():
+                    e["per_group_at_0.01"][name] = rates_from_p(pv[start:start + len(g)])["0.01"]
+                    start += len(g)
             if args.batch:
                 ub, jb, u3, start = [], [], [], 0
                 for g in groups.values():
