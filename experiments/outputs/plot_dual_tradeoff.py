@@ -37,8 +37,10 @@ def main() -> None:
         points.append((t["fidelity"]["psnr_marked_vs_unmarked"], {a: 16 * rob[a][args.test][key] for a in ATTACKS}))
     points.sort()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for a, label in ATTACKS.items():
-        ax.plot([p for p, _ in points], [v[a] for _, v in points], marker="o", label=label)
+    for (a, label), (style, marker, dy) in zip(ATTACKS.items(), (("--", "s", 0.25), ("-", "o", -0.25),
+                                                                  ("-", "^", 0.0), ("-", "v", 0.0)), strict=True):
+        # equal counts would hide each other: JPEG and noise are drawn a quarter batch apart
+        ax.plot([p for p, _ in points], [v[a] + dy for _, v in points], ls=style, marker=marker, label=label)
     ax.axvline(35.0, color="grey", ls=":", lw=1)
     ax.set_xlabel("PSNR marked vs unmarked output (dB)")
     ax.set_ylabel("batches of 16 with p < 1e-6 (of 16)")
