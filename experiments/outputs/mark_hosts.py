@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16, help="host base channels")
     ap.add_argument("--extra-grey", type=int, default=0,
                     help="add this many tinted grey-photo patches (data.tinted_grey_patches) to the marking set")
+    ap.add_argument("--extra-leaves", type=int, default=0,
+                    help="add this many synthetic dead-leaves images (data.dead_leaves_patches) to the marking set")
     ap.add_argument("--psnr-floor", type=float, default=0.0,
                     help="adapt the fidelity weight to hold marked-vs-unmarked PSNR at this (dB; 0: fixed weight)")
     ap.add_argument("--companion-extractor", default=None,
@@ -88,13 +90,18 @@ def main() -> None:
                     help="start fine-tuning from the marked host in --host-cache (e.g. one marked on 32 px patches)")
     ap.add_argument("--eval-only", action="store_true",
                     help="no fine-tuning: evaluate the marked host in --host-cache as it is")
+    ap.add_argument("--head-steps", type=int, default=0,
+                    help="> 0: leave the host as it is and train a mark head (nnmark.outputs.mark_head) for this "
+                         "many steps on the host's outputs and train photo patches instead of fine-tuning")
+    ap.add_argument("--head-psnr", type=float, default=35.3, help="the mark head's PSNR budget (dB)")
+    ap.add_argument("--head-width", type=int, default=32, help="the mark head's channels")
     ap.add_argument("--extractor", default="shipped",
                     help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
     from nnmark.outputs.agnostic import OutputMessage, joint_p_values, union_p_value
-    from nnmark.outputs.data import degrade, photo_patches, tinted_grey_patches
+    from nnmark.outputs.data import dead_leaves_patches, degrade, photo_patches, tinted_grey_patches
     from nnmark.outputs.hosts import host_for_task, train_host
 
     cache = Path(args.cache)
@@ -108,6 +115,8 @@ def main() -> None:
         x, y = photo_patches(task, args.size, "train", args.n, seed=0)
         if args.extra_grey:  # more kinds of content to mark on (no targets needed: marking compares hosts)
             x = torch.cat([x, degrade(task, tinted_grey_patches(args.extra_grey, args.size, 17), 6)])
+        if args.extra_leaves:
+            x = torch.cat([x, degrade(task, dead_leaves_patches(args.extra_leaves, args.size, 23), 7)])
         if path.exists():
             host.load_state_dict(torch.load(path, weights_only=True))
             host_stats = json.loads(path.with_suffix(".json").read_text())
@@ -133,14 +142,22 @@ def main() -> None:
         if args.start_marked or args.eval_only:
             start = Path(args.host_cache or cache) / f"{task}-{kind}{suffix}-marked.pt"
             marked.load_state_dict(torch.load(start, weights_only=True))
-        if args.eval_only:
+        if args.head_steps:
+            from nnmark.outputs.mark_head import mark_with_head
+
+            marked, emb = mark_with_head(scheme, host, x, psnr=args.head_psnr, width=args.head_width,
+                                         steps=args.head_steps, variation=args.input_variation,
+                                         progress=lambda s, st: print(f"  head step {s}: {st}", flush=True))
+            torch.save(marked.head.state_dict(), cache / f"{task}-{kind}{suffix}-head.pt")
+        elif args.eval_only:
             emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
         else:
             emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True),
                                     reference=host, companions=companions,
                                     companion_weight=args.companion_weight)
         marked.eval()
-        torch.save(marked.state_dict(), cache / f"{task}-{kind}{suffix}-marked.pt")
+        if not args.head_steps:
+            torch.save(marked.state_dict(), cache / f"{task}-{kind}{suffix}-marked.pt")
         if args.host_cache:  # the false-positive study reads both hosts from one folder
             torch.save(host.state_dict(), cache / f"{task}-{kind}{suffix}-unmarked.pt")
             (cache / f"{task}-{kind}{suffix}-unmarked.json").write_text(json.dumps(host_stats))

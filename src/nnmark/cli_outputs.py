@@ -1,6 +1,7 @@
 """``nnmark outputs``: marks carried by every image an image-to-image host outputs.
 
     nnmark outputs train --task sr2 --out run/ [--host unet] [--n 2048] [--host-epochs 4] [--mark-epochs 4]
+    nnmark outputs train --task denoise --out run/ --head-steps 4000 --head-psnr 37.6 --input-variation 1
     nnmark outputs generate run/marked.safetensors --out images/ [--count 16]
     nnmark outputs attack images/ attacked/ --jpeg 50 [--noise 0.05] [--crop 0.25] [--resize 0.5]
     nnmark outputs verify --key run/owner.key images/ [--each] [--json]
@@ -114,11 +115,17 @@ def outputs() -> None:
               help="vary half of each batch of host inputs while marking (flips, zooms, gains; 0: off)")
 @click.option("--psnr-floor", default=0.0, show_default=True, type=click.FloatRange(0.0, 80.0),
               help="adapt the fidelity weight to hold marked-vs-unmarked PSNR at this (dB; 0: fixed weight)")
+@click.option("--head-steps", default=0, show_default=True, type=click.IntRange(0, 100_000),
+              help="> 0: leave the host as it is and append a mark head trained for this many steps "
+                   "(nnmark.outputs.mark_head) instead of fine-tuning it")
+@click.option("--head-psnr", default=35.3, show_default=True, type=click.FloatRange(20.0, 60.0),
+              help="PSNR of every marked output against the unmarked one, with a mark head (dB)")
 @click.option("--seed", default=0, show_default=True)
 def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, host_epochs: int, mark_epochs: int,
           fidelity: float, psnr_target: float, strength: float, extractor: str, input_variation: float,
-          psnr_floor: float, seed: int) -> None:
-    """Train (or load) a host, then fine-tune a marked copy; resumes an interrupted run."""
+          psnr_floor: float, head_steps: int, head_psnr: float, seed: int) -> None:
+    """Train (or load) a host, then fine-tune a marked copy (or append a mark head to it: --head-steps);
+    resumes an interrupted run."""
     import torch
 
     from nnmark.keyfile import load_key_file
@@ -152,8 +159,19 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
     marked.load_state_dict(host.state_dict())
     if not key_path.exists():  # the key is fixed (committed) before the marked host exists
         scheme.save(key_path)
-    emb = scheme.embed_host(marked, x, seed=seed, checkpoint=run / "marking.ckpt.safetensors",
-                            progress=lambda e, s: click.echo(f"marking epoch {e}/{mark_epochs}: loss {s['loss']:.4f}"))
+    if head_steps and (run / "marked.safetensors").exists():
+        click.echo(f"marked host: {run / 'marked.safetensors'} exists (delete it to train the head again)")
+        return
+    if head_steps:
+        from nnmark.outputs.mark_head import mark_with_head
+
+        marked, emb = mark_with_head(scheme, host, x, psnr=head_psnr, steps=head_steps, variation=input_variation,
+                                     seed=seed, progress=lambda s, st: click.echo(
+                                         f"mark head step {s}/{head_steps}: loss {st['loss']:.4f}"))
+    else:
+        emb = scheme.embed_host(marked, x, seed=seed, checkpoint=run / "marking.ckpt.safetensors",
+                                progress=lambda e, s: click.echo(
+                                    f"marking epoch {e}/{mark_epochs}: loss {s['loss']:.4f}"))
     with torch.no_grad():
         xt, _ = photo_patches(task, 32, "test", 64, seed)
         psnr = float(10 * torch.log10(1 / ((marked(xt).clamp(0, 1) - host(xt).clamp(0, 1)) ** 2).mean()))

@@ -113,6 +113,62 @@ def tinted_grey_patches(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out).clamp(0.0, 1.0)
 
 
+def dead_leaves_patches(n: int, size: int = 32, seed: int = 0, max_leaves: int = 300) -> torch.Tensor:
+    """``n`` synthetic "dead leaves" images ``(n, 3, S, S)`` in [0, 1]: content for *marking* (never for
+    training or testing a host, never among the negatives) with the occlusions, edges and scale-free size
+    statistics of natural photos, but drawn from a seed instead of the 7 bundled train photos.
+
+    Each image is painted at twice ``size``, front leaf first: discs or squares whose radius r has density
+    ~ r^-3 between 2 px and the canvas side (scale invariance), a random colour each, and on half of them a
+    texture (a grating of random period and angle, or white noise) of random contrast. Colours come from a
+    palette of 2-5 per image (a grey level plus a small chroma each, jittered per leaf); pixels no leaf
+    reached take the palette's first colour. The canvas is then shrunk x0.5 (antialiased), given a random
+    gamma and clamped.
+    ``max_leaves`` bounds the leaves per image (default 300)."""
+    rng = np.random.default_rng(seed)
+    big = 2 * size
+    yy, xx = np.mgrid[0:big, 0:big].astype(np.float32)
+    r_min, r_max = 2.0, float(big)
+    out = np.empty((n, big, big, 3), dtype=np.float32)
+    for i in range(n):
+        img = np.zeros((big, big, 3), dtype=np.float32)
+        k = int(rng.integers(2, 6))  # a palette per image: natural photos hold few hues
+        palette = (rng.uniform(0.05, 0.95, (k, 1)) + rng.normal(0.0, 0.12, (k, 3))).astype(np.float32)
+        free = np.ones((big, big), dtype=bool)
+        for _ in range(max_leaves):
+            u = rng.uniform()
+            r = r_min / np.sqrt(1.0 - u * (1.0 - (r_min / r_max) ** 2))
+            cx, cy = rng.uniform(-r, big + r, 2)
+            if rng.uniform() < 0.5:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+            else:
+                mask = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)
+            mask &= free
+            if not mask.any():
+                continue
+            colour = palette[rng.integers(k)] + rng.normal(0.0, 0.04, 3).astype(np.float32)
+            kind = rng.integers(4)
+            if kind == 0:  # a grating
+                a = rng.uniform(0, np.pi)
+                period = rng.uniform(2.0, 16.0)
+                tex = np.sin(2 * np.pi * (xx[mask] * np.cos(a) + yy[mask] * np.sin(a)) / period + rng.uniform(0, 6.3))
+            elif kind == 1:  # white noise
+                tex = rng.standard_normal(int(mask.sum())).astype(np.float32)
+            else:
+                tex = np.zeros(int(mask.sum()), dtype=np.float32)
+            contrast = rng.uniform(0.05, 0.3)
+            img[mask] = colour[None] + contrast * tex[:, None] * rng.uniform(0.5, 1.0, 3).astype(np.float32)
+            free &= ~mask
+            if not free.any():
+                break
+        img[free] = palette[0]
+        out[i] = img
+    t = torch.from_numpy(out).permute(0, 3, 1, 2).clamp(0.0, 1.0)
+    t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    gamma = torch.from_numpy(np.exp(rng.normal(0.0, 0.3, (n, 1, 1, 1))).astype(np.float32))
+    return t.clamp(1e-4, 1.0).pow(gamma).clamp(0.0, 1.0).contiguous()
+
+
 def to_luma(img: torch.Tensor) -> torch.Tensor:
     """``(N, 3, H, W)`` RGB -> ``(N, 1, H, W)`` luma (BT.601 weights)."""
     w = torch.tensor(_LUMA, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)

@@ -164,25 +164,39 @@ MAX_HOST_FILE_BYTES = 64 * 2**20
 
 
 def save_host(path: str | Path, model: nn.Module, task: str, **meta: Any) -> Path:
-    """Write host weights and how to rebuild them (kind, channels, width, task) to a safetensors file."""
+    """Write host weights and how to rebuild them (kind, channels, width, task) to a safetensors file.
+    A :class:`~nnmark.outputs.mark_head.MarkedHost` is written as its host's weights (``host.*``) and its
+    head's (``head.*``), the head's width and budget in the description."""
     import json
 
     from safetensors.torch import save_file
 
+    from nnmark.outputs.mark_head import MarkedHost
+
+    head = None
+    if isinstance(model, MarkedHost):
+        model, head = model.host, model.head
+    if not isinstance(model, (UNetHost, ResNetHost)):
+        raise NNMarkError(f"save_host writes nnmark's UNetHost / ResNetHost, not {type(model).__name__}")
     kind = "unet" if isinstance(model, UNetHost) else "resnet"
     width = model.enc1[0].out_channels if isinstance(model, UNetHost) else model.head.out_channels
     in_ch = model.enc1[0].in_channels if isinstance(model, UNetHost) else model.head.in_channels
     info = {"kind": kind, "in_channels": in_ch, "out_channels": model.out_channels, "width": width,
             "task": task, **meta}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if head is not None:
+        info["head"] = {"width": head.width, "budget": head.budget}
+        tensors = {**{f"host.{k}": v for k, v in tensors.items()},
+                   **{f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"nnmark-output-host": json.dumps(info)})
+    save_file(tensors, str(path), metadata={"nnmark-output-host": json.dumps(info)})
     return path
 
 
 def load_host(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a host written by :func:`save_host` (size bounded, shapes checked); ``(model in eval, info)``."""
+    """Rebuild a host written by :func:`save_host` (size bounded, shapes checked); ``(model in eval, info)``
+    (a :class:`~nnmark.outputs.mark_head.MarkedHost` when the file holds a mark head)."""
     import json
 
     from safetensors import safe_open
@@ -200,7 +214,14 @@ def load_host(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                 or int(info["in_channels"]) not in (1, 3) or int(info["out_channels"]) not in (1, 3):
             raise ValueError("implausible host description")
         model = build_host(info["kind"], int(info["in_channels"]), int(info["out_channels"]), int(info["width"]))
+        if "head" in info:  # a host with a mark head (nnmark.outputs.mark_head)
+            from nnmark.outputs.mark_head import MarkedHost, MarkHead
+
+            hw, budget = int(info["head"]["width"]), float(info["head"]["budget"])
+            if not 1 <= hw <= 256 or not 0.0 < budget < 0.5 or int(info["out_channels"]) != 3:
+                raise ValueError("implausible mark head description")
+            model = MarkedHost(model, MarkHead(hw, budget))
         model.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise NNMarkError(f"{path}: not an nnmark output host file ({str(exc)[:200]})") from None
     return model.eval(), info
