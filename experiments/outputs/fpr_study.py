@@ -12,7 +12,8 @@ With ``--size`` S > 32 every negative is S x S and is read as verify reads it (a
 Negatives (32x32, none made with the keys tested):
 - natural photo patches of the test and attacker photos (never used to train or calibrate the extractor);
 - outputs of the unmarked hosts of mark_hosts.py on test / attacker inputs;
-- outputs of the hosts marked under the owners' keys of mark_hosts.py (other keys than the ones tested).
+- outputs of the hosts marked under the owners' keys of mark_hosts.py (other keys than the ones tested;
+  a host with a mark head is read from its ``-marked.safetensors`` file).
 
 For each of ``--keys`` fixed keys, every negative is verified alone; the measured false-positive rate at
 each nominal alpha (1e-2, 1e-3, 1e-6) is given with its two-sided 99% Clopper-Pearson interval, beside the
@@ -104,7 +105,7 @@ def main() -> None:
     from nnmark.outputs.agnostic import OutputMessage
     from nnmark.outputs.data import natural_images, photo_patches
     from nnmark.outputs.extractor import Extractor, bit_stats, load_shipped
-    from nnmark.outputs.hosts import host_for_task
+    from nnmark.outputs.hosts import host_for_task, load_host
 
     hosts = {"sr2": "unet", "colourise": "unet", "denoise": "resnet"}
     t0 = time.perf_counter()
@@ -127,12 +128,16 @@ def main() -> None:
         for state in ("unmarked", "marked"):
             suffix = "" if args.width == 16 else f"-w{args.width}"
             f = cache / f"{task}-{kind}{suffix}-{state}.pt"
-            if not f.exists():
+            headed = cache / f"{task}-{kind}{suffix}-{state}.safetensors"  # a host with a mark head
+            if headed.exists():
+                host = load_host(headed)[0]
+            elif f.exists():
+                host = host_for_task(task, kind, args.width)
+                host.load_state_dict(torch.load(f, weights_only=True))
+                host.eval()
+            else:
                 print(f"missing {f}: run mark_hosts.py first; skipped")
                 continue
-            host = host_for_task(task, kind, args.width)
-            host.load_state_dict(torch.load(f, weights_only=True))
-            host.eval()
             with torch.no_grad():
                 out = torch.cat([host(xs[i:i + 64]).clamp(0, 1) for i in range(0, len(xs), 64)])
             groups[f"{task}-{state}"] = (out * 255).round() / 255  # as saved to PNG

@@ -147,8 +147,11 @@ def main() -> None:
 
             marked, emb = mark_with_head(scheme, host, x, psnr=args.head_psnr, width=args.head_width,
                                          steps=args.head_steps, variation=args.input_variation,
-                                         progress=lambda s, st: print(f"  head step {s}: {st}", flush=True))
-            torch.save(marked.head.state_dict(), cache / f"{task}-{kind}{suffix}-head.pt")
+                                         progress=lambda s, st: print(f"  head step {s}: {st}", flush=True),
+                                         companions=companions, companion_weight=args.companion_weight)
+            from nnmark.outputs.hosts import save_host
+
+            save_host(cache / f"{task}-{kind}{suffix}-marked.safetensors", marked, task)  # host and head
         elif args.eval_only:
             emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
         else:
