@@ -92,3 +92,18 @@ def test_dead_leaves_are_seeded_images_in_range():
     assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0 and float(a.std()) > 0.05
     assert not torch.equal(a, dead_leaves_patches(6, 32, seed=5))
+
+
+def test_host_with_head_exports_to_onnx_and_its_outputs_still_claim(headed, tmp_path):
+    import onnxruntime as ort
+
+    from nnmark.targets.export import export_onnx
+
+    scheme, _, marked, _ = headed
+    xt, _ = photo_patches("sr2", 32, "test", 16, seed=6)
+    path = export_onnx(marked, tmp_path / "marked.onnx", xt[:2]) or tmp_path / "marked.onnx"
+    sess = ort.InferenceSession(str(path))
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0])
+    with torch.no_grad():
+        assert float((out - marked(xt)).abs().max()) < 1e-4
+    assert scheme.verify(out).owned
