@@ -70,11 +70,9 @@ def rates_from_p(p: np.ndarray) -> dict[str, dict[str, float]]:
 
 
 def soft_p(r: torch.Tensor, message: np.ndarray) -> np.ndarray:
-    from nnmark.outputs.agnostic import SOFT_CLIP
-    from nnmark.stats import soft_bit_verdict
+    from nnmark.outputs.agnostic import readout_p_values
 
-    return np.array([soft_bit_verdict(x, message, scheme="fpr", clip=SOFT_CLIP).p_value
-                     for x in r.double().numpy()])
+    return readout_p_values(r, message, "soft")
 
 
 def main() -> None:
@@ -102,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
-    from nnmark.outputs.agnostic import OutputMessage
+    from nnmark.outputs.agnostic import OutputMessage, readout_p_values
     from nnmark.outputs.data import natural_images, photo_patches
     from nnmark.outputs.extractor import Extractor, bit_stats, load_shipped
     from nnmark.outputs.hosts import host_for_task, load_host
@@ -186,9 +184,7 @@ def main() -> None:
             if args.batch:
                 nb = len(g) // args.batch
                 means = r[sl][:nb * args.batch].view(nb, args.batch, -1).mean(1)
-                batches.append(soft_p(means, scheme.message) if soft else
-                               sps.binom.sf(((means > 0).long().numpy() == scheme.message[None]).sum(1) - 1,
-                                            scheme.bits, 0.5))
+                batches.append(readout_p_values(means, scheme.message, args.test))
             start += len(g)
         result["keys"][key.key_id] = {
             "calibrated": rates_from_p(ps) if soft else rates(matches, scheme.bits),
@@ -203,20 +199,15 @@ def main() -> None:
                                         extractor=args.companion_extractor)
             rc = comp_cal @ comp.rotation.T - comp.centre
 
-            def p_of(x: torch.Tensor, sch: OutputMessage, soft: bool = soft) -> np.ndarray:
-                if soft:
-                    return soft_p(x, sch.message)
-                return sps.binom.sf(((x > 0).long().numpy() == sch.message[None]).sum(1) - 1, sch.bits, 0.5)
+            def p_of(x: torch.Tensor, sch: OutputMessage) -> np.ndarray:
+                return readout_p_values(x, sch.message, args.test)
 
             p_own = ps if soft else sps.binom.sf(matches - 1, scheme.bits, 0.5)
             both = np.concatenate([scheme.message, comp.message])
 
-            def p_joint(x: torch.Tensor, xc: torch.Tensor, soft: bool = soft, both: np.ndarray = both) -> np.ndarray:
+            def p_joint(x: torch.Tensor, xc: torch.Tensor, both: np.ndarray = both) -> np.ndarray:
                 """joint_p_values on read-outs already computed: both marks' bits as one message."""
-                cat = torch.cat([x, xc], 1)
-                if soft:
-                    return soft_p(cat, both)
-                return sps.binom.sf(((cat > 0).long().numpy() == both[None]).sum(1) - 1, len(both), 0.5)
+                return readout_p_values(torch.cat([x, xc], 1), both, args.test)
 
             p_comp, p_j = p_of(rc, comp), p_joint(r, rc)
             p_union = np.array([union_p_value(pair) for pair in zip(p_own, p_comp, strict=True)])

@@ -314,17 +314,12 @@ class OutputMessage(Scheme):
                  size: tuple[int, int] | None = None, test: str = "binomial") -> np.ndarray:
         """p-values per group of ``group`` consecutive images: ``test="binomial"`` on the matched signs (see
         :meth:`matches`), ``"soft"`` the soft sign test on the group's mean read-out
-        (:func:`~nnmark.stats.soft_bit_verdict`)."""
-        from scipy import stats as sps
-
-        if test == "binomial":
-            return sps.binom.sf(self.matches(images, group, size) - 1, self.bits, 0.5)
-        if test != "soft":
+        (:func:`~nnmark.stats.soft_bit_verdict`); both by :func:`readout_p_values`."""
+        if test not in ("binomial", "soft"):
             raise SchemeError(f"unknown test {test!r}: 'binomial' or 'soft'")
         r, _ = self.image_readouts(images, size)
         n = len(r) // group * group
-        means = r[:n].view(-1, group, self.bits).mean(1).double().numpy()
-        return np.array([soft_bit_verdict(x, self.message, scheme=self.name, clip=SOFT_CLIP).p_value for x in means])
+        return readout_p_values(r[:n].view(-1, group, self.bits).mean(1), self.message, test)
 
     # -- embedding ------------------------------------------------------------------
     def mark_loss(self, outputs: torch.Tensor, reference: torch.Tensor,
@@ -569,6 +564,25 @@ class OutputMessage(Scheme):
         return cls(key, ext, centre=material["centre"], **p)
 
 
+def readout_p_values(readouts: torch.Tensor | np.ndarray, message: np.ndarray, test: str = "binomial") -> np.ndarray:
+    """p-values ``(N,)`` of read-outs ``(N, k)`` (one row per image or per group mean; bits are ``> 0``)
+    against ``message`` ``(k,)`` of 0 / 1: ``test="binomial"`` ``P[Binomial(k, 1/2) >= matched signs]``,
+    ``"soft"`` the soft sign test (:func:`~nnmark.stats.soft_bit_verdict`). The one place the p-value of a
+    read-out is computed: :meth:`OutputMessage.p_values`, :func:`joint_p_values` and the false-positive
+    studies, which read many keys from read-outs computed once, all call it."""
+    from scipy import stats as sps
+
+    x = readouts.double().numpy() if isinstance(readouts, torch.Tensor) else np.asarray(readouts, dtype=np.float64)
+    m = np.asarray(message)
+    if x.ndim != 2 or x.shape[1] != len(m):
+        raise SchemeError(f"read-outs of shape {x.shape} do not fit a {len(m)}-bit message")
+    if test == "binomial":
+        return sps.binom.sf(((x > 0).astype(np.int64) == m[None]).sum(1) - 1, len(m), 0.5)
+    if test != "soft":
+        raise SchemeError(f"unknown test {test!r}: 'binomial' or 'soft'")
+    return np.array([soft_bit_verdict(row, m, scheme=OutputMessage.name, clip=SOFT_CLIP).p_value for row in x])
+
+
 def union_p_value(p_values: Sequence[float]) -> float:
     """One p-value from the p-values of several marks read from the same images (a host that carries
     several keys' marks, :meth:`OutputMessage.embed_host` ``companions``): Bonferroni's
@@ -592,7 +606,6 @@ def joint_p_values(schemes: Sequence[OutputMessage], images: torch.Tensor | Sequ
     each scheme's own. Against :func:`union_p_value` it adds the evidence of both marks instead of taking the
     better one times two: an attack that leaves each mark partly readable (JPEG weakens one decoder, a crop
     the other) is read by both at once. Schemes sharing a key (one message twice) are refused."""
-    from scipy import stats as sps
 
     if len(schemes) == 0:
         raise SchemeError("joint_p_values needs at least one scheme")
@@ -607,10 +620,7 @@ def joint_p_values(schemes: Sequence[OutputMessage], images: torch.Tensor | Sequ
         n = len(r) // group * group
         means.append(r[:n].view(-1, group, s.bits).mean(1).double().numpy())
         messages.append(s.message)
-    x, m = np.concatenate(means, axis=1), np.concatenate(messages)
-    if test == "binomial":
-        return sps.binom.sf(((x > 0).astype(np.int64) == m[None]).sum(1) - 1, len(m), 0.5)
-    return np.array([soft_bit_verdict(row, m, scheme=OutputMessage.name, clip=SOFT_CLIP).p_value for row in x])
+    return readout_p_values(np.concatenate(means, axis=1), np.concatenate(messages), test)
 
 
 def tpr_bound_bits(bits: int, alpha: float) -> int:
