@@ -107,3 +107,25 @@ def test_host_with_head_exports_to_onnx_and_its_outputs_still_claim(headed, tmp_
     with torch.no_grad():
         assert float((out - marked(xt)).abs().max()) < 1e-4
     assert scheme.verify(out).owned
+
+
+def test_cli_trains_a_head_then_verifies_its_images_and_not_the_unmarked_hosts(tmp_path):
+    from click.testing import CliRunner
+
+    from nnmark.cli import cli
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["outputs", "train", "--task", "sr2", "--out", str(run), "--n", "128", "--host-epochs", "1",
+            "--head-steps", "150", "--head-psnr", "35"]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "mark head step 150/150" in res.output and (run / "owner.key").stat().st_mode & 0o777 == 0o600
+    assert "exists" in runner.invoke(cli, args).output  # a second run keeps what the first made
+    key = str(run / "owner.key")
+    for name, expected in (("marked", 0), ("unmarked", 1)):
+        res = runner.invoke(cli, ["outputs", "generate", str(run / f"{name}.safetensors"), "--out",
+                                  str(tmp_path / name), "--count", "16"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / name)])
+        assert res.exit_code == expected, res.output
