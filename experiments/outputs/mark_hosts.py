@@ -95,6 +95,8 @@ def main() -> None:
                          "many steps on the host's outputs and train photo patches instead of fine-tuning")
     ap.add_argument("--head-psnr", type=float, default=35.3, help="the mark head's PSNR budget (dB)")
     ap.add_argument("--head-width", type=int, default=32, help="the mark head's channels")
+    ap.add_argument("--head-extremes", type=float, default=0.0,
+                    help="add this share of the head's pool again as darkened / brightened copies")
     ap.add_argument("--extractor", default="shipped",
                     help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
@@ -148,7 +150,8 @@ def main() -> None:
             marked, emb = mark_with_head(scheme, host, x, psnr=args.head_psnr, width=args.head_width,
                                          steps=args.head_steps, variation=args.input_variation,
                                          progress=lambda s, st: print(f"  head step {s}: {st}", flush=True),
-                                         companions=companions, companion_weight=args.companion_weight)
+                                         companions=companions, companion_weight=args.companion_weight,
+                                         extremes=args.head_extremes)
             from nnmark.outputs.hosts import save_host
 
             save_host(cache / f"{task}-{kind}{suffix}-marked.safetensors", marked, task)  # host and head

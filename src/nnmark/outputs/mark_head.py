@@ -178,13 +178,16 @@ def train_mark_head(scheme: Any, head: MarkHead, images: torch.Tensor, *, steps:
 def mark_with_head(scheme: Any, host: nn.Module, inputs: torch.Tensor, *, psnr: float = 35.3, width: int = 32,
                    steps: int = 3000, variation: float = 1.0, photos: int | None = None, seed: int = 0,
                    progress: Callable[[int, dict[str, float]], None] | None = None,
-                   companions: Sequence[Any] = (), companion_weight: float = 1.0) -> tuple[MarkedHost, dict]:
+                   companions: Sequence[Any] = (), companion_weight: float = 1.0,
+                   extremes: float = 0.0) -> tuple[MarkedHost, dict]:
     """``host`` (left as it is) followed by a :class:`MarkHead` at ``psnr`` dB trained for ``scheme``'s key.
 
     The head learns on the host's outputs for ``inputs`` ``(N, C, S, S)`` (S >= 32) and on as many natural
     train-photo patches (``photos``, default N; :func:`nnmark.outputs.data.natural_images`), for ``steps``
-    steps (:func:`train_mark_head`, input variation ``variation``, ``companions`` as there). Returns
-    ``(marked host, stats)``; the head's initial weights come from ``seed``."""
+    steps (:func:`train_mark_head`, input variation ``variation``, ``companions`` as there). ``extremes`` > 0
+    adds that share of the pool again as darkened and brightened copies (:func:`extreme_copies`: near-black
+    or near-white areas, where the clamp leaves a residual one sign only). Returns ``(marked host, stats)``;
+    the head's initial weights come from ``seed``."""
     from nnmark.outputs.data import natural_images
 
     host.eval()
@@ -194,9 +197,27 @@ def mark_with_head(scheme: Any, host: nn.Module, inputs: torch.Tensor, *, psnr: 
         raise ValueError(f"a mark head marks RGB outputs; this host outputs {outs[0].shape[1]} channels")
     pool = torch.cat(outs + [natural_images(len(inputs) if photos is None else photos, inputs.shape[-1],
                                             seed=seed + 3, split="train")])
+    if extremes > 0:
+        pool = torch.cat([pool, extreme_copies(pool, int(round(extremes * len(pool))), seed + 5)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = MarkHead(width, budget_for_psnr(psnr))
     stats = train_mark_head(scheme, head, pool, steps=steps, variation=variation, seed=seed, progress=progress,
                             companions=companions, companion_weight=companion_weight)
     return MarkedHost(host, head).eval(), stats
+
+
+def extreme_copies(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` copies ``(n, 3, H, W)`` of random ``images`` pushed towards black or white (half each): ``y * g``
+    or ``1 - (1 - y) * g`` with a gain g in [0.1, 0.6] and a gamma in [1, 3] on the pushed side, so that large
+    areas sit within a few levels of 0 or 1 -- the content (night backgrounds, highlights) on which a residual
+    can move pixels one way only."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(images), (n,), generator=gen)
+    y = images[idx]
+    g = 0.1 + 0.5 * torch.rand(n, 1, 1, 1, generator=gen)
+    gamma = 1.0 + 2.0 * torch.rand(n, 1, 1, 1, generator=gen)
+    dark = (y.clamp(1e-4, 1.0) ** gamma) * g
+    bright = 1.0 - ((1.0 - y).clamp(1e-4, 1.0) ** gamma) * g
+    pick = (torch.rand(n, 1, 1, 1, generator=gen) < 0.5).float()
+    return (pick * dark + (1 - pick) * bright).clamp(0.0, 1.0)
