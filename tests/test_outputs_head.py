@@ -129,3 +129,39 @@ def test_cli_trains_a_head_then_verifies_its_images_and_not_the_unmarked_hosts(t
         assert res.exit_code == 0, res.output
         res = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / name)])
         assert res.exit_code == expected, res.output
+
+
+def test_interrupted_head_training_resumes_to_the_same_head(tmp_path):
+    """A run stopped after 20 of 40 steps and resumed from its checkpoint ends with the weights of a run that
+    was never stopped; a checkpoint of another configuration is refused."""
+    from nnmark.outputs.mark_head import train_mark_head
+
+    scheme = OutputMessage.create(Key.from_seed("test-head-resume"), None, strength=0.5)
+    pool = natural_images(24, 32, seed=4)
+
+    def fresh():
+        torch.manual_seed(3)
+        return MarkHead(4, budget_for_psnr(35.0))
+
+    whole = fresh()
+    ref = train_mark_head(scheme, whole, pool, steps=40, batch_size=8, every=10)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_20(step, _stats):
+        if step == 20:
+            raise Stop
+
+    ckpt = tmp_path / "head.ckpt.safetensors"
+    with pytest.raises(Stop):
+        train_mark_head(scheme, fresh(), pool, steps=40, batch_size=8, every=10, checkpoint=ckpt,
+                        progress=stop_at_20)
+    resumed = fresh()
+    stats = train_mark_head(scheme, resumed, pool, steps=40, batch_size=8, every=10, checkpoint=ckpt)
+    assert stats["resumed_from"] == 20 and len(stats["losses"]) == 4
+    assert stats["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    with pytest.raises(ValueError, match="another mark head run .*lr"):
+        train_mark_head(scheme, fresh(), pool, steps=40, batch_size=8, every=10, lr=2e-3, checkpoint=ckpt)

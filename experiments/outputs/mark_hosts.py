@@ -151,7 +151,8 @@ def main() -> None:
                                          steps=args.head_steps, variation=args.input_variation,
                                          progress=lambda s, st: print(f"  head step {s}: {st}", flush=True),
                                          companions=companions, companion_weight=args.companion_weight,
-                                         extremes=args.head_extremes)
+                                         extremes=args.head_extremes,
+                                         checkpoint=cache / f"{task}-{kind}{suffix}-head.ckpt.safetensors")
             from nnmark.outputs.hosts import save_host
 
             save_host(cache / f"{task}-{kind}{suffix}-marked.safetensors", marked, task)  # host and head

@@ -29,9 +29,12 @@ weights stay with the vendor (served behind an API, or in a product whose output
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,7 +115,7 @@ def train_mark_head(scheme: Any, head: MarkHead, images: torch.Tensor, *, steps:
                     batch_size: int = 32, lr: float = 1e-3, variation: float = 1.0, seed: int = 0,
                     progress: Callable[[int, dict[str, float]], None] | None = None,
                     every: int = 250, companions: Sequence[Any] = (), companion_weight: float = 1.0,
-                    ) -> dict[str, Any]:
+                    checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Train ``head`` (in place) so that the images it marks decode to ``scheme``'s message
     (``scheme`` an :class:`~nnmark.outputs.agnostic.OutputMessage`; its decoder stays frozen) after
     8-bit rounding and ``scheme.strength`` random distortions (:func:`augment.random_augment`).
@@ -124,20 +127,31 @@ def train_mark_head(scheme: Any, head: MarkHead, images: torch.Tensor, *, steps:
     stats)`` every ``every`` steps with the running loss and bit accuracy. ``companions``: further
     ``OutputMessage`` schemes (other keys and decoders) whose bit losses, times ``companion_weight``, are
     added, so the one residual carries every mark (each verified on its own, combined by
-    :func:`~nnmark.outputs.agnostic.union_p_value`). Returns ``{"seconds", "steps",
-    "losses", "bit_acc"}`` (``bit_acc``: undistorted, over the last ``every`` steps)."""
+    :func:`~nnmark.outputs.agnostic.union_p_value`). ``checkpoint``: a safetensors file written every
+    ``every`` steps (head weights, Adam's moments, both random generators, the step and the running
+    statistics) from which an interrupted run resumes to the same weights an uninterrupted run reaches; a
+    checkpoint of another configuration (steps, batch size, learning rate, seed, pool, key) is refused.
+    Returns ``{"seconds", "steps", "losses", "bit_acc", "resumed_from"}`` (``bit_acc``: undistorted, over
+    the last ``every`` steps; ``seconds``: this call's and the interrupted calls' together)."""
     if images.ndim != 4 or images.shape[1] != 3 or min(images.shape[-2:]) < 32:
         raise ValueError(f"train_mark_head takes (N, 3, S, S) images with S >= 32, got {tuple(images.shape)}")
     opt = torch.optim.Adam(head.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     target = torch.from_numpy(scheme.message).float()
+    config = {"steps": int(steps), "batch_size": int(batch_size), "lr": float(lr), "variation": float(variation),
+              "seed": int(seed), "pool": list(images.shape), "width": head.width, "budget": head.budget,
+              "message": "".join(str(int(b)) for b in scheme.message), "companions": len(companions),
+              "companion_weight": float(companion_weight)}
+    start, losses, run = 0, [], {"loss": 0.0, "acc": 0.0, "count": 0, "last_acc": 0.0, "seconds": 0.0}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        start, losses, run = _load_head_checkpoint(ckpt, config, head, opt, gen, aug_gen)
     head.train()
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    run_loss, run_acc, count = 0.0, 0.0, 0
-    for step in range(1, steps + 1):
+    t0 = time.perf_counter() - run["seconds"]
+    for step in range(start + 1, steps + 1):
+        for group in opt.param_groups:  # cosine decay from lr to 0 over the run
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         y = images[idx]
         keep = batch_size - batch_size // 2
@@ -159,35 +173,84 @@ def train_mark_head(scheme: Any, head: MarkHead, images: torch.Tensor, *, steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
         with torch.no_grad():
             clean = scheme.readout(marked[:keep].detach())
-            run_acc += float(((clean > 0).float() == target).float().mean())
-        run_loss += float(loss.detach())
-        count += 1
+            run["acc"] += float(((clean > 0).float() == target).float().mean())
+        run["loss"] += float(loss.detach())
+        run["count"] += 1
         if step % every == 0 or step == steps:
-            losses.append(run_loss / count)
+            losses.append(run["loss"] / run["count"])
+            run["last_acc"] = run["acc"] / run["count"]
+            run["loss"], run["acc"], run["count"] = 0.0, 0.0, 0
+            if ckpt is not None:
+                run["seconds"] = time.perf_counter() - t0
+                _save_head_checkpoint(ckpt, config, step, losses, run, head, opt, gen, aug_gen)
             if progress is not None:
-                progress(step, {"loss": losses[-1], "bit_acc": run_acc / count})
-            last_acc = run_acc / count
-            run_loss, run_acc, count = 0.0, 0.0, 0
+                progress(step, {"loss": losses[-1], "bit_acc": run["last_acc"]})
     head.eval()
-    return {"seconds": time.perf_counter() - t0, "steps": steps, "losses": losses, "bit_acc": last_acc}
+    return {"seconds": time.perf_counter() - t0, "steps": steps, "losses": losses, "bit_acc": run["last_acc"],
+            "resumed_from": start}
+
+
+def _save_head_checkpoint(path: Path, config: dict, step: int, losses: list[float], run: dict, head: MarkHead,
+                          opt: torch.optim.Optimizer, gen: torch.Generator, aug_gen: torch.Generator) -> None:
+    """Write the state :func:`train_mark_head` needs to resume (atomically: a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    for i, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"adam.{i}.{name}"] = torch.as_tensor(value).detach().contiguous()
+    tensors["rng.batches"], tensors["rng.augment"] = gen.get_state(), aug_gen.get_state()
+    meta = {"config": json.dumps(config, sort_keys=True), "step": str(step), "losses": json.dumps(losses),
+            "run": json.dumps(run)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_head_checkpoint(path: Path, config: dict, head: MarkHead, opt: torch.optim.Optimizer,
+                          gen: torch.Generator, aug_gen: torch.Generator) -> tuple[int, list[float], dict]:
+    """Restore a checkpoint of :func:`_save_head_checkpoint` into ``head``, ``opt`` and the generators;
+    returns ``(step, losses, running statistics)``. Refuses one written for another configuration."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        saved = json.loads(meta["config"])
+        step, losses, run = int(meta["step"]), json.loads(meta["losses"]), json.loads(meta["run"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path} is not a mark head checkpoint ({exc})") from None
+    if saved != json.loads(json.dumps(config, sort_keys=True)):
+        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        raise ValueError(f"{path} was written for another mark head run (differs in {', '.join(diff)}); "
+                         "delete it to start again")
+    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    state = opt.state_dict()
+    for i in range(len(state["param_groups"][0]["params"])):
+        state["state"][i] = {name.split(".", 2)[2]: v for name, v in tensors.items()
+                             if name.startswith(f"adam.{i}.")}
+    opt.load_state_dict(state)
+    gen.set_state(tensors["rng.batches"])
+    aug_gen.set_state(tensors["rng.augment"])
+    return step, losses, run
 
 
 def mark_with_head(scheme: Any, host: nn.Module, inputs: torch.Tensor, *, psnr: float = 35.3, width: int = 32,
                    steps: int = 3000, variation: float = 1.0, photos: int | None = None, seed: int = 0,
                    progress: Callable[[int, dict[str, float]], None] | None = None,
                    companions: Sequence[Any] = (), companion_weight: float = 1.0,
-                   extremes: float = 0.0) -> tuple[MarkedHost, dict]:
+                   extremes: float = 0.0, checkpoint: str | Path | None = None) -> tuple[MarkedHost, dict]:
     """``host`` (left as it is) followed by a :class:`MarkHead` at ``psnr`` dB trained for ``scheme``'s key.
 
     The head learns on the host's outputs for ``inputs`` ``(N, C, S, S)`` (S >= 32) and on as many natural
     train-photo patches (``photos``, default N; :func:`nnmark.outputs.data.natural_images`), for ``steps``
     steps (:func:`train_mark_head`, input variation ``variation``, ``companions`` as there). ``extremes`` > 0
     adds that share of the pool again as darkened and brightened copies (:func:`extreme_copies`: near-black
-    or near-white areas, where the clamp leaves a residual one sign only). Returns ``(marked host, stats)``;
-    the head's initial weights come from ``seed``."""
+    or near-white areas, where the clamp leaves a residual one sign only). ``checkpoint``: resume file, as in
+    :func:`train_mark_head`. Returns ``(marked host, stats)``; the head's initial weights come from ``seed``."""
     from nnmark.outputs.data import natural_images
 
     host.eval()
@@ -203,7 +266,7 @@ def mark_with_head(scheme: Any, host: nn.Module, inputs: torch.Tensor, *, psnr: 
         torch.manual_seed(seed)
         head = MarkHead(width, budget_for_psnr(psnr))
     stats = train_mark_head(scheme, head, pool, steps=steps, variation=variation, seed=seed, progress=progress,
-                            companions=companions, companion_weight=companion_weight)
+                            companions=companions, companion_weight=companion_weight, checkpoint=checkpoint)
     return MarkedHost(host, head).eval(), stats
 
 
