@@ -157,6 +157,10 @@ def test_interrupted_head_training_resumes_to_the_same_head(tmp_path):
     with pytest.raises(Stop):
         train_mark_head(scheme, fresh(), pool, steps=40, batch_size=8, every=10, checkpoint=ckpt,
                         progress=stop_at_20)
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:  # the key's message is not written out in the clear
+        assert "".join(str(int(b)) for b in scheme.message) not in json.dumps(f.metadata())
     resumed = fresh()
     stats = train_mark_head(scheme, resumed, pool, steps=40, batch_size=8, every=10, checkpoint=ckpt)
     assert stats["resumed_from"] == 20 and len(stats["losses"]) == 4

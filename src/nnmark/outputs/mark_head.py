@@ -29,6 +29,7 @@ weights stay with the vendor (served behind an API, or in a product whose output
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -141,7 +142,9 @@ def train_mark_head(scheme: Any, head: MarkHead, images: torch.Tensor, *, steps:
     target = torch.from_numpy(scheme.message).float()
     config = {"steps": int(steps), "batch_size": int(batch_size), "lr": float(lr), "variation": float(variation),
               "seed": int(seed), "pool": list(images.shape), "width": head.width, "budget": head.budget,
-              "message": "".join(str(int(b)) for b in scheme.message), "companions": len(companions),
+              # the key's message is secret: the checkpoint holds only a digest of it
+              "message_sha256": hashlib.sha256(bytes(int(b) for b in scheme.message)).hexdigest(),
+              "companions": len(companions),
               "companion_weight": float(companion_weight)}
     start, losses, run = 0, [], {"loss": 0.0, "acc": 0.0, "count": 0, "last_acc": 0.0, "seconds": 0.0}
     ckpt = Path(checkpoint) if checkpoint is not None else None
