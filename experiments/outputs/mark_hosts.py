@@ -97,6 +97,15 @@ def main() -> None:
     ap.add_argument("--head-width", type=int, default=32, help="the mark head's channels")
     ap.add_argument("--head-extremes", type=float, default=0.0,
                     help="add this share of the head's pool again as darkened / brightened copies")
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="> 0: refine every test output for this many steps (nnmark.outputs.refine), starting "
+                         "from the head's / fine-tuned host's marked output, or from nothing with --refine-only")
+    ap.add_argument("--refine-only", action="store_true",
+                    help="leave the host unmarked (no fine-tuning, no head) and mark its outputs by refinement")
+    ap.add_argument("--refine-psnr", type=float, default=None, help="refinement budget (dB; default --head-psnr)")
+    ap.add_argument("--refine-strength", type=float, default=0.0,
+                    help="distortion strength while refining (augment.random_augment; 0: undistorted)")
+    ap.add_argument("--refine-lr", type=float, default=0.05)
     ap.add_argument("--extractor", default="shipped",
                     help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
@@ -156,14 +165,14 @@ def main() -> None:
             from nnmark.outputs.hosts import save_host
 
             save_host(cache / f"{task}-{kind}{suffix}-marked.safetensors", marked, task)  # host and head
-        elif args.eval_only:
+        elif args.eval_only or args.refine_only:
             emb = {"seconds": 0.0, "epochs": 0, "losses": [], "bit_acc": None}
         else:
             emb = scheme.embed_host(marked, x, progress=lambda e, s: print(f"  mark epoch {e}: {s}", flush=True),
                                     reference=host, companions=companions,
                                     companion_weight=args.companion_weight)
         marked.eval()
-        if not args.head_steps:
+        if not args.head_steps and not args.refine_only:
             torch.save(marked.state_dict(), cache / f"{task}-{kind}{suffix}-marked.pt")
         if args.host_cache:  # the false-positive study reads both hosts from one folder
             torch.save(host.state_dict(), cache / f"{task}-{kind}{suffix}-unmarked.pt")
@@ -172,6 +181,16 @@ def main() -> None:
         with torch.no_grad():
             clean = host(xt).clamp(0, 1)
             out = marked(xt).clamp(0, 1)
+        if args.refine_steps:
+            from nnmark.outputs.refine import refine_outputs
+
+            psnr = args.head_psnr if args.refine_psnr is None else args.refine_psnr
+            out, ref = refine_outputs(scheme, clean, None if args.refine_only else out, psnr=psnr,
+                                      steps=args.refine_steps, lr=args.refine_lr, strength=args.refine_strength,
+                                      companions=companions, companion_weight=args.companion_weight, chunk=64,
+                                      progress=lambda d, t: print(f"  refined {d}/{t}", flush=True))
+            emb["refine"] = ref
+            print(f"  refinement: {ref}", flush=True)
         fid = {
             "psnr_marked_vs_unmarked": float(psnr_each(out, clean).mean()),
             "psnr_marked_vs_unmarked_min": float(psnr_each(out, clean).min()),

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnmark.outputs import augment
+from nnmark.outputs.refine import fit_to_budget
 
 
 def budget_for_psnr(psnr: float) -> float:
@@ -58,8 +59,6 @@ class MarkHead(nn.Module):
     Defaults: width 32, budget 0.0172 (35.3 dB)."""
 
     DILATIONS = (1, 2, 4, 8, 1)
-    #: rounds of rescaling after clamping, and the most the residual is scaled up in all
-    CLAMP_ROUNDS, MAX_GAIN = 3, 4.0
 
     def __init__(self, width: int = 32, budget: float = 0.0172) -> None:
         super().__init__()
@@ -90,15 +89,9 @@ class MarkHead(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if y.ndim != 4 or y.shape[1] != 3:
             raise ValueError(f"a mark head takes (N, 3, H, W) RGB images, got {tuple(y.shape)}")
-        r = self.residual(y)
-        # the part of r that pushes a saturated pixel past 0 or 1 is clamped away; rescale what is left to
-        # the budget (CLAMP_ROUNDS rounds, at most MAX_GAIN in all) so that bright or dark content gets the
-        # whole budget too. Clamping only shrinks a residual, so the PSNR never falls below the budget's.
-        for _ in range(self.CLAMP_ROUNDS):
-            kept = (y + r).clamp(0.0, 1.0) - y
-            rms = kept.pow(2).mean((1, 2, 3), keepdim=True).add(1e-12).sqrt()
-            r = r * (self.budget / rms).clamp(max=self.MAX_GAIN ** (1.0 / self.CLAMP_ROUNDS))
-        return (y + r).clamp(0.0, 1.0)
+        # the part of r that pushes a saturated pixel past 0 or 1 is clamped away; what is left is rescaled to
+        # the budget, so that bright or dark content gets the whole budget too (never below the budget's PSNR)
+        return fit_to_budget(y, self.residual(y), self.budget)
 
 
 class MarkedHost(nn.Module):
