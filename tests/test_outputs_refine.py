@@ -1,0 +1,62 @@
+"""Per-output refinement: every refined output sits at the budget's PSNR and decodes to the key's message;
+other keys do not claim it; bad inputs are refused with the reason."""
+
+import pytest
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from nnmark.keys import Key
+from nnmark.outputs.agnostic import OutputMessage
+from nnmark.outputs.data import natural_images
+from nnmark.outputs.refine import fit_to_budget, refine_outputs
+
+torch.set_num_threads(1)
+
+
+def psnr_each(a, b):
+    return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def test_fit_to_budget_holds_the_psnr_on_saturated_images_too():
+    y = torch.cat([natural_images(4, 32, seed=3), torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.5)])
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    p = psnr_each(fit_to_budget(y, r, 10 ** (-36.0 / 20)), y)
+    assert float(p.min()) >= 36.0 - 1e-3
+    # a black image can move one way only: the rescale gives what survives the clamp the whole budget
+    assert float(p[4:].max()) == pytest.approx(36.0, abs=0.05)
+
+
+def test_refined_outputs_carry_the_key_at_the_budget_and_no_other_key_claims_them():
+    scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
+    clean = natural_images(16, 32, seed=11, split="test")
+    marked, stats = refine_outputs(scheme, clean, psnr=38.0, steps=60, chunk=8)
+    stored = (marked * 255).round() / 255  # as a PNG holds it
+    assert float(psnr_each(marked, clean).min()) >= 38.0 - 1e-3
+    assert float(psnr_each(stored, clean).min()) > 37.5
+    assert stats["steps"] == 60 and stats["bit_acc"] > 0.95
+    assert (scheme.p_values(stored) < 1e-6).mean() > 0.8  # single outputs
+    assert scheme.verify(stored).owned and not scheme.verify(clean).owned
+    for i in range(3):
+        other = OutputMessage.create(Key.from_seed(f"test-refine-other-{i}"), None)
+        assert not other.verify(stored).owned and (other.p_values(stored) < 1e-6).sum() == 0
+
+
+def test_refinement_starts_from_a_given_mark_and_reads_larger_outputs_by_tiles():
+    scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
+    clean = natural_images(2, 64, seed=12, split="test")
+    start, _ = refine_outputs(scheme, clean, psnr=36.0, steps=0)
+    assert float(psnr_each(start, clean).min()) >= 36.0 - 1e-3  # zero steps: the seeded random residual
+    again, _ = refine_outputs(scheme, clean, start, psnr=36.0, steps=0)
+    assert torch.allclose(again, start, atol=1e-5)  # a start at the budget is kept as it is
+    marked, stats = refine_outputs(scheme, clean, start, psnr=36.0, steps=40)
+    assert stats["bit_acc"] > 0.9 and scheme.verify(marked).owned
+
+
+def test_refinement_refuses_bad_inputs():
+    scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
+    with pytest.raises(ValueError, match="RGB"):
+        refine_outputs(scheme, torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=">= 32"):
+        refine_outputs(scheme, torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="start has shape"):
+        refine_outputs(scheme, torch.rand(2, 3, 32, 32), torch.rand(1, 3, 32, 32))
