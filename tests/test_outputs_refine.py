@@ -60,3 +60,14 @@ def test_refinement_refuses_bad_inputs():
         refine_outputs(scheme, torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match="start has shape"):
         refine_outputs(scheme, torch.rand(2, 3, 32, 32), torch.rand(1, 3, 32, 32))
+
+
+def test_refinement_through_named_threats_keeps_the_budget_and_is_seeded():
+    from nnmark.outputs.refine import NAMED_THREATS
+
+    scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
+    clean = natural_images(4, 32, seed=13, split="test")
+    a, _ = refine_outputs(scheme, clean, psnr=35.0, steps=8, distortions=NAMED_THREATS, seed=3)
+    b, _ = refine_outputs(scheme, clean, psnr=35.0, steps=8, distortions=NAMED_THREATS, seed=3)
+    assert torch.equal(a, b)  # the same key, images and seed give the same outputs
+    assert float(psnr_each(a, clean).min()) >= 35.0 - 1e-3

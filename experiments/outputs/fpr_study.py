@@ -13,7 +13,9 @@ Negatives (32x32, none made with the keys tested):
 - natural photo patches of the test and attacker photos (never used to train or calibrate the extractor);
 - outputs of the unmarked hosts of mark_hosts.py on test / attacker inputs;
 - outputs of the hosts marked under the owners' keys of mark_hosts.py (other keys than the ones tested;
-  a host with a mark head is read from its ``-marked.safetensors`` file).
+  a host with a mark head is read from its ``-marked.safetensors`` file);
+- with ``--refined N``: N outputs per task of the unmarked host marked by per-output refinement for the
+  task's owner key (and its ``--refined-companion`` mark), as served refined outputs would be.
 
 For each of ``--keys`` fixed keys, every negative is verified alone; the measured false-positive rate at
 each nominal alpha (1e-2, 1e-3, 1e-6) is given with its two-sided 99% Clopper-Pearson interval, beside the
@@ -97,6 +99,16 @@ def main() -> None:
     ap.add_argument("--companion-extractor", default="",
                     help="also a companion key per fixed key read by this extractor (.safetensors): the union "
                          "verdict min(1, 2 min(p, p_companion)) is measured too (hosts marked with companions)")
+    ap.add_argument("--refined", type=int, default=0,
+                    help="also this many outputs per task of the unmarked host, marked by per-output refinement "
+                         "(nnmark.outputs.refine) for the task's owner key of mark_hosts.py (other keys than the "
+                         "ones tested)")
+    ap.add_argument("--refined-psnr", type=float, default=35.3)
+    ap.add_argument("--refined-steps", type=int, default=200)
+    ap.add_argument("--refined-strength", type=float, default=1.0)
+    ap.add_argument("--refined-companion", default="",
+                    help="extractor of the refined outputs' second mark (mark_hosts.py --companion-extractor)")
+    ap.add_argument("--refined-companion-weight", type=float, default=1.5)
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -120,6 +132,28 @@ def main() -> None:
                          natural_images(args.cropped - args.cropped // 2, size, 15, split="attacker")])
         groups["natural-crop0.25"] = torch.cat([augment.crop_keep(nat[i:i + 1], 0.25, gen) for i in range(len(nat))])
     cache = Path(args.cache)
+    refine_stats: dict[str, dict] = {}
+
+    def refined_outputs(task: str, host: torch.nn.Module, size: int) -> torch.Tensor:
+        """``--refined`` outputs of ``host`` on new test / attacker inputs, refined for the owner's key (and
+        companion) of mark_hosts.py, rounded to 8 bits."""
+        from nnmark.outputs.refine import refine_outputs
+
+        n = args.refined
+        xr = torch.cat([photo_patches(task, size, "test", n // 2, seed=23)[0],
+                        photo_patches(task, size, "attacker", n - n // 2, seed=24)[0]])
+        with torch.no_grad():
+            clean = torch.cat([host(xr[i:i + 64]).clamp(0, 1) for i in range(0, len(xr), 64)])
+        owner = OutputMessage.create(Key.from_seed(f"owner-{task}"), None)
+        comps = [OutputMessage.create(Key.from_seed(f"owner-{task}-companion"), None,
+                                      extractor=args.refined_companion)] if args.refined_companion else []
+        marked, st = refine_outputs(owner, clean, psnr=args.refined_psnr, steps=args.refined_steps,
+                                    strength=args.refined_strength, companions=comps,
+                                    companion_weight=args.refined_companion_weight, chunk=64,
+                                    progress=lambda d, t: print(f"  {task}: refined {d}/{t}", flush=True))
+        refine_stats[task] = st
+        return (marked * 255).round() / 255
+
     for task, kind in hosts.items():
         xs = torch.cat([photo_patches(task, size, "test", args.per_host // 2, seed=21)[0],
                         photo_patches(task, size, "attacker", args.per_host - args.per_host // 2, seed=22)[0]])
@@ -139,7 +173,10 @@ def main() -> None:
             with torch.no_grad():
                 out = torch.cat([host(xs[i:i + 64]).clamp(0, 1) for i in range(0, len(xs), 64)])
             groups[f"{task}-{state}"] = (out * 255).round() / 255  # as saved to PNG
+            if state == "unmarked" and args.refined:
+                groups[f"{task}-refined"] = refined_outputs(task, host, size)
     negatives = torch.cat(list(groups.values()))
+    print(f"refinement: {json.dumps(refine_stats)}", flush=True)
     print(f"{len(negatives)} negatives ({', '.join(f'{k}: {len(v)}' for k, v in groups.items())}) "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
     def per_image(ext: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +194,7 @@ def main() -> None:
         return torch.stack(cal), torch.stack(raw)
 
     result = {"negatives": {k: len(v) for k, v in groups.items()}, "n": len(negatives), "keys": {},
+              "refinement": refine_stats,
               "extractor": args.extractor, "cache": args.cache, "size": size}
     keyed = args.extractor.startswith("keyed")
     if not keyed:  # one public decoder for every key: its read-outs are computed once
@@ -255,6 +293,16 @@ def main() -> None:
                                   for a in next(iter(result["keys"].values()))[bk]}
         for v in result[f"pooled_{bk}"].values():
             v["ci99"] = interval(v["claims"], v["n"])
+    for name in ("union_with_companion", "joint_with_companion", "union_of_own_companion_joint"):
+        entries = [v[name] for v in result["keys"].values() if name in v]
+        if not entries:
+            continue
+        result[f"pooled_{name}"] = {}
+        for unit in [u for u in entries[0] if u != "per_group_at_0.01"]:
+            result[f"pooled_{name}"][unit] = {}
+            for a in entries[0][unit]:
+                k, n = sum(e[unit][a]["claims"] for e in entries), sum(e[unit][a]["n"] for e in entries)
+                result[f"pooled_{name}"][unit][a] = {"claims": k, "n": n, "fpr": k / n, "ci99": interval(k, n)}
     result["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

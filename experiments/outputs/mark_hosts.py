@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--refine-strength", type=float, default=0.0,
                     help="distortion strength while refining (augment.random_augment; 0: undistorted)")
     ap.add_argument("--refine-lr", type=float, default=0.05)
+    ap.add_argument("--refine-threats", action="store_true",
+                    help="refine through the named threats (refine.NAMED_THREATS: identity, JPEG 50, noise 0.05, "
+                         "crop 1/4, x0.5 resize) instead of random distortions at --refine-strength")
     ap.add_argument("--extractor", default="shipped",
                     help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
@@ -182,12 +185,13 @@ def main() -> None:
             clean = host(xt).clamp(0, 1)
             out = marked(xt).clamp(0, 1)
         if args.refine_steps:
-            from nnmark.outputs.refine import refine_outputs
+            from nnmark.outputs.refine import NAMED_THREATS, refine_outputs
 
             psnr = args.head_psnr if args.refine_psnr is None else args.refine_psnr
             out, ref = refine_outputs(scheme, clean, None if args.refine_only else out, psnr=psnr,
                                       steps=args.refine_steps, lr=args.refine_lr, strength=args.refine_strength,
                                       companions=companions, companion_weight=args.companion_weight, chunk=64,
+                                      distortions=NAMED_THREATS if args.refine_threats else None,
                                       progress=lambda d, t: print(f"  refined {d}/{t}", flush=True))
             emb["refine"] = ref
             print(f"  refinement: {ref}", flush=True)

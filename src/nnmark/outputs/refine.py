@@ -52,6 +52,18 @@ def fit_to_budget(y: torch.Tensor, r: torch.Tensor, budget: float) -> torch.Tens
     return (y + r).clamp(0.0, 1.0)
 
 
+#: the distortions of the output-mark threat list, differentiable, at the settings evaluated there (JPEG
+#: quality 50 by :func:`augment.jpeg_differentiable`, noise sigma 0.05, a crop keeping 1/4 at a random place,
+#: a x0.5 resize) and the undistorted output: a ``distortions`` argument for :func:`refine_outputs`
+NAMED_THREATS: tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor], ...] = (
+    lambda x, g: x,
+    lambda x, g: augment.jpeg_differentiable(x, 50),
+    lambda x, g: augment.gaussian_noise(x, 0.05, g),
+    lambda x, g: augment.crop_keep(x, 0.25, g),
+    lambda x, g: augment.resize(x, 0.5),
+)
+
+
 def _image_readouts(scheme: Any, x: torch.Tensor, tile: int) -> torch.Tensor:
     """Differentiable per-image read-outs ``(N, k)``: the mean over each image's aligned ``tile`` grid, the
     tiles the verifier reads of an unaltered output (``prepare_images``; partial rows / columns dropped)."""
@@ -66,6 +78,7 @@ def _image_readouts(scheme: Any, x: torch.Tensor, tile: int) -> torch.Tensor:
 def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None = None, *, psnr: float = 35.3,
                    steps: int = 100, lr: float = 0.05, strength: float = 0.0, companions: Sequence[Any] = (),
                    companion_weight: float = 1.0, seed: int = 0, chunk: int = 256,
+                   distortions: Sequence[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mark ``clean`` outputs ``(N, 3, H, W)`` in [0, 1] (H, W >= 32) for ``scheme``'s key (an
     :class:`~nnmark.outputs.agnostic.OutputMessage`; its decoder stays frozen) at ``psnr`` dB each.
@@ -74,6 +87,9 @@ def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None 
     the BCE of the 8-bit-rounded output's read-out against the message (plus ``companion_weight`` times each
     companion's), the output read through one :func:`augment.random_augment` draw at ``strength`` per quarter
     of a chunk when ``strength`` > 0 (crops only for 32 px outputs, where the verifier reads the one tile).
+    ``distortions``: instead, a list of differentiable maps ``(images, generator) -> images``, one drawn
+    uniformly per quarter of a chunk and step (e.g. the threats the vendor names; see
+    :data:`NAMED_THREATS`); identity is not added unless listed.
     ``start``: outputs already marked (a head's, same shape), whose residual is the starting point; otherwise
     a seeded random residual. Outputs are processed ``chunk`` at a time (memory: about ``chunk`` x H x W x 3
     floats per decoder activation). ``progress(done, total)`` after each chunk.
@@ -112,7 +128,10 @@ def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None 
             loss = x.new_zeros(())
             for s, t, wgt in zip(marks, targets, weights, strict=True):
                 xs = x
-                if strength > 0:
+                if distortions:
+                    xs = torch.cat([distortions[int(torch.randint(0, len(distortions), (1,), generator=gen))](
+                        part, gen) for part in x.chunk(4)])
+                elif strength > 0:
                     xs = torch.cat([augment.random_augment(part, gen, strength, crop=not tiled)
                                     for part in x.chunk(4)])
                 r = _image_readouts(s, xs, TILE)
