@@ -71,3 +71,24 @@ def test_refinement_through_named_threats_keeps_the_budget_and_is_seeded():
     b, _ = refine_outputs(scheme, clean, psnr=35.0, steps=8, distortions=NAMED_THREATS, seed=3)
     assert torch.equal(a, b)  # the same key, images and seed give the same outputs
     assert float(psnr_each(a, clean).min()) >= 35.0 - 1e-3
+
+
+def test_crop_geometry_centres_apply_to_partly_zeroed_tiles_only_and_keep_crops_unclaimed():
+    from nnmark.outputs.agnostic import content_box
+
+    nat = natural_images(128, 32, seed=14, split="test")
+    boxes = [(0, 16, 0, 16), (16, 32, 16, 32), (8, 24, 4, 20), (0, 32, 0, 16)]
+    crops = torch.zeros_like(nat)
+    for i, (t, b, lft, rgt) in enumerate(boxes):
+        part = slice(32 * i, 32 * i + 32)
+        crops[part, :, t:b, lft:rgt] = nat[part, :, t:b, lft:rgt]
+    claims = 0
+    for k in range(3):
+        scheme = OutputMessage.create(Key.from_seed(f"test-crop-null-{k}"), None)
+        whole = nat[[content_box(x) == (0, 32, 0, 32) for x in nat]]
+        assert len(whole) > 100 and float(scheme.geometry_offsets(whole).abs().max()) == 0.0
+        off = scheme.geometry_offsets(crops)
+        assert bool((off.abs().sum(1) > 0).all())  # every cropped tile is read against its own geometry
+        assert torch.equal(off[0], off[1])  # one centre per geometry
+        claims += int((scheme.p_values(crops) < 1e-3).sum())
+    assert claims <= 2  # 384 verdicts at alpha 1e-3: 0.4 expected under the null

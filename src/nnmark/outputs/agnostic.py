@@ -74,6 +74,9 @@ CALIBRATION_PATCHES = 2048
 CALIBRATION_SEED = 7919
 #: natural patches the keyed decoder's mean / whitening is fitted on (train photos, seed 1)
 KEYED_CALIBRATION_PATCHES = 4096
+#: unmarked patches per crop geometry from which the read-out's centre for that geometry is taken
+#: (OutputMessage.geometry_offsets)
+GEOMETRY_PATCHES = 512
 
 
 def keyed_extractor(key: Key, bits: int = 48) -> Extractor:
@@ -296,8 +299,36 @@ class OutputMessage(Scheme):
         """Per-image read-outs ``(N, k)`` (means over each image's tiles, :func:`prepare_images`; ``size``
         resizes every image to the host's output size first) and notes on conversions."""
         tiles, counts, notes = prepare_images(images, size=size)
-        r = self.readout(tiles)
+        r = self.readout(tiles) - self.geometry_offsets(tiles)
         return torch.stack([part.mean(0) for part in r.split(counts)]), notes
+
+    @torch.no_grad()
+    def geometry_offsets(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Per-tile centres ``(T, k)`` for tiles ``(T, 3, 32, 32)`` that are partly zeroed: a tile whose
+        :func:`content_box` is smaller than the tile (a crop of a 32 px output keeps a square and zeroes the
+        rest; no whole tile is left to read) gets the per-bit median read-out of :data:`GEOMETRY_PATCHES`
+        unmarked calibration patches zeroed outside the same box; whole tiles get 0.
+
+        Why: the decoder's read-out of an image that is mostly zero carries a large bias of its own, the same
+        for every image cropped alike, which a batch's average does not shrink; bits whose bias opposes the
+        message are read wrong in every image of the batch. Subtracting the bias of unmarked images of the
+        same geometry centres the read-out again. The offset is a function of the image's zero pattern, the
+        decoder and the key's rotation, never of the message, so the null (each sign matches the uniform
+        message with probability 1/2) is unchanged; the rate on cropped negatives is measured in
+        experiments/results/outputs (fpr_study.py --cropped)."""
+        out = torch.zeros((len(tiles), self.bits))
+        if tiles.shape[-2:] != (TILE, TILE):
+            return out
+        cache = self.__dict__.setdefault("_geometry_cache", {})
+        for i, t in enumerate(tiles):
+            box = content_box(t)
+            if box == (0, TILE, 0, TILE):
+                continue
+            if box not in cache:
+                u = self.extractor.masked_calibration_readout(box, GEOMETRY_PATCHES, CALIBRATION_SEED)
+                cache[box] = (u @ self.rotation.T - self.centre).median(0).values
+            out[i] = cache[box]
+        return out
 
     @torch.no_grad()
     def matches(self, images: torch.Tensor | Sequence[torch.Tensor], group: int = 1,

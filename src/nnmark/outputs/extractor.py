@@ -179,6 +179,19 @@ class Extractor(nn.Module):
             cached[(n, seed)] = torch.cat([self(x[i:i + 512]) for i in range(0, n, 512)])
         return cached[(n, seed)]
 
+    @torch.no_grad()
+    def masked_calibration_readout(self, box: tuple[int, int, int, int], n: int, seed: int) -> torch.Tensor:
+        """The calibrated read-out ``(n, k)`` of :func:`calibration_images` ``(n, 32, seed)`` with every pixel
+        outside ``box`` ``(top, bottom, left, right)`` (end-exclusive) set to zero: unmarked images of one
+        crop geometry. Cached on this object per box."""
+        cached = self.__dict__.setdefault("_masked_calibration_cache", {})
+        if (box, n, seed) not in cached:
+            x = calibration_images(n, 32, seed)
+            mask = torch.zeros((1, 1, 32, 32))
+            mask[..., box[0]:box[1], box[2]:box[3]] = 1.0
+            cached[(box, n, seed)] = torch.cat([self(x[i:i + 512] * mask) for i in range(0, n, 512)])
+        return cached[(box, n, seed)]
+
     def save(self, path: str | Path) -> None:
         """Write weights, calibration and metadata to a safetensors file."""
         from safetensors.torch import save_file

@@ -65,11 +65,14 @@ NAMED_THREATS: tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor], ..
 
 
 def _image_readouts(scheme: Any, x: torch.Tensor, tile: int) -> torch.Tensor:
-    """Differentiable per-image read-outs ``(N, k)``: the mean over each image's aligned ``tile`` grid, the
-    tiles the verifier reads of an unaltered output (``prepare_images``; partial rows / columns dropped)."""
+    """Differentiable per-image read-outs ``(N, k)`` as the verifier computes them: for one-tile outputs the
+    read-out less its crop-geometry centre (``OutputMessage.geometry_offsets``: a crop that zeroes most of the
+    tile is read against unmarked images cropped alike); otherwise the mean over each image's aligned ``tile``
+    grid, the tiles the verifier reads of an unaltered output (``prepare_images``; partial rows / columns
+    dropped)."""
     n, _, h, w = x.shape
     if h == tile and w == tile:
-        return scheme.readout(x)
+        return scheme.readout(x) - scheme.geometry_offsets(x.detach()).to(x)
     grid = x[..., : h // tile * tile, : w // tile * tile].unfold(2, tile, tile).unfold(3, tile, tile)
     tiles = grid.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, tile, tile)
     return scheme.readout(tiles).view(n, -1, scheme.bits).mean(1)
