@@ -129,6 +129,11 @@ def test_cli_trains_a_head_then_verifies_its_images_and_not_the_unmarked_hosts(t
         assert res.exit_code == 0, res.output
         res = runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / name)])
         assert res.exit_code == expected, res.output
+    # the unmarked host's outputs refined for the key at serving time are claimed
+    res = runner.invoke(cli, ["outputs", "generate", str(run / "unmarked.safetensors"), "--out",
+                              str(tmp_path / "refined"), "--count", "16", "--refine-key", key, "--refine-steps", "60"])
+    assert res.exit_code == 0 and "refined 16 outputs at 35.3 dB" in res.output, res.output
+    assert runner.invoke(cli, ["outputs", "verify", "--key", key, str(tmp_path / "refined")]).exit_code == 0
 
 
 def test_interrupted_head_training_resumes_to_the_same_head(tmp_path):

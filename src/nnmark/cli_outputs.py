@@ -3,6 +3,7 @@
     nnmark outputs train --task sr2 --out run/ [--host unet] [--n 2048] [--host-epochs 4] [--mark-epochs 4]
     nnmark outputs train --task denoise --out run/ --head-steps 4000 --head-psnr 37.6 --input-variation 1
     nnmark outputs generate run/marked.safetensors --out images/ [--count 16]
+    nnmark outputs generate run/unmarked.safetensors --out images/ --refine-key run/owner.key [--robust]
     nnmark outputs attack images/ attacked/ --jpeg 50 [--noise 0.05] [--crop 0.25] [--resize 0.5]
     nnmark outputs verify --key run/owner.key images/ [--each] [--json]
 
@@ -192,8 +193,18 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
 @click.option("--count", default=16, show_default=True, help="test-photo patches to run through the host")
 @click.option("--size", default=32, show_default=True, help="patch side (pixels)")
 @click.option("--seed", default=0, show_default=True)
-def generate(host_file: str, out_dir: str, count: int, size: int, seed: int) -> None:
-    """Write a host's outputs on test-photo patches as PNG files."""
+@click.option("--refine-key", "refine_key", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="an output-message key file: refine every output for this key before it is written "
+                   "(nnmark.outputs.refine; the host may be unmarked)")
+@click.option("--refine-steps", default=200, show_default=True, type=click.IntRange(1, 5000),
+              help="optimisation steps per output with --refine-key")
+@click.option("--refine-psnr", default=35.3, show_default=True, type=click.FloatRange(20.0, 60.0),
+              help="PSNR of every refined output against the host's own output (dB)")
+@click.option("--robust", is_flag=True,
+              help="with --refine-key: refine through random crops, noise, JPEG and resizing (strength 1)")
+def generate(host_file: str, out_dir: str, count: int, size: int, seed: int, refine_key: str | None,
+             refine_steps: int, refine_psnr: float, robust: bool) -> None:
+    """Write a host's outputs on test-photo patches as PNG files (refined for a key with --refine-key)."""
     import torch
 
     from nnmark.outputs.data import photo_patches
@@ -203,6 +214,20 @@ def generate(host_file: str, out_dir: str, count: int, size: int, seed: int) -> 
     x, _ = photo_patches(info["task"], size, "test", count, seed)
     with torch.no_grad():
         out = host(x).clamp(0, 1)
+    if refine_key is not None:
+        from nnmark.outputs.refine import refine_outputs
+        from nnmark.schemes.base import load_scheme
+
+        scheme = load_scheme(refine_key)
+        if scheme.name != "output-message":
+            raise NNMarkError(f"{refine_key}: a key for scheme {scheme.name!r}; refinement reads output-message keys")
+        if out.shape[1] != 3 or min(out.shape[-2:]) < 32:
+            raise NNMarkError(f"refinement marks RGB outputs of at least 32 px; this host gives {tuple(out.shape[1:])}")
+        out, stats = refine_outputs(scheme, out, psnr=refine_psnr, steps=refine_steps, seed=seed,
+                                    strength=1.0 if robust else 0.0, chunk=64,
+                                    progress=lambda d, t: click.echo(f"refined {d}/{t} outputs"))
+        click.echo(f"refined {len(out)} outputs at {refine_psnr:g} dB in {stats['seconds']:.1f} s "
+                   f"(bit accuracy {stats['bit_acc']:.3f} before writing)")
     paths = write_images(out, out_dir)
     click.echo(f"wrote {len(paths)} images to {out_dir}")
 
