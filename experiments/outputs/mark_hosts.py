@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--refine-threats", action="store_true",
                     help="refine through the named threats (refine.NAMED_THREATS: identity, JPEG 50, noise 0.05, "
                          "crop 1/4, x0.5 resize) instead of random distortions at --refine-strength")
+    ap.add_argument("--owner", default="owner-{task}",
+                    help="seed of the owner's key ({task} is replaced by the task; its companion key adds -companion)")
     ap.add_argument("--extractor", default="shipped",
                     help="'shipped', 'keyed' (low-pass decoder drawn from the key) or an extractor .safetensors file")
     args = ap.parse_args()
@@ -141,14 +143,15 @@ def main() -> None:
             path.with_suffix(".json").write_text(json.dumps(host_stats))
         print(f"{task}/{kind}: host trained in {host_stats['seconds']:.0f} s, test PSNR {host_stats['test_psnr']:.2f}",
               flush=True)
-        key = Key.from_seed(f"owner-{task}")
+        owner = args.owner.replace("{task}", task)
+        key = Key.from_seed(owner)
         scheme = OutputMessage.create(key, host, epochs=args.mark_epochs, fidelity=args.fidelity,
                                       psnr_target=args.psnr_target, strength=args.strength,
                                       extractor=args.extractor, windows=args.windows, lr=args.lr,
                                       input_variation=args.input_variation, psnr_floor=args.psnr_floor)
         companions = []
         if args.companion_extractor:
-            companions.append(OutputMessage.create(Key.from_seed(f"owner-{task}-companion"), host,
+            companions.append(OutputMessage.create(Key.from_seed(f"{owner}-companion"), host,
                                                    extractor=args.companion_extractor,
                                                    strength=args.companion_strength, windows=args.windows))
         marked = host_for_task(task, kind, args.width)
