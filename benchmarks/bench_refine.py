@@ -52,7 +52,7 @@ def main() -> None:
     headed = MarkedHost(host, MarkHead(32, budget_for_psnr(35.3))).eval()
     scheme = OutputMessage.create(Key.from_seed("bench-refine"), None)
     companion = OutputMessage.create(Key.from_seed("bench-refine-companion"), None, extractor=str(LUMA2))
-    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     def serve_refined(steps: int, dual: bool = False) -> None:
         with torch.no_grad():

@@ -3,10 +3,12 @@
     .venv/bin/python experiments/outputs/refine_tables.py experiments/results/outputs/round8/refine_*.json \
         --plot experiments/results/outputs/figures/refine_tradeoff.png
 
-Each row: task, file, budget, PSNR vs unmarked (min), task drop, own bit accuracy, share of single outputs at
-p < 1e-6, seconds per output, then batches of 16 at p < 1e-6 (clean / JPEG 50 / noise 0.05 / crop 1/4 / x0.5) for
-the own mark (binomial) and, for files with a companion mark, the union verdict under the binomial and the
-soft test. The plot draws, per task, the union (soft) batches per attack against the budget.
+Files are read in name order. Each row: task, file, budget, PSNR vs unmarked (min), task drop, own bit accuracy,
+share of single outputs at p < 1e-6, seconds per output, then batches of 16 at p < 1e-6 (clean / JPEG 50 /
+noise 0.05 / crop 1/4 / x0.5) for the own mark (binomial) and, for files with a companion mark, the union verdict
+under the binomial and the soft test. The plot draws, per task, the union (soft) batches per attack against the
+budget, for the default recipe (owner seed `owner-{task}`, companion weight 1.5, random distortions rather than the
+named threats).
 """
 
 from __future__ import annotations
@@ -30,26 +32,40 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
-    print("| task (file) | budget dB | PSNR (min) | task drop dB | bit acc. | single p<1e-6 | s / output "
-          "| own, binomial | union, binomial | union, soft |")
+    print(
+        "| task (file) | budget dB | PSNR (min) | task drop dB | bit acc. | single p<1e-6 | s / output "
+        "| own, binomial | union, binomial | union, soft |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    curves: dict[str, list[tuple[float, list[int]]]] = {}
-    for f in args.files:
+    # task -> budget -> union (soft) batches; a later file (sorted by name) of the same budget replaces an earlier
+    # one, so a rerun such as `_offsets` supersedes the file it reran
+    curves: dict[str, dict[float, list[int]]] = {}
+    for f in sorted(args.files):
         d = json.loads(Path(f).read_text())
         a = d["args"]
         for task, t in d["tasks"].items():
             fid, rob, ref = t["fidelity"], t["robustness"], t["embed"].get("refine", {})
             budget = a.get("refine_psnr") or a.get("head_psnr")
             dual = "binomial" in rob["none"]
-            row = [f"{task} (`{Path(f).name}`)", f"{budget:g}",
-                   f"{fid['psnr_marked_vs_unmarked']:.2f} ({fid['psnr_marked_vs_unmarked_min']:.2f})",
-                   f"{fid['task_psnr_drop']:.2f}", f"{rob['none']['bit_acc']:.3f}",
-                   f"{rob['none']['single_frac_p_lt_1e-6']:.2f}", f"{ref.get('seconds_per_output', float('nan')):.2f}",
-                   "/".join(map(str, batches(rob, None)))]
+            row = [
+                f"{task} (`{Path(f).name}`)",
+                f"{budget:g}",
+                f"{fid['psnr_marked_vs_unmarked']:.2f} ({fid['psnr_marked_vs_unmarked_min']:.2f})",
+                f"{fid['task_psnr_drop']:.2f}",
+                f"{rob['none']['bit_acc']:.3f}",
+                f"{rob['none']['single_frac_p_lt_1e-6']:.2f}",
+                f"{ref.get('seconds_per_output', float('nan')):.2f}",
+                "/".join(map(str, batches(rob, None))),
+            ]
             row += ["/".join(map(str, batches(rob, test))) if dual else "-" for test in ("binomial", "soft")]
             print("| " + " | ".join(row) + " |")
-            if dual and a.get("owner", "owner-{task}") == "owner-{task}" and a.get("companion_weight") == 1.5:
-                curves.setdefault(task, []).append((float(budget), batches(rob, "soft")))
+            default_recipe = (
+                a.get("owner", "owner-{task}") == "owner-{task}"
+                and a.get("companion_weight") == 1.5
+                and not a.get("refine_threats")
+            )
+            if dual and default_recipe:
+                curves.setdefault(task, {})[float(budget)] = batches(rob, "soft")
     if args.plot and curves:
         import matplotlib
 
@@ -57,8 +73,8 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
-        for ax, (task, pts) in zip(axes[0], sorted(curves.items()), strict=True):
-            pts.sort()
+        for ax, (task, by_budget) in zip(axes[0], sorted(curves.items()), strict=True):
+            pts = sorted(by_budget.items())
             for i, name in enumerate(ATTACKS):
                 ax.plot([p for p, _ in pts], [b[i] for _, b in pts], marker="o", label=name)
             ax.set_title(f"{task}: refined, two marks, union (soft)")
