@@ -92,3 +92,25 @@ def test_crop_geometry_centres_apply_to_partly_zeroed_tiles_only_and_keep_crops_
         assert torch.equal(off[0], off[1])  # one centre per geometry
         claims += int((scheme.p_values(crops) < 1e-3).sum())
     assert claims <= 2  # 384 verdicts at alpha 1e-3: 0.4 expected under the null
+
+
+def test_crop_keep_each_keeps_one_quarter_square_per_image_at_its_own_place():
+    from nnmark.outputs.agnostic import content_box
+    from nnmark.outputs.augment import crop_keep_each
+
+    x = torch.rand(64, 3, 32, 32) * 0.9 + 0.05  # no zero pixel before the crop
+    c = crop_keep_each(x, 0.25, torch.Generator().manual_seed(0))
+    boxes = {content_box(t) for t in c}
+    assert all(b - t == 16 and r - lft == 16 for t, b, lft, r in boxes)
+    assert len(boxes) > 20  # positions differ between images (17 x 17 possible)
+    assert torch.equal(c[c > 0], x[c > 0])  # what is kept is kept unchanged
+
+
+def test_refinement_with_a_crop_term_keeps_the_budget_and_refuses_a_negative_weight():
+    scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
+    clean = natural_images(4, 32, seed=15, split="test")
+    a, _ = refine_outputs(scheme, clean, psnr=35.0, steps=2, crop_weight=1.0, seed=5)
+    b, _ = refine_outputs(scheme, clean, psnr=35.0, steps=2, crop_weight=1.0, seed=5)
+    assert torch.equal(a, b) and float(psnr_each(a, clean).min()) >= 35.0 - 1e-3
+    with pytest.raises(ValueError, match="crop_weight"):
+        refine_outputs(scheme, clean, crop_weight=-1.0)

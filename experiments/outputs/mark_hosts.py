@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--refine-only", action="store_true",
                     help="leave the host unmarked (no fine-tuning, no head) and mark its outputs by refinement")
     ap.add_argument("--refine-psnr", type=float, default=None, help="refinement budget (dB; default --head-psnr)")
+    ap.add_argument("--refine-crop-weight", type=float, default=0.0,
+                    help="refinement also reads every output cropped to 1/4 at its own place, each step, at this "
+                         "weight (refine_outputs crop_weight)")
     ap.add_argument("--refine-strength", type=float, default=0.0,
                     help="distortion strength while refining (augment.random_augment; 0: undistorted)")
     ap.add_argument("--refine-lr", type=float, default=0.05)
@@ -195,6 +198,7 @@ def main() -> None:
                                       steps=args.refine_steps, lr=args.refine_lr, strength=args.refine_strength,
                                       companions=companions, companion_weight=args.companion_weight, chunk=64,
                                       distortions=NAMED_THREATS if args.refine_threats else None,
+                                      crop_weight=args.refine_crop_weight,
                                       progress=lambda d, t: print(f"  refined {d}/{t}", flush=True))
             emb["refine"] = ref
             print(f"  refinement: {ref}", flush=True)

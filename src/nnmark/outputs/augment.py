@@ -140,6 +140,20 @@ def crop_keep(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None
     return img * mask
 
 
+def crop_keep_each(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None = None) -> torch.Tensor:
+    """As :func:`crop_keep`, but each image ``(N, C, H, W)`` keeps its square at its own random position."""
+    n, _, h, w = img.shape
+    side = max(1, min(h, w, int(round(math.sqrt(frac) * min(h, w)))))
+    r = torch.randint(0, h - side + 1, (n,), generator=gen)
+    c = torch.randint(0, w - side + 1, (n,), generator=gen)
+    rows = torch.arange(h)[None, :]
+    cols = torch.arange(w)[None, :]
+    keep_r = (rows >= r[:, None]) & (rows < r[:, None] + side)
+    keep_c = (cols >= c[:, None]) & (cols < c[:, None] + side)
+    mask = (keep_r[:, :, None] & keep_c[:, None, :]).to(img.dtype)[:, None]
+    return img * mask.to(img.device)
+
+
 def gaussian_noise(img: torch.Tensor, sigma: float = 0.05, gen: torch.Generator | None = None) -> torch.Tensor:
     """``img`` + N(0, ``sigma``**2) noise (images in [0, 1]), clamped to [0, 1]."""
     noise = torch.randn(img.shape, generator=gen, dtype=img.dtype).to(img.device)

@@ -82,7 +82,8 @@ def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None 
                    steps: int = 100, lr: float = 0.05, strength: float = 0.0, companions: Sequence[Any] = (),
                    companion_weight: float = 1.0, seed: int = 0, chunk: int = 256,
                    distortions: Sequence[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                   crop_weight: float = 0.0, progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mark ``clean`` outputs ``(N, 3, H, W)`` in [0, 1] (H, W >= 32) for ``scheme``'s key (an
     :class:`~nnmark.outputs.agnostic.OutputMessage`; its decoder stays frozen) at ``psnr`` dB each.
 
@@ -93,6 +94,9 @@ def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None 
     ``distortions``: instead, a list of differentiable maps ``(images, generator) -> images``, one drawn
     uniformly per quarter of a chunk and step (e.g. the threats the vendor names; see
     :data:`NAMED_THREATS`); identity is not added unless listed.
+    ``crop_weight`` > 0 (32 px outputs only): every step also reads every output cropped to a quarter, each at
+    its own random place (:func:`augment.crop_keep_each`), and adds ``crop_weight`` times that BCE per mark --
+    the crop gets a gradient on every output and step, not on the quarter chunk that draws it.
     ``start``: outputs already marked (a head's, same shape), whose residual is the starting point; otherwise
     a seeded random residual. Outputs are processed ``chunk`` at a time (memory: about ``chunk`` x H x W x 3
     floats per decoder activation). ``progress(done, total)`` after each chunk.
@@ -104,6 +108,8 @@ def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None 
         raise ValueError(f"refine_outputs takes (N, 3, H, W) RGB outputs with H, W >= 32, got {tuple(clean.shape)}")
     if start is not None and start.shape != clean.shape:
         raise ValueError(f"start has shape {tuple(start.shape)}, the outputs {tuple(clean.shape)}")
+    if crop_weight < 0:
+        raise ValueError(f"crop_weight must be >= 0, got {crop_weight}")
     if steps < 0 or chunk < 1:
         raise ValueError(f"steps must be >= 0 and chunk >= 1, got {steps} and {chunk}")
     from nnmark.outputs.agnostic import TILE
@@ -139,6 +145,9 @@ def refine_outputs(scheme: Any, clean: torch.Tensor, start: torch.Tensor | None 
                                     for part in x.chunk(4)])
                 r = _image_readouts(s, xs, TILE)
                 loss = loss + wgt * F.binary_cross_entropy_with_logits(r, t.expand_as(r))
+                if crop_weight > 0 and not tiled:
+                    rc = _image_readouts(s, augment.crop_keep_each(x, 0.25, gen), TILE)
+                    loss = loss + crop_weight * wgt * F.binary_cross_entropy_with_logits(rc, t.expand_as(rc))
             opt.zero_grad()
             loss.backward()
             opt.step()
