@@ -201,7 +201,8 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
 @click.option("--refine-psnr", default=35.3, show_default=True, type=click.FloatRange(20.0, 60.0),
               help="PSNR of every refined output against the host's own output (dB)")
 @click.option("--robust", is_flag=True,
-              help="with --refine-key: refine through random crops, noise, JPEG and resizing (strength 1)")
+              help="with --refine-key: refine through random crops, noise, JPEG and resizing (strength 1), "
+                   "and read every 32 px output cropped to a quarter each step (crop_weight 1)")
 def generate(host_file: str, out_dir: str, count: int, size: int, seed: int, refine_key: str | None,
              refine_steps: int, refine_psnr: float, robust: bool) -> None:
     """Write a host's outputs on test-photo patches as PNG files (refined for a key with --refine-key)."""
@@ -224,7 +225,7 @@ def generate(host_file: str, out_dir: str, count: int, size: int, seed: int, ref
         if out.shape[1] != 3 or min(out.shape[-2:]) < 32:
             raise NNMarkError(f"refinement marks RGB outputs of at least 32 px; this host gives {tuple(out.shape[1:])}")
         out, stats = refine_outputs(scheme, out, psnr=refine_psnr, steps=refine_steps, seed=seed,
-                                    strength=1.0 if robust else 0.0, chunk=64,
+                                    strength=1.0 if robust else 0.0, crop_weight=1.0 if robust else 0.0, chunk=64,
                                     progress=lambda d, t: click.echo(f"refined {d}/{t} outputs"))
         click.echo(f"refined {len(out)} outputs at {refine_psnr:g} dB in {stats['seconds']:.1f} s "
                    f"(bit accuracy {stats['bit_acc']:.3f} before writing)")
