@@ -8,7 +8,7 @@ share of single outputs at p < 1e-6, seconds per output, then batches of 16 at p
 noise 0.05 / crop 1/4 / x0.5) for the own mark (binomial) and, for files with a companion mark, the union verdict
 under the binomial and the soft test. The plot draws, per task, the union (soft) batches per attack against the
 budget, for the default recipe (owner seed `owner-{task}`, companion weight 1.5, random distortions rather than the
-named threats).
+named threats); files with a crop term (`--refine-crop-weight`) add their crop batches as stars.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def main() -> None:
     # task -> budget -> union (soft) batches; a later file (sorted by name) of the same budget replaces an earlier
     # one, so a rerun such as `_offsets` supersedes the file it reran
     curves: dict[str, dict[float, list[int]]] = {}
+    # task -> [(budget, crop batches, crop weight, steps)] for the default recipe with the crop term
+    crop_term: dict[str, list[tuple[float, int, float, int]]] = {}
     for f in sorted(args.files):
         d = json.loads(Path(f).read_text())
         a = d["args"]
@@ -64,8 +66,13 @@ def main() -> None:
                 and a.get("companion_weight") == 1.5
                 and not a.get("refine_threats")
             )
-            if dual and default_recipe:
-                curves.setdefault(task, {})[float(budget)] = batches(rob, "soft")
+            soft = batches(rob, "soft") if dual else []
+            if dual and default_recipe and a.get("refine_crop_weight", 0.0) > 0:
+                crop_term.setdefault(task, []).append(
+                    (float(budget), soft[ATTACKS.index("crop0.25")], a["refine_crop_weight"], a["refine_steps"])
+                )
+            elif dual and default_recipe:
+                curves.setdefault(task, {})[float(budget)] = soft
     if args.plot and curves:
         import matplotlib
 
@@ -77,12 +84,30 @@ def main() -> None:
             pts = sorted(by_budget.items())
             for i, name in enumerate(ATTACKS):
                 ax.plot([p for p, _ in pts], [b[i] for _, b in pts], marker="o", label=name)
+            for j, (p, c, w, st) in enumerate(sorted(crop_term.get(task, []))):
+                ax.plot(
+                    [p + 0.12 * j],
+                    [c],
+                    marker="*",
+                    markersize=11,
+                    color="black",
+                    linestyle="none",
+                    label="crop 1/4, crop term" if j == 0 else None,
+                )
+                ax.annotate(
+                    f"w{w:g}" + ("" if st == 200 else f", {st}"),
+                    (p + 0.12 * j, c),
+                    fontsize=6,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
             ax.set_title(f"{task}: refined, two marks, union (soft)")
             ax.set_xlabel("PSNR marked vs unmarked, every output (dB)")
             ax.set_ylabel("batches of 16 at p < 1e-6 (of 16)")
             ax.set_ylim(-0.5, 16.5)
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8, loc="lower left")
+        for ax in axes[0]:
+            ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
