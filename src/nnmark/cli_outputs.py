@@ -4,8 +4,12 @@
     nnmark outputs train --task denoise --out run/ --head-steps 4000 --head-psnr 37.6 --input-variation 1
     nnmark outputs generate run/marked.safetensors --out images/ [--count 16]
     nnmark outputs generate run/unmarked.safetensors --out images/ --refine-key run/owner.key [--robust]
+    nnmark outputs keygen --extractor shipped-luma2 --out run/companion.key
+    nnmark outputs generate run/unmarked.safetensors --out images/ --refine-key run/owner.key --robust \
+        --companion-key run/companion.key
     nnmark outputs attack images/ attacked/ --jpeg 50 [--noise 0.05] [--crop 0.25] [--resize 0.5]
-    nnmark outputs verify --key run/owner.key images/ [--each] [--json]
+    nnmark outputs verify --key run/owner.key images/ [--each] [--json] [--test soft]
+        [--companion-key run/companion.key]
 
 ``train`` trains the host on the bundled photo patches (or starts from ``--host-file``), then fine-tunes a
 copy to carry the key's message (scheme ``output-message``); ``run/`` holds the unmarked host, the
@@ -187,6 +191,41 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
                f"inputs, PSNR marked vs unmarked {psnr:.1f} dB on test photos); key: {key_path}")
 
 
+def output_message_keys(paths: list[str]) -> list:
+    """The ``output-message`` schemes of these key files, in order; a key of another scheme, or one key given
+    twice, is refused with a message naming the file."""
+    from nnmark.schemes.base import load_scheme
+
+    schemes = []
+    for path in paths:
+        scheme = load_scheme(path)
+        if scheme.name != "output-message":
+            raise NNMarkError(f"{path}: a key for scheme {scheme.name!r}; marks of several keys are read from "
+                              "output-message keys")
+        if any(scheme.key.key_id == other.key.key_id for other in schemes):
+            raise NNMarkError(f"{path}: the same key as an earlier key file; each mark needs its own key")
+        schemes.append(scheme)
+    return schemes
+
+
+@outputs.command()
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="key file to write")
+@click.option("--extractor", default="shipped", show_default=True,
+              help="'shipped', 'shipped-luma2' (a companion decoder that survives JPEG and resizing), 'keyed' or "
+                   "a safetensors extractor")
+def keygen(out_path: str, extractor: str) -> None:
+    """Write a fresh output-message key (mode 0600; never overwrites a file), e.g. a companion key for
+    `generate --companion-key`."""
+    from nnmark.keys import Key
+    from nnmark.outputs.agnostic import OutputMessage
+
+    if Path(out_path).exists():
+        raise NNMarkError(f"{out_path} exists; a key file is never overwritten")
+    scheme = OutputMessage.create(Key.generate(), None, extractor=extractor)
+    scheme.save(out_path)
+    click.echo(f"wrote a {scheme.bits}-bit output-message key ({extractor} decoder) to {out_path}")
+
+
 @outputs.command()
 @click.argument("host_file", type=click.Path(dir_okay=False, exists=True))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -203,8 +242,14 @@ def train(task: str, kind: str, host_file: str | None, out_dir: str, n: int, hos
 @click.option("--robust", is_flag=True,
               help="with --refine-key: refine through random crops, noise, JPEG and resizing (strength 1), "
                    "and read every 32 px output cropped to a quarter each step (crop_weight 1)")
+@click.option("--companion-key", "companion_keys", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="with --refine-key: also refine for this key's mark (e.g. one made by `keygen --extractor "
+                   "shipped-luma2`, which survives JPEG and resizing); verify with the same --companion-key")
+@click.option("--companion-weight", default=1.5, show_default=True, type=click.FloatRange(0.0, 10.0),
+              help="weight of each companion mark's term against the main mark's")
 def generate(host_file: str, out_dir: str, count: int, size: int, seed: int, refine_key: str | None,
-             refine_steps: int, refine_psnr: float, robust: bool) -> None:
+             refine_steps: int, refine_psnr: float, robust: bool, companion_keys: tuple[str, ...],
+             companion_weight: float) -> None:
     """Write a host's outputs on test-photo patches as PNG files (refined for a key with --refine-key)."""
     import torch
 
@@ -217,18 +262,18 @@ def generate(host_file: str, out_dir: str, count: int, size: int, seed: int, ref
         out = host(x).clamp(0, 1)
     if refine_key is not None:
         from nnmark.outputs.refine import refine_outputs
-        from nnmark.schemes.base import load_scheme
 
-        scheme = load_scheme(refine_key)
-        if scheme.name != "output-message":
-            raise NNMarkError(f"{refine_key}: a key for scheme {scheme.name!r}; refinement reads output-message keys")
+        scheme, *companions = output_message_keys([refine_key, *companion_keys])
         if out.shape[1] != 3 or min(out.shape[-2:]) < 32:
             raise NNMarkError(f"refinement marks RGB outputs of at least 32 px; this host gives {tuple(out.shape[1:])}")
         out, stats = refine_outputs(scheme, out, psnr=refine_psnr, steps=refine_steps, seed=seed,
                                     strength=1.0 if robust else 0.0, crop_weight=1.0 if robust else 0.0, chunk=64,
+                                    companions=companions, companion_weight=companion_weight,
                                     progress=lambda d, t: click.echo(f"refined {d}/{t} outputs"))
         click.echo(f"refined {len(out)} outputs at {refine_psnr:g} dB in {stats['seconds']:.1f} s "
                    f"(bit accuracy {stats['bit_acc']:.3f} before writing)")
+    elif companion_keys:
+        raise NNMarkError("--companion-key is read with --refine-key")
     paths = write_images(out, out_dir)
     click.echo(f"wrote {len(paths)} images to {out_dir}")
 
@@ -285,8 +330,11 @@ def attack(in_dir: str, out_dir: str, crop: float | None, noise: float | None, j
 @click.option("--test", "test", type=click.Choice(["binomial", "soft"]), default="binomial", show_default=True,
               help="output-message: count matched bits (binomial) or weigh each bit by its read-out's margin (soft "
                    "sign test; same null)")
+@click.option("--companion-key", "companion_keys", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="output-message: also read this key's mark; the verdict is the union of the marks "
+                   "(min(1, marks x smallest p); nnmark.outputs.agnostic.union_verdict)")
 def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, resize_to: str | None,
-           phases: int, test: str) -> None:
+           phases: int, test: str, companion_keys: tuple[str, ...]) -> None:
     """Test whether the images of FOLDER were made by the host marked with this key (all together). Large
     images are read as 32 x 32 tiles (output-message: only the tiles inside what a zeroing crop kept)."""
     from nnmark.schemes.base import load_scheme
@@ -314,9 +362,19 @@ def verify(key_path: str, folder: str, alpha: float, each: bool, as_json: bool, 
         if scheme.name != "output-message":
             raise NNMarkError("--test is read by output-message keys only")
         options["test"] = test
+    check = scheme.verify
+    if companion_keys:
+        from nnmark.outputs.agnostic import union_verdict
+
+        if scheme.name != "output-message":
+            raise NNMarkError("--companion-key is read with output-message keys only")
+        marks = output_message_keys([key_path, *companion_keys])
+
+        def check(target, **kw):
+            return union_verdict(marks, target, **kw)
     images, names = read_image_folder(folder)
-    verdict = scheme.verify(images, alpha=alpha, **options)
-    singles = [(name, scheme.verify([img], alpha=alpha, **options))
+    verdict = check(images, alpha=alpha, **options)
+    singles = [(name, check([img], alpha=alpha, **options))
                for name, img in zip(names, images, strict=True)] if each else []
     if as_json:
         click.echo(json.dumps({"batch": verdict.to_dict(), "files": names,

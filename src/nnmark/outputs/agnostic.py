@@ -25,11 +25,12 @@ gammas), and ``psnr_floor`` (default off) adapts the fidelity weight so that lon
 ``embed_host(companions=...)`` adds marks of further keys / decoders to the same host (combined by
 :func:`union_p_value`). Figures: ``experiments/results/outputs/README.md``, round 5.
 
-Two decoders (parameter ``extractor``): ``"shipped"``, the learned decoder above (public: whoever installs
-nnmark holds it, so it is a removal oracle for a thief), and ``"keyed"``, a fixed low-pass decoder whose
-filters are drawn from the key (:mod:`nnmark.outputs.keyed_decoder`; robust to JPEG and resizing by
-construction, secret with the key, calibrated the same way). A safetensors path selects an owner's own
-pre-trained decoder.
+Decoders (parameter ``extractor``): ``"shipped"``, the learned decoder above (public: whoever installs
+nnmark holds it, so it is a removal oracle for a thief), ``"shipped-luma2"``, the same pre-training behind a
+2 x 2 luma front end (for a companion mark that survives JPEG and resizing, :func:`union_verdict`), and
+``"keyed"``, a fixed low-pass decoder whose filters are drawn from the key
+(:mod:`nnmark.outputs.keyed_decoder`; robust to JPEG and resizing by construction, secret with the key,
+calibrated the same way). A safetensors path selects an owner's own pre-trained decoder.
 
 Verification (:meth:`OutputMessage.verify`) reads a batch of images (one image is a batch of one): each
 image is cut into ``tile`` x ``tile`` tiles (a smaller image is upsampled, a grey one replicated, an alpha
@@ -59,7 +60,7 @@ from torch import nn
 from nnmark.errors import SchemeError
 from nnmark.keys import Key
 from nnmark.outputs import augment
-from nnmark.outputs.extractor import Extractor, calibration_images, load_shipped
+from nnmark.outputs.extractor import Extractor, calibration_images, load_shipped, load_shipped_luma2
 from nnmark.outputs.keyed_decoder import KeyedLowpassDecoder
 from nnmark.params import Param, Params
 from nnmark.schemes.base import Scheme
@@ -235,8 +236,8 @@ class OutputMessage(Scheme):
     access = "black-box"
     PARAMS = Params(
         Param("extractor", str, "shipped",
-              "'shipped' (pre-trained, public), 'keyed' (fixed low-pass decoder drawn from the key) or a "
-              "safetensors file"),
+              "'shipped' (pre-trained, public), 'shipped-luma2' (the same behind a 2x2 luma front end; for a "
+              "companion mark), 'keyed' (fixed low-pass decoder drawn from the key) or a safetensors file"),
         Param("fidelity", float, 0.05, "weight of MSE(marked, unmarked output) / mse at psnr_target", low=0.0),
         Param("psnr_target", float, 40.0, "PSNR (dB) at which the fidelity term equals its weight",
               low=10.0, high=80.0),
@@ -279,10 +280,14 @@ class OutputMessage(Scheme):
               **params: Any) -> OutputMessage:
         if extractor == "keyed":
             ext = keyed_extractor(key)
+        elif extractor == "shipped":
+            ext = load_shipped()
+        elif extractor == "shipped-luma2":
+            ext = load_shipped_luma2()
         else:
-            ext = load_shipped() if extractor == "shipped" else Extractor.load(extractor)
-        return cls(key, ext, extractor_name=extractor if extractor in ("shipped", "keyed") else Path(extractor).name,
-                   **params)
+            ext = Extractor.load(extractor)
+        named = extractor in ("shipped", "shipped-luma2", "keyed")
+        return cls(key, ext, extractor_name=extractor if named else Path(extractor).name, **params)
 
     # -- read-out ---------------------------------------------------------------
     def readout(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -621,6 +626,35 @@ def union_p_value(p_values: Sequence[float]) -> float:
     if len(p_values) == 0:
         raise SchemeError("union_p_value needs at least one p-value")
     return float(min(1.0, len(p_values) * min(float(p) for p in p_values)))
+
+
+def union_verdict(schemes: Sequence[OutputMessage], target: Any, *, alpha: float = 1e-6,
+                  **options: Any) -> Verdict:
+    """One verdict from the marks of several :class:`OutputMessage` keys read from the same images -- an
+    owner's mark and its companion (e.g. one read by the ``"shipped-luma2"`` decoder, which survives JPEG and
+    resizing where the RGB decoder does not), refined or embedded together
+    (:func:`~nnmark.outputs.refine.refine_outputs` ``companions``). Each scheme verifies ``target`` with
+    ``options`` (``test``, ``size``, ``phases``, ``inputs``) and the verdict's p is :func:`union_p_value`,
+    ``min(1, len(schemes) * min(p_i))``: under the null that the images were made without any of these keys,
+    each ``p_i`` is valid, so the union bound holds whatever the dependence between the marks. The statistic
+    and bit count are the best mark's; ``details["marks"]`` lists every mark's p-value, matched bits and decoder.
+    Schemes sharing a key are refused (one message read twice is not two marks)."""
+    if not schemes:
+        raise SchemeError("union_verdict needs at least one scheme")
+    ids = [s.key.key_id for s in schemes]
+    if len(set(ids)) != len(ids):
+        raise SchemeError("union_verdict: two schemes share a key; give each mark its own key")
+    verdicts = [s.verify(target, alpha=alpha, **options) for s in schemes]
+    p = union_p_value([v.p_value for v in verdicts])
+    best = min(verdicts, key=lambda v: v.p_value)
+    null = (f"the images were made without any of these {len(schemes)} keys: every mark's p-value below is valid "
+            f"under that null (each mark's own null: {verdicts[0].null_hypothesis}), and the verdict's p is the "
+            f"union bound min(1, {len(schemes)} x smallest p), valid whatever the dependence between the marks")
+    marks = [{"mark": i, "p_value": v.p_value, "matched_bits": v.statistic, "bits": v.n,
+              "extractor": v.details.get("extractor")} for i, v in enumerate(verdicts)]
+    return Verdict(best.scheme, bool(p < alpha), p, alpha, best.statistic, best.n, null,
+                   {**best.details, "marks": marks, "union_of": len(schemes),
+                    "seconds": sum(float(v.details.get("seconds", 0.0)) for v in verdicts)})
 
 
 def joint_p_values(schemes: Sequence[OutputMessage], images: torch.Tensor | Sequence[torch.Tensor],

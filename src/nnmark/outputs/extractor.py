@@ -41,6 +41,12 @@ DEFAULT_BITS = 48
 DEFAULT_BUDGET = 0.012
 #: where the shipped extractor lives (made by experiments/outputs/train_extractor.py)
 SHIPPED = Path(__file__).with_name("assets") / "extractor48.safetensors"
+#: the companion decoder shipped beside it: the same pre-training behind the ``luma2`` front end (reads luma
+#: averaged over 2 x 2 pixels; ``train_extractor.py --front luma2``, a copy of
+#: experiments/results/outputs/extractor48_luma2.safetensors). It survives JPEG 50 and a x0.5 resize, which
+#: the RGB decoder does not, and fails crops, which the RGB decoder survives; a companion mark of a second key
+#: read by it covers the threats the main mark misses (experiments/results/outputs/README.md, round 5)
+SHIPPED_LUMA2 = Path(__file__).with_name("assets") / "extractor48_luma2.safetensors"
 
 
 class ExtractorError(NNMarkError):
@@ -271,6 +277,13 @@ def load_shipped() -> Extractor:
     """The extractor shipped with nnmark (48 bits; see :data:`SHIPPED`); loaded once per process and shared
     (frozen: never train or recalibrate the returned object in place)."""
     return Extractor.load(SHIPPED)
+
+
+@cache
+def load_shipped_luma2() -> Extractor:
+    """The shipped companion decoder (48 bits, ``luma2`` front end; see :data:`SHIPPED_LUMA2`); loaded once
+    per process and shared, like :func:`load_shipped`."""
+    return Extractor.load(SHIPPED_LUMA2)
 
 
 def pretrain_extractor(bits: int = DEFAULT_BITS, steps: int = 3000, seed: int = 0, *, width: int = 32,
