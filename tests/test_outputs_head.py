@@ -17,6 +17,8 @@ from nnmark.outputs.hosts import host_for_task, load_host, save_host
 from nnmark.outputs.mark_head import MarkedHost, MarkHead, budget_for_psnr, mark_with_head
 
 torch.set_num_threads(1)
+# one worker builds the trained head once for every test here (not once per xdist worker)
+pytestmark = pytest.mark.xdist_group("outputs_head")
 
 
 def psnr_each(a, b):
@@ -109,6 +111,7 @@ def test_host_with_head_exports_to_onnx_and_its_outputs_still_claim(headed, tmp_
     assert scheme.verify(out).owned
 
 
+@pytest.mark.slow  # 80 s; generate / refine / verify through the CLI stay in test_outputs_companion.py
 def test_cli_trains_a_head_then_verifies_its_images_and_not_the_unmarked_hosts(tmp_path):
     from click.testing import CliRunner
 

@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--refined-companion", default="",
                     help="extractor of the refined outputs' second mark (mark_hosts.py --companion-extractor)")
     ap.add_argument("--refined-companion-weight", type=float, default=1.5)
+    ap.add_argument("--refined-crop-weight", type=float, default=0.0,
+                    help="crop term of the refinement (refine_outputs crop_weight; the CLI's --robust uses 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from nnmark.keys import Key
@@ -141,7 +143,8 @@ def main() -> None:
 
         n = args.refined
         tag = (f"n{n}-p{args.refined_psnr:g}-s{args.refined_steps}-st{args.refined_strength:g}"
-               f"-{Path(args.refined_companion).stem or 'single'}-w{args.refined_companion_weight:g}")
+               f"-{Path(args.refined_companion).stem or 'single'}-w{args.refined_companion_weight:g}"
+               + (f"-crop{args.refined_crop_weight:g}" if args.refined_crop_weight else ""))
         stored = cache / f"{task}-refined-{tag}.pt"
         if stored.exists():  # this study's own earlier refinement (a tensor file it wrote)
             saved = torch.load(stored, weights_only=True)
@@ -157,6 +160,7 @@ def main() -> None:
         marked, st = refine_outputs(owner, clean, psnr=args.refined_psnr, steps=args.refined_steps,
                                     strength=args.refined_strength, companions=comps,
                                     companion_weight=args.refined_companion_weight, chunk=64,
+                                    crop_weight=args.refined_crop_weight,
                                     progress=lambda d, t: print(f"  {task}: refined {d}/{t}", flush=True))
         refine_stats[task] = st
         images = (marked * 255).round() / 255
