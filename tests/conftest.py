@@ -86,7 +86,9 @@ def cli():
 
 
 # Test files that start a local Ray cluster run on one xdist worker, one after another (two local clusters started
-# at once on one machine by ray.init() may find each other); everything else is spread over the workers.
+# at once on one machine by ray.init() may find each other). Every other file is a group of its own, so that its
+# module- and session-scoped fixtures (models trained once per file) are built on one worker, not on each:
+# the default run measured 467 s spread test by test, 412 s file by file (cumulative 892 s -> 756 s).
 RAY_FILES = {"test_fingerprint_cli.py", "test_harness.py", "test_split_processes.py", "test_split_parties.py"}
 
 
@@ -95,6 +97,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in RAY_FILES:
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def pytest_configure(config):

@@ -18,7 +18,7 @@ from nnmark.outputs.mark_head import MarkedHost, MarkHead, budget_for_psnr, mark
 
 torch.set_num_threads(1)
 # one worker builds the trained head once for every test here (not once per xdist worker)
-pytestmark = pytest.mark.xdist_group("outputs_head")
+pytestmark = pytest.mark.xdist_group("outputs_head")  # (tests/conftest.py groups every file alike)
 
 
 def psnr_each(a, b):
