@@ -106,6 +106,25 @@ def test_crop_keep_each_keeps_one_quarter_square_per_image_at_its_own_place():
     assert torch.equal(c[c > 0], x[c > 0])  # what is kept is kept unchanged
 
 
+def test_crops_on_a_grid_meet_few_geometries_and_a_grid_below_one_is_refused():
+    """Marking loops draw crops on a 4 px grid: at most 5 x 5 places for a quarter of a 32 px tile (the
+    read-out centre of each new geometry costs a decoder pass), every side and corner a multiple of 4."""
+    from nnmark.outputs.agnostic import content_box
+    from nnmark.outputs.augment import crop_keep, crop_keep_each
+
+    x = torch.rand(256, 3, 32, 32) * 0.9 + 0.05
+    gen = torch.Generator().manual_seed(1)
+    boxes = {content_box(t) for t in crop_keep_each(x, 0.25, gen, grid=4)}
+    assert len(boxes) == 25 and all(v % 4 == 0 for b in boxes for v in b)
+    one = {content_box(crop_keep(x[:1], f, gen, grid=4)[0]) for f in (0.3, 0.5, 0.7) for _ in range(20)}
+    assert all(v % 4 == 0 for b in one for v in b) and {b[1] - b[0] for b in one} <= {16, 20, 24, 28}
+    with pytest.raises(ValueError, match="grid"):
+        crop_keep(x[:1], 0.25, gen, grid=0)
+    with pytest.raises(ValueError, match="crop_grid"):
+        refine_outputs(OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0),
+                       x[:2], steps=1, crop_grid=0)
+
+
 def test_refinement_with_a_crop_term_keeps_the_budget_and_refuses_a_negative_weight():
     scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
     clean = natural_images(4, 32, seed=15, split="test")

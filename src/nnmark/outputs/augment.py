@@ -128,24 +128,36 @@ def jpeg_real(img: torch.Tensor, quality: int = 50) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255.0).to(img.device)
 
 
-def crop_keep(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Keep one square with ``frac`` of the image area (side ``round(sqrt(frac) * min(H, W))``) at a
-    random position (the same for the whole batch), zero everything else."""
-    h, w = img.shape[-2:]
+def _crop_side(h: int, w: int, frac: float, grid: int) -> int:
+    if grid < 1:
+        raise ValueError(f"crop grid must be >= 1 pixel, got {grid}")
     side = max(1, min(h, w, int(round(math.sqrt(frac) * min(h, w)))))
-    r = int(torch.randint(0, h - side + 1, (1,), generator=gen))
-    c = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+    return max(min(grid, h, w), side // grid * grid)
+
+
+def crop_keep(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None = None,
+              grid: int = 1) -> torch.Tensor:
+    """Keep one square with ``frac`` of the image area (side ``round(sqrt(frac) * min(H, W))``) at a
+    random position (the same for the whole batch), zero everything else. ``grid`` > 1 (pixels) rounds the
+    side down to, and draws the corner on, multiples of ``grid``: few distinct crop geometries (marking
+    loops cache a per-geometry read-out centre, see ``OutputMessage.geometry_offsets``)."""
+    h, w = img.shape[-2:]
+    side = _crop_side(h, w, frac, grid)
+    r = grid * int(torch.randint(0, (h - side) // grid + 1, (1,), generator=gen))
+    c = grid * int(torch.randint(0, (w - side) // grid + 1, (1,), generator=gen))
     mask = torch.zeros((1, 1, h, w), dtype=img.dtype, device=img.device)
     mask[..., r:r + side, c:c + side] = 1.0
     return img * mask
 
 
-def crop_keep_each(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None = None) -> torch.Tensor:
-    """As :func:`crop_keep`, but each image ``(N, C, H, W)`` keeps its square at its own random position."""
+def crop_keep_each(img: torch.Tensor, frac: float = 0.25, gen: torch.Generator | None = None,
+                   grid: int = 1) -> torch.Tensor:
+    """As :func:`crop_keep`, but each image ``(N, C, H, W)`` keeps its square at its own random position
+    (``grid`` as there)."""
     n, _, h, w = img.shape
-    side = max(1, min(h, w, int(round(math.sqrt(frac) * min(h, w)))))
-    r = torch.randint(0, h - side + 1, (n,), generator=gen)
-    c = torch.randint(0, w - side + 1, (n,), generator=gen)
+    side = _crop_side(h, w, frac, grid)
+    r = grid * torch.randint(0, (h - side) // grid + 1, (n,), generator=gen)
+    c = grid * torch.randint(0, (w - side) // grid + 1, (n,), generator=gen)
     rows = torch.arange(h)[None, :]
     cols = torch.arange(w)[None, :]
     keep_r = (rows >= r[:, None]) & (rows < r[:, None] + side)
@@ -173,17 +185,17 @@ def _uniform(gen: torch.Generator | None, lo: float, hi: float) -> float:
 
 
 def random_augment(img: torch.Tensor, gen: torch.Generator | None = None, strength: float = 1.0,
-                   crop: bool = True) -> torch.Tensor:
+                   crop: bool = True, crop_grid: int = 1) -> torch.Tensor:
     """One distortion for the whole batch, drawn uniformly from identity, crop (keep 1/4..1 of the area),
     noise (sigma up to 0.06), differentiable JPEG (quality 40..90), resize (x0.4..0.9); ``strength`` in
     (0, 1] scales how hard each may be (1 = the ranges above). ``crop=False`` leaves the crop out of the draw
-    (for marks read tile by tile, where the verifier reads only the tiles a zeroing crop kept whole).
-    Differentiable in ``img``."""
+    (for marks read tile by tile, where the verifier reads only the tiles a zeroing crop kept whole);
+    ``crop_grid`` is :func:`crop_keep`'s ``grid``. Differentiable in ``img``."""
     s = float(strength)
     kinds = (0, 1, 2, 3, 4) if crop else (0, 2, 3, 4)
     choice = kinds[int(torch.randint(0, len(kinds), (1,), generator=gen))]
     if choice == 1:
-        return crop_keep(img, _uniform(gen, 1.0 - 0.75 * s, 1.0), gen)
+        return crop_keep(img, _uniform(gen, 1.0 - 0.75 * s, 1.0), gen, crop_grid)
     if choice == 2:
         return gaussian_noise(img, _uniform(gen, 0.0, 0.06 * s), gen)
     if choice == 3:
