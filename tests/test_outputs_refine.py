@@ -120,9 +120,16 @@ def test_crops_on_a_grid_meet_few_geometries_and_a_grid_below_one_is_refused():
     assert all(v % 4 == 0 for b in one for v in b) and {b[1] - b[0] for b in one} <= {16, 20, 24, 28}
     with pytest.raises(ValueError, match="grid"):
         crop_keep(x[:1], 0.25, gen, grid=0)
-    with pytest.raises(ValueError, match="crop_grid"):
-        refine_outputs(OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0),
-                       x[:2], steps=1, crop_grid=0)
+    scheme = OutputMessage.create(Key.from_seed("test-refine-owner"), None, strength=0.0)
+    at = torch.zeros(2, 3, 32, 32)
+    at[0, :, 5:21, 9:25], at[1, :, 4:20, 8:24] = 0.5, 0.5  # a quarter 1 px off the grid, and on it
+    exact = scheme.geometry_offsets(at)
+    snapped = scheme.geometry_offsets(at, snap=4)
+    assert torch.equal(snapped[0], exact[1]) and not torch.equal(exact[0], exact[1])
+    with pytest.raises(ValueError, match="snap"):
+        scheme.geometry_offsets(at, snap=0)
+    with pytest.raises(ValueError, match="centre_grid"):
+        refine_outputs(scheme, x[:2], steps=1, centre_grid=0)
 
 
 def test_refinement_with_a_crop_term_keeps_the_budget_and_refuses_a_negative_weight():

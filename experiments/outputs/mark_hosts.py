@@ -106,6 +106,11 @@ def main() -> None:
     ap.add_argument("--refine-crop-weight", type=float, default=0.0,
                     help="refinement also reads every output cropped to 1/4 at its own place, each step, at this "
                          "weight (refine_outputs crop_weight)")
+    ap.add_argument("--refine-crop-grid", type=int, default=1,
+                    help="refinement crops on multiples of this many pixels (refine_outputs crop_grid)")
+    ap.add_argument("--refine-centre-grid", type=int, default=4,
+                    help="refinement looks crop read-out centres up on this grid (refine_outputs centre_grid; "
+                         "runs before round 9 used exact centres, i.e. 1)")
     ap.add_argument("--refine-strength", type=float, default=0.0,
                     help="distortion strength while refining (augment.random_augment; 0: undistorted)")
     ap.add_argument("--refine-lr", type=float, default=0.05)
@@ -198,7 +203,8 @@ def main() -> None:
                                       steps=args.refine_steps, lr=args.refine_lr, strength=args.refine_strength,
                                       companions=companions, companion_weight=args.companion_weight, chunk=64,
                                       distortions=NAMED_THREATS if args.refine_threats else None,
-                                      crop_weight=args.refine_crop_weight,
+                                      crop_weight=args.refine_crop_weight, crop_grid=args.refine_crop_grid,
+                                      centre_grid=args.refine_centre_grid,
                                       progress=lambda d, t: print(f"  refined {d}/{t}", flush=True))
             emb["refine"] = ref
             print(f"  refinement: {ref}", flush=True)

@@ -308,7 +308,7 @@ class OutputMessage(Scheme):
         return torch.stack([part.mean(0) for part in r.split(counts)]), notes
 
     @torch.no_grad()
-    def geometry_offsets(self, tiles: torch.Tensor) -> torch.Tensor:
+    def geometry_offsets(self, tiles: torch.Tensor, snap: int = 1) -> torch.Tensor:
         """Per-tile centres ``(T, k)`` for tiles ``(T, 3, 32, 32)`` that are partly zeroed: a tile whose
         :func:`content_box` is smaller than the tile (a crop of a 32 px output keeps a square and zeroes the
         rest; no whole tile is left to read) gets the per-bit median read-out of :data:`GEOMETRY_PATCHES`
@@ -320,13 +320,23 @@ class OutputMessage(Scheme):
         same geometry centres the read-out again. The offset is a function of the image's zero pattern, the
         decoder and the key's rotation, never of the message, so the null (each sign matches the uniform
         message with probability 1/2) is unchanged; the rate on cropped negatives is measured in
-        experiments/results/outputs (fpr_study.py --cropped)."""
+        experiments/results/outputs (fpr_study.py --cropped).
+
+        ``snap`` > 1 (pixels; marking loops only, never the verifier): each box edge is rounded to the nearest
+        multiple of ``snap`` before the lookup -- an approximate centre from a few dozen cached geometries
+        instead of an exact one for each of the thousands a loop of random crops meets."""
+        if snap < 1:
+            raise ValueError(f"snap must be >= 1 pixel, got {snap}")
         out = torch.zeros((len(tiles), self.bits))
         if tiles.shape[-2:] != (TILE, TILE):
             return out
         cache = self.__dict__.setdefault("_geometry_cache", {})
         for i, t in enumerate(tiles):
             box = content_box(t)
+            if snap > 1:
+                box = tuple(min(TILE, snap * round(v / snap)) for v in box)
+                if box[0] == box[1] or box[2] == box[3]:  # a sliver rounded away: keep the exact box
+                    box = content_box(t)
             if box == (0, TILE, 0, TILE):
                 continue
             if box not in cache:
